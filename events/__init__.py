@@ -1,0 +1,1 @@
+"""Event store, event catalogue and relay: the only source of truth."""

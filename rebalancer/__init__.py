@@ -1,0 +1,1 @@
+"""Rebalancer: moves crypto assets between exchange accounts along configured workflows."""

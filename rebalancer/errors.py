@@ -1,0 +1,44 @@
+"""The domain's error hierarchy; the store's errors are re-used where they mean the same."""
+
+from events.errors import ConcurrencyError, StoreUnavailableError
+
+
+class RebalancerError(Exception):
+    """Base of every domain error."""
+
+
+class SpecError(RebalancerError):
+    """A spec or a reference in it is bad; refused before any workflow starts."""
+
+
+class IllegalTransitionError(RebalancerError):
+    """A state machine table does not allow this (state, trigger) move."""
+
+
+class RetryableError(RebalancerError):
+    """Back off and retry: network, rate limit, exchange down, database down."""
+
+
+class RejectedError(RebalancerError):
+    """Final refusal: insufficient funds, invalid address, permission, bad request."""
+
+
+class UnknownOutcomeError(RebalancerError):
+    """Sent, but no answer: reconcile by client id before anything else."""
+
+
+class InfraError(RebalancerError):
+    """An embedded server could not be started, stopped or reached."""
+
+
+__all__ = [
+    "ConcurrencyError",
+    "IllegalTransitionError",
+    "InfraError",
+    "RebalancerError",
+    "RejectedError",
+    "RetryableError",
+    "SpecError",
+    "StoreUnavailableError",
+    "UnknownOutcomeError",
+]
