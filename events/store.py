@@ -1,0 +1,487 @@
+"""PostgreSQL event store: atomic appends, stream reads and a gap-free global-order read."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, NamedTuple
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.adapt import Loader
+from psycopg.rows import tuple_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from events.catalogue import Catalogue, Event
+from events.catalogue import catalogue as default_catalogue
+from events.errors import (
+    ConcurrencyError,
+    EventStoreError,
+    InvalidEventError,
+    StoreUnavailableError,
+)
+
+NOTIFY_CHANNEL = "rebalancer_events"
+STREAM_ID_PATTERN = re.compile(
+    r"^workflow-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+)
+# Keys that must never reach an event: credentials end up in logs, NATS and audits forever.
+SECRET_KEYS = frozenset(
+    {"api_key", "apikey", "secret", "api_secret", "password", "passphrase", "signature",
+     "private_key", "token", "access_token"}
+)
+# Session settings for every pooled connection. A transaction left open anywhere holds the
+# snapshot barrier (and so every follower) back, hence the idle-in-transaction limit.
+SESSION_OPTIONS = (
+    "-c lock_timeout=5000 -c idle_in_transaction_session_timeout=60000 "
+    "-c application_name=rebalancer"
+)
+XID8_OID = 5069
+
+_COLUMNS = (
+    "position, transaction_id, stream_id, version, type, schema_version, data, metadata, "
+    "recorded_at, hash"
+)
+
+
+class Checkpoint(NamedTuple):
+    """A place in the global order: the last (transaction_id, position) a reader has seen."""
+
+    transaction_id: int
+    position: int
+
+
+ORIGIN = Checkpoint(0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append given as a type name and plain data (validated by the catalogue)."""
+
+    type: str
+    data: Mapping[str, Any]
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedEvent:
+    """One stored row."""
+
+    position: int
+    transaction_id: int
+    stream_id: str
+    version: int
+    type: str
+    schema_version: int
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+    recorded_at: datetime
+    hash: bytes
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(self.transaction_id, self.position)
+
+    def decode(self, catalogue: Catalogue = default_catalogue) -> Event:
+        """The newest-shape event model (old schema versions are upcast)."""
+        return catalogue.decode(self.type, self.schema_version, self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamProblem:
+    """Something wrong found when re-checking a stored stream."""
+
+    stream_id: str
+    version: int
+    position: int | None
+    message: str
+
+
+class _Xid8Loader(Loader):
+    # psycopg has no loader for xid8 and would hand back a str; compared as strings,
+    # "999" > "1000", which silently breaks any checkpoint compared in Python.
+    def load(self, data: Any) -> int:
+        return int(bytes(data))
+
+
+class EventStore:
+    """Append-only event store on a psycopg async pool.
+
+    Raises ConcurrencyError on a version clash, InvalidEventError for refused input,
+    StoreUnavailableError when PostgreSQL cannot be reached.
+    """
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        *,
+        catalogue: Catalogue = default_catalogue,
+        stream_id_pattern: re.Pattern[str] = STREAM_ID_PATTERN,
+    ) -> None:
+        self._pool = pool
+        self._conninfo = pool.conninfo if isinstance(pool.conninfo, str) else ""
+        self._catalogue = catalogue
+        self._stream_id_pattern = stream_id_pattern
+        self._notify_wanted = asyncio.Event()
+        self._notifier: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @classmethod
+    async def open(
+        cls,
+        conninfo: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float = 10.0,
+        **kwargs: Any,
+    ) -> EventStore:
+        """Connect (checking the server answers first, for a clear error) and open a pool."""
+        await check_reachable(conninfo, connect_timeout)
+        pool = AsyncConnectionPool(
+            conninfo,
+            min_size=min_size,
+            max_size=max_size,
+            kwargs={"autocommit": True, "options": SESSION_OPTIONS},
+            configure=_configure,
+            open=False,
+            timeout=connect_timeout,
+        )
+        try:
+            await pool.open(wait=True, timeout=connect_timeout)
+        except PoolTimeout as e:
+            await pool.close()
+            raise StoreUnavailableError(f"cannot reach PostgreSQL at {_where(conninfo)}") from e
+        return cls(pool, **kwargs)
+
+    async def close(self) -> None:
+        """Send any wake-up still owed to followers, then close the pool."""
+        self._closing = True
+        if self._notifier is not None:
+            self._notify_wanted.set()
+            await self._notifier
+            self._notifier = None
+        await self._pool.close()
+
+    async def __aenter__(self) -> EventStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def pool(self) -> AsyncConnectionPool:
+        return self._pool
+
+    @property
+    def catalogue(self) -> Catalogue:
+        return self._catalogue
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[Event | NewEvent],
+        expected_version: int,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> list[RecordedEvent]:
+        """Append `events` atomically after `expected_version` (0 for a new stream).
+
+        `metadata` is merged under each event's own metadata. Raises ConcurrencyError when the
+        stream is not at `expected_version`, and appends nothing.
+        """
+        if not self._stream_id_pattern.match(stream_id):
+            raise InvalidEventError(
+                f"stream id {stream_id!r} is not of the form {self._stream_id_pattern.pattern}"
+            )
+        if not events:
+            raise InvalidEventError("nothing to append")
+        if expected_version < 0:
+            raise InvalidEventError("expected_version must be >= 0")
+        types: list[str] = []
+        versions: list[int] = []
+        datas: list[str] = []
+        metas: list[str] = []
+        plain: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        for event in events:
+            model, meta = self._validated(event)
+            meta = {**(metadata or {}), **meta}
+            _refuse_secrets(meta, "metadata")
+            data = self._catalogue.encode(model)
+            _refuse_secrets(data, model.type_name)
+            types.append(model.type_name)
+            versions.append(model.schema_version)
+            datas.append(json.dumps(data, separators=(",", ":")))
+            metas.append(json.dumps(meta, separators=(",", ":"), default=str))
+            plain.append((data, meta))
+        try:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    "select out_position, out_transaction_id, out_version, out_recorded_at,"
+                    " out_hash from append_events(%s, %s, %s::text[], %s::int[],"
+                    " %s::text[]::jsonb[], %s::text[]::jsonb[])",
+                    (stream_id, expected_version, types, versions, datas, metas),
+                )
+                rows = await cur.fetchall()
+        except (pg_errors.UniqueViolation, pg_errors.RaiseException) as e:
+            if isinstance(e, pg_errors.UniqueViolation) or e.sqlstate == "RB409":
+                raise ConcurrencyError(
+                    f"stream {stream_id} moved past version {expected_version}"
+                ) from e
+            raise EventStoreError(_first_line(e)) from e
+        except psycopg.Error as e:
+            if e.sqlstate == "RB409":
+                raise ConcurrencyError(_first_line(e)) from e
+            raise _translate(e) from e
+        except PoolTimeout as e:
+            raise StoreUnavailableError("no database connection available") from e
+        self._wake_followers()
+        rows.sort(key=lambda r: r[2])
+        return [
+            RecordedEvent(
+                position=row[0],
+                transaction_id=row[1],
+                stream_id=stream_id,
+                version=row[2],
+                type=types[i],
+                schema_version=versions[i],
+                data=plain[i][0],
+                metadata=plain[i][1],
+                recorded_at=row[3],
+                hash=row[4],
+            )
+            for i, row in enumerate(rows)
+        ]
+
+    def _validated(self, event: Event | NewEvent) -> tuple[Event, dict[str, Any]]:
+        if isinstance(event, NewEvent):
+            return self._catalogue.validate(event.type, event.data), dict(event.metadata)
+        if not isinstance(event, Event):
+            raise InvalidEventError(f"cannot append a {type(event).__name__}")
+        registered = self._catalogue.model(event.type_name)
+        if type(event) is not registered:
+            raise InvalidEventError(f"{event.type_name} is registered as another class")
+        return event, {}
+
+    # NOTIFY takes a database-wide lock at commit and holds it through the WAL flush, so
+    # notifying inside the append transaction would serialise every concurrent appender.
+    # Instead one background task per store sends a NOTIFY after appends have committed,
+    # coalescing bursts; followers also poll on a timer, so a lost wake-up only delays them.
+    def _wake_followers(self) -> None:
+        self._notify_wanted.set()
+        if self._notifier is None or self._notifier.done():
+            self._notifier = asyncio.get_running_loop().create_task(self._notify_loop())
+
+    async def _notify_loop(self) -> None:
+        # Stopped by `_closing`, not by cancellation: a cancel landing inside the pool's
+        # getconn was seen to be absorbed, leaving close() waiting forever.
+        while True:
+            await self._notify_wanted.wait()
+            self._notify_wanted.clear()
+            try:
+                await self._notify_once()
+            except (psycopg.Error, PoolTimeout):
+                if not self._closing:
+                    await asyncio.sleep(0.5)  # the followers' poll covers the lost wake-up
+            if self._closing:
+                return
+
+    async def _notify_once(self) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute("select pg_notify(%s, '')", (NOTIFY_CHANNEL,))
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def stream_version(self, stream_id: str) -> int:
+        """The stream's last version, 0 when it does not exist."""
+        row = await self._fetchone(
+            "select coalesce(max(version), 0) from events where stream_id = %s", (stream_id,)
+        )
+        return int(row[0]) if row else 0
+
+    async def read_stream(
+        self, stream_id: str, after_version: int = 0, up_to_version: int | None = None
+    ) -> list[RecordedEvent]:
+        """Events of one stream in version order, after `after_version` up to `up_to_version`."""
+        query = f"select {_COLUMNS} from events where stream_id = %s and version > %s"
+        params: list[Any] = [stream_id, after_version]
+        if up_to_version is not None:
+            query += " and version <= %s"
+            params.append(up_to_version)
+        rows = await self._fetchall(query + " order by version", params)
+        return [RecordedEvent(*row) for row in rows]
+
+    async def read_all(self, after: Checkpoint = ORIGIN, limit: int = 1000) -> list[RecordedEvent]:
+        """Up to `limit` events of the global order after `after`, never skipping one.
+
+        Positions come from a sequence and are taken before commit, so a transaction that
+        commits late can insert a position below one a reader has already passed. The order
+        here is (transaction_id, position), read only below the snapshot's xmin: every
+        transaction with a lower id has finished, so nothing can appear behind the reader
+        later. A long-open transaction anywhere therefore holds readers back.
+        """
+        rows = await self._fetchall(
+            f"select {_COLUMNS} from events"
+            " where (transaction_id, position) > (%s::text::xid8, %s)"
+            " and transaction_id < pg_snapshot_xmin(pg_current_snapshot())"
+            " order by transaction_id, position limit %s",
+            (str(after.transaction_id), after.position, limit),
+        )
+        return [RecordedEvent(*row) for row in rows]
+
+    async def iter_all(
+        self, after: Checkpoint = ORIGIN, batch: int = 1000
+    ) -> AsyncIterator[RecordedEvent]:
+        """Every event of the global order after `after` that is readable now."""
+        while True:
+            events = await self.read_all(after, batch)
+            for event in events:
+                yield event
+            if len(events) < batch:
+                return
+            after = events[-1].checkpoint
+
+    async def head(self) -> Checkpoint:
+        """The last readable place in the global order (ORIGIN for an empty store)."""
+        row = await self._fetchone(
+            "select transaction_id, position from events"
+            " where transaction_id < pg_snapshot_xmin(pg_current_snapshot())"
+            " order by transaction_id desc, position desc limit 1",
+            (),
+        )
+        return Checkpoint(row[0], row[1]) if row else ORIGIN
+
+    async def verify_stream(self, stream_id: str) -> list[StreamProblem]:
+        """Re-check a stored stream: versions contiguous from 1 and the hash chain intact."""
+        rows = await self._fetchall(
+            "select position, version, hash, event_canonical(stream_id, version, type,"
+            " schema_version, data, metadata) from events where stream_id = %s"
+            " order by version",
+            (stream_id,),
+        )
+        problems: list[StreamProblem] = []
+        previous = b""
+        expected_version = 1
+        for position, version, stored_hash, canonical in rows:
+            if version != expected_version:
+                problems.append(
+                    StreamProblem(
+                        stream_id, version, position,
+                        f"version {version} follows {expected_version - 1}: "
+                        f"{version - expected_version} event(s) missing",
+                    )
+                )
+            digest = hashlib.sha256(previous + bytes(canonical)).digest()
+            if digest != bytes(stored_hash):
+                problems.append(
+                    StreamProblem(
+                        stream_id, version, position,
+                        "hash does not match the event's content and its predecessor's hash",
+                    )
+                )
+            previous = bytes(stored_hash)
+            expected_version = version + 1
+        return problems
+
+    def listen(self) -> Notifications:
+        """A dedicated connection LISTENing for appends; use as an async context manager."""
+        return Notifications(self._conninfo)
+
+    async def _fetchall(self, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        try:
+            async with self._pool.connection() as conn:
+                cur = conn.cursor(row_factory=tuple_row)
+                await cur.execute(query, params)
+                return await cur.fetchall()
+        except psycopg.Error as e:
+            raise _translate(e) from e
+        except PoolTimeout as e:
+            raise StoreUnavailableError("no database connection available") from e
+
+    async def _fetchone(self, query: str, params: Sequence[Any]) -> tuple[Any, ...] | None:
+        rows = await self._fetchall(query, params)
+        return rows[0] if rows else None
+
+
+class Notifications:
+    """Wakes a follower when events were appended (NOTIFY), with a timeout for polling."""
+
+    def __init__(self, conninfo: str) -> None:
+        self._conninfo = conninfo
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def __aenter__(self) -> Notifications:
+        try:
+            self._conn = await psycopg.AsyncConnection.connect(
+                self._conninfo, autocommit=True, options=SESSION_OPTIONS
+            )
+        except psycopg.OperationalError as e:
+            raise _translate(e) from e
+        await self._conn.execute(f"listen {NOTIFY_CHANNEL}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+    async def wait(self, timeout: float) -> bool:
+        """True when at least one notification arrived within `timeout` seconds."""
+        assert self._conn is not None, "use Notifications as an async context manager"
+        woke = False
+        async for _ in self._conn.notifies(timeout=timeout, stop_after=1):
+            woke = True
+        return woke
+
+
+async def check_reachable(conninfo: str, timeout: float = 10.0) -> None:
+    """Raise StoreUnavailableError with a one-line reason when PostgreSQL does not answer."""
+    try:
+        conn = await psycopg.AsyncConnection.connect(
+            conninfo, connect_timeout=max(1, int(timeout))
+        )
+    except psycopg.OperationalError as e:
+        raise StoreUnavailableError(
+            f"cannot reach PostgreSQL at {_where(conninfo)}: {_first_line(e)}"
+        ) from e
+    await conn.close()
+
+
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    conn.adapters.register_loader(XID8_OID, _Xid8Loader)
+
+
+def _refuse_secrets(value: Any, where: str) -> None:
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if isinstance(key, str) and key.lower() in SECRET_KEYS:
+                raise InvalidEventError(f"{where}: key {key!r} looks like a secret; not stored")
+            _refuse_secrets(item, where)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _refuse_secrets(item, where)
+
+
+def _translate(error: psycopg.Error) -> EventStoreError:
+    if isinstance(error, psycopg.OperationalError):
+        return StoreUnavailableError(f"PostgreSQL unavailable: {_first_line(error)}")
+    return EventStoreError(_first_line(error))
+
+
+def _where(conninfo: str) -> str:
+    try:
+        parts = psycopg.conninfo.conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        return "(unparseable connection string)"
+    # Never print the password.
+    return f"{parts.get('host', 'localhost')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

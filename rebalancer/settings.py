@@ -1,0 +1,18 @@
+"""Process settings, read once from the environment at start and passed down."""
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything a process needs to find its database, NATS and configuration."""
+
+    model_config = SettingsConfigDict(env_prefix="REBALANCER_", frozen=True, extra="ignore")
+
+    # None means: start (or reuse) the embedded servers under `home`.
+    database_url: str | None = None
+    nats_url: str | None = None
+    home: Path = Field(default=Path(".rebalancer"))
+    config: Path | None = None
