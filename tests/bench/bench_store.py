@@ -97,8 +97,10 @@ async def bench_batch(url: str, store: EventStore) -> tuple[float, float]:
     return await _timed(ours), await _timed(copy)
 
 
-def _writer_process(url: str, count: int, start_at: float, out: multiprocessing.Queue) -> None:
-    async def run() -> None:
+def _writer_process(
+    url: str, raw: bool, count: int, start_at: float, out: multiprocessing.Queue
+) -> None:
+    async def ours() -> None:
         async with await EventStore.open(url, min_size=1, max_size=2) as store:
             streams = {_stream(): 0 for _ in range(10)}
             names = list(streams)
@@ -110,10 +112,22 @@ def _writer_process(url: str, count: int, start_at: float, out: multiprocessing.
                 streams[s] += 1
             out.put((begin, time.perf_counter()))
 
-    asyncio.run(run())
+    async def insert() -> None:
+        data, meta, stream = json.dumps(DATA), json.dumps({"actor": "bench"}), _stream()
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            await asyncio.sleep(max(0.0, start_at - time.time()))
+            begin = time.perf_counter()
+            for i in range(count):
+                await conn.execute(
+                    RAW_INSERT, (stream, i + 1, "TaskStateChanged", data, meta, b"h" * 32),
+                    prepare=True,
+                )
+            out.put((begin, time.perf_counter()))
+
+    asyncio.run(insert() if raw else ours())
 
 
-def bench_writers(url: str) -> tuple[float, float]:
+def bench_writers(url: str, raw: bool = False) -> tuple[float, float]:
     """Events/s with 4 writer processes and with 1, each appending single events."""
 
     def rate(writers: int) -> float:
@@ -121,7 +135,7 @@ def bench_writers(url: str) -> tuple[float, float]:
         out: multiprocessing.Queue = ctx.Queue()
         start_at = time.time() + 3.0  # all processes begin together after importing
         procs = [
-            ctx.Process(target=_writer_process, args=(url, WRITER_APPENDS, start_at, out))
+            ctx.Process(target=_writer_process, args=(url, raw, WRITER_APPENDS, start_at, out))
             for _ in range(writers)
         ]
         for p in procs:
@@ -198,6 +212,10 @@ async def main() -> int:
         four, one = bench_writers(url)
         results.append(_report("writers", "4 writer processes vs 1 (our appends)",
                                four, one, GOALS["writers"], "events/s"))
+        # Not a goal: how far raw INSERTs scale on this machine, the ceiling for the above.
+        four, one = bench_writers(url, raw=True)
+        print(f"{'(ref)':<8} {'4 vs 1 writer processes of raw INSERTs':<52} "
+              f"4: {four:>10,.0f} events/s 1: {one:>10,.0f}  ratio {four / one:5.2f}")
         async with await EventStore.open(url, max_size=2) as store:
             ours, base, count = await bench_read(url, store)
             results.append(_report("read", f"global-order read of {count:,} events vs raw cursor",

@@ -49,12 +49,11 @@ async def _slow_writer(url: str, rng: random.Random) -> int:
         for i in range(APPENDS_PER_WRITER // 3):
             stream = rng.choice(list(streams))
             n = rng.randint(1, 4)
-            data = json.dumps({"trigger": f"s{i}", "source": "a", "dest": "b"})
+            one = {"type": "WorkflowStateChanged", "schema_version": 1, "metadata": {},
+                   "data": {"trigger": f"s{i}", "source": "a", "dest": "b"}}
             await conn.execute(
-                "select * from append_events(%s, %s, %s::text[], %s::int[], %s::jsonb[],"
-                " %s::jsonb[])",
-                (stream, streams[stream], ["WorkflowStateChanged"] * n, [1] * n,
-                 [data] * n, ["{}"] * n),
+                "select * from append_events(%s, %s, %s::jsonb)",
+                (stream, streams[stream], json.dumps([one] * n)),
             )
             await asyncio.sleep(rng.uniform(0, 0.02))
             await conn.commit()

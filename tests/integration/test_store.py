@@ -62,15 +62,18 @@ async def test_every_event_type_round_trips_through_the_store(store: EventStore)
             request_params={"client_id": "rb-1", "quote_amount": str(Decimal("1000000"))},
         ),
     ]
-    recorded = await store.append(stream, events, expected_version=0, metadata={"actor": "test"})
+    result = await store.append(stream, events, expected_version=0, metadata={"actor": "test"})
     # Positions and versions are assigned in order, and metadata is kept.
-    assert [r.version for r in recorded] == [1, 2, 3]
-    assert recorded[0].position < recorded[1].position < recorded[2].position
-    assert all(r.metadata == {"actor": "test"} for r in recorded)
+    assert result.version == 3
+    assert list(result.positions) == sorted(result.positions)
     read = await store.read_stream(stream)
+    assert [r.version for r in read] == [1, 2, 3]
+    assert [r.position for r in read] == list(result.positions)
+    assert all(r.metadata == {"actor": "test"} for r in read)
     assert [r.decode() for r in read] == events
-    assert [r.hash for r in read] == [r.hash for r in recorded]
+    assert read[0].data["params"] == {"from_amount": "1000000", "from_currency": "KRW"}
     assert isinstance(read[0].transaction_id, int)
+    assert read[0].transaction_id == result.transaction_id
     assert await store.stream_version(stream) == 3
 
 
@@ -215,8 +218,8 @@ async def test_an_old_schema_version_in_the_store_is_upcast_on_read(
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         # Written by an older release: schema_version 1 and the old shape.
         await conn.execute(
-            "select * from append_events(%s, 0, array['AmountNoted'], array[1],"
-            " array['{\"qty\": \"5000\"}'::jsonb], array['{}'::jsonb])",
+            "select * from append_events(%s, 0, '[{\"type\": \"AmountNoted\","
+            " \"schema_version\": 1, \"data\": {\"qty\": \"5000\"}, \"metadata\": {}}]')",
             (stream,),
         )
     async with await EventStore.open(database_url, catalogue=local) as store:
@@ -233,12 +236,12 @@ async def test_read_all_waits_for_a_late_commit_instead_of_skipping_it(
     async with await psycopg.AsyncConnection.connect(database_url) as slow:
         # The slow transaction takes its id and position first but commits last.
         await slow.execute(
-            "select * from append_events(%s, 0, array['WorkflowStateChanged'], array[1],"
-            " array['{\"trigger\":\"t\",\"source\":\"a\",\"dest\":\"b\"}'::jsonb],"
-            " array['{}'::jsonb])",
+            "select * from append_events(%s, 0, '[{\"type\": \"WorkflowStateChanged\","
+            " \"schema_version\": 1, \"metadata\": {},"
+            " \"data\": {\"trigger\": \"t\", \"source\": \"a\", \"dest\": \"b\"}}]')",
             (early,),
         )
-        [fast] = await store.append(late, [started()], 0)
+        fast = await store.append(late, [started()], 0)
         async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as c:
             cur = await c.execute(
                 "select position from events where stream_id = %s and position > 0", (early,)
@@ -249,7 +252,7 @@ async def test_read_all_waits_for_a_late_commit_instead_of_skipping_it(
         await slow.commit()
     read = await store.read_all(ORIGIN)
     assert [r.stream_id for r in read] == [early, late]
-    assert read[0].position < fast.position
+    assert read[0].position < fast.positions[0]
     assert await store.read_all(read[-1].checkpoint) == []
 
 
