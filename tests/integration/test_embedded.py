@@ -142,6 +142,9 @@ def test_up_refuses_a_stored_port_taken_by_another_process(home: Path) -> None:
     embedded.down(home)
     # Someone else listens on our PostgreSQL port now.
     with socket.socket() as squatter:
+        # Our own closed connections may linger in TIME_WAIT on that port; only a listener
+        # should make `up` refuse.
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind(("127.0.0.1", info.pg_port))
         squatter.listen()
         with pytest.raises(InfraError, match="taken by another process"):
