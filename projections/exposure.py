@@ -1,0 +1,117 @@
+"""The `exposure` read model: amounts in transit per account and currency.
+
+A withdrawal is in transit from the moment its intent is stored (`submitting`: it may have
+landed) until the workflow's deposit task for the same account and currency is done (the
+deposits being watched are kept as zero-amount rows of kind `deposit` for that match); a
+withdrawal that failed, was canceled or never landed (`reset`) is not. Spot<->futures and
+master<->sub transfers are in transit from `submitting` until they are done.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from psycopg import AsyncConnection, sql
+
+from events.store import RecordedEvent
+from projections.workflows import ProjectionError, workflow_id_of
+
+MOVING_KINDS = ("withdraw", "transfer", "master_transfer")
+# Moves after which the task's money is certainly not (or no longer) on its way.
+CLOSING = {"withdraw": ("failed", "canceled"), "transfer": ("done", "failed", "canceled"),
+           "master_transfer": ("done", "failed", "canceled")}
+
+
+class ExposureProjection:
+    """Keeps `<schema>.exposure_items` (one row per moving task); `exposure` sums them."""
+
+    name = "exposure"
+    tables: tuple[str, ...] = ("exposure_items",)
+
+    def __init__(self, schema: str = "public") -> None:
+        self.schema = schema
+        table = sql.Identifier(schema, "exposure_items")
+        self._open = sql.SQL(
+            "insert into {} (workflow_id, task_index, kind, from_account, to_account, currency,"
+            " amount, status, since, last_version) values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            " on conflict (workflow_id, task_index) do update set status = excluded.status,"
+            " amount = excluded.amount, last_version = excluded.last_version"
+            " where {}.last_version < excluded.last_version"
+        ).format(table, table)
+        self._close = sql.SQL(
+            "delete from {} where workflow_id = %s and task_index = %s"
+        ).format(table)
+        self._watched = sql.SQL(
+            "delete from {} where workflow_id = %s and task_index = %s and kind = 'deposit'"
+            " returning to_account, currency"
+        ).format(table)
+        self._arrived = sql.SQL(
+            "delete from {} where ctid = (select ctid from {} where workflow_id = %s"
+            " and kind = 'withdraw' and to_account = %s and currency = %s"
+            " order by task_index limit 1)"
+        ).format(table, table)
+
+    async def apply_batch(self, conn: AsyncConnection[Any], events: list[RecordedEvent]) -> None:
+        async with conn.cursor() as cur:
+            for event in events:
+                if event.type != "TaskStateChanged":
+                    continue
+                data = event.data
+                kind, dest = data["kind"], data["dest"]
+                workflow_id = workflow_id_of(event.stream_id)
+                if kind == "deposit":
+                    await self._deposit(cur, event, workflow_id)
+                    continue
+                if kind not in MOVING_KINDS:
+                    continue
+                index = data["task_index"]
+                if dest in CLOSING[kind] or data["trigger"] == "reset":
+                    await cur.execute(self._close, (workflow_id, index))
+                elif dest == "submitting":
+                    params = data.get("request_params") or {}
+                    await cur.execute(
+                        self._open,
+                        (workflow_id, index, kind, params.get("from_account"),
+                         params.get("to_account"), params.get("currency"),
+                         _amount(params, event), dest, event.recorded_at, event.version),
+                    )
+                elif dest in ("requested", "processing", "needs_attention", "done"):
+                    # The status follows the task; amounts stay as they were requested.
+                    await cur.execute(
+                        sql.SQL(
+                            "update {} set status = %s, last_version = %s where workflow_id = %s"
+                            " and task_index = %s and last_version < %s"
+                        ).format(sql.Identifier(self.schema, "exposure_items")),
+                        (dest, event.version, workflow_id, index, event.version),
+                    )
+
+
+    async def _deposit(self, cur: Any, event: RecordedEvent, workflow_id: str) -> None:
+        # The deposit's account and currency come with its first move (`watch`); later moves
+        # do not repeat them, so the watch is kept as a zero-amount row until it ends.
+        data = event.data
+        index = data["task_index"]
+        if data["dest"] == "requested" and data["trigger"] == "watch":
+            params = data.get("request_params") or {}
+            await cur.execute(
+                self._open,
+                (workflow_id, index, "deposit", None, params.get("account"),
+                 params.get("currency"), Decimal(0), "watching", event.recorded_at,
+                 event.version),
+            )
+        elif data["dest"] in ("done", "failed", "canceled"):
+            await cur.execute(self._watched, (workflow_id, index))
+            watch = await cur.fetchone()
+            if watch is not None and data["dest"] == "done":
+                await cur.execute(self._arrived, (workflow_id, watch[0], watch[1]))
+
+
+def _amount(params: dict[str, Any], event: RecordedEvent) -> Decimal:
+    try:
+        return Decimal(str(params["amount"]))
+    except (KeyError, InvalidOperation) as e:
+        raise ProjectionError(
+            f"{event.stream_id} v{event.version}: a {event.data['kind']} entering submitting"
+            " must carry request_params.amount"
+        ) from e

@@ -1,0 +1,230 @@
+"""The `workflows` read model: one row per workflow, folded from its events."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from psycopg import AsyncConnection, sql
+
+from events.store import RecordedEvent
+
+ACTIVE_STATES = ("created", "running", "paused", "needs_attention")
+TASK_TERMINAL = ("done", "failed", "canceled")
+
+
+@dataclass
+class TaskView:
+    """What is known of one task: its state and the results the exchange reported."""
+
+    index: int
+    name: str
+    kind: str
+    state: str = "created"
+    trigger: str | None = None
+    request_params: dict[str, Any] | None = None
+    request_result: dict[str, Any] | None = None
+    refresh_result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    updated_at: str | None = None
+
+
+@dataclass
+class WorkflowView:
+    """The current state of one workflow, as far as its events up to `version` tell."""
+
+    workflow_id: str
+    stream_id: str
+    spec_name: str = ""
+    spec: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    command_id: str = ""
+    state: str = "created"
+    reason: str | None = None
+    tasks: list[TaskView] = field(default_factory=list)
+    error: dict[str, Any] | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    version: int = 0
+    last_position: int = 0
+
+    @property
+    def current_task(self) -> TaskView | None:
+        """The first task not done yet; None once every task is done (or there are none)."""
+        return next((t for t in self.tasks if t.state != "done"), None)
+
+    def task(self, index: int, name: str, kind: str) -> TaskView:
+        while len(self.tasks) <= index:
+            self.tasks.append(TaskView(len(self.tasks), "", ""))
+        task = self.tasks[index]
+        if not task.name:
+            task.name, task.kind = name, kind
+        return task
+
+
+class ProjectionError(Exception):
+    """An event could not be applied to a read model (a poison event)."""
+
+
+def workflow_id_of(stream_id: str) -> str:
+    return stream_id.removeprefix("workflow-")
+
+
+def apply(view: WorkflowView | None, event: RecordedEvent) -> WorkflowView:
+    """Fold one event into `view` (None before the first); an already-seen version is skipped.
+
+    Raises ProjectionError when the event cannot belong where it stands (e.g. a state change
+    before the workflow was created).
+    """
+    if view is not None and event.version <= view.version:
+        return view  # re-delivered: already applied
+    data = event.data
+    if event.type == "WorkflowCreated":
+        if view is not None:
+            raise ProjectionError(f"{_where(event)}: WorkflowCreated for an existing workflow")
+        view = WorkflowView(
+            workflow_id=workflow_id_of(event.stream_id),
+            stream_id=event.stream_id,
+            spec_name=data["spec_name"],
+            spec=data["spec"],
+            params=data["params"],
+            command_id=data["command_id"],
+            created_at=event.recorded_at,
+        )
+        for index, task in enumerate(data["spec"].get("tasks") or []):
+            view.tasks.append(
+                TaskView(index, str(task.get("name", "")).lower(), str(task.get("kind", "")))
+            )
+    elif view is None:
+        raise ProjectionError(f"{_where(event)}: {event.type} before WorkflowCreated")
+    elif event.type == "WorkflowStateChanged":
+        view.state = data["dest"]
+        view.reason = data.get("reason")
+    elif event.type == "TaskStateChanged":
+        task = view.task(data["task_index"], data["task_name"], data["kind"])
+        task.state = data["dest"]
+        task.trigger = data["trigger"]
+        task.updated_at = event.recorded_at.isoformat()
+        for key in ("request_params", "request_result", "refresh_result"):
+            if data.get(key) is not None:
+                setattr(task, key, data[key])
+        if data.get("error") is not None:
+            task.error = data["error"]
+            view.error = {"task": task.name, **data["error"]}
+        elif data["trigger"] in ("resolve_resend", "reset"):
+            task.error = None
+    else:
+        raise ProjectionError(f"{_where(event)}: unknown event type {event.type!r}")
+    view.version = event.version
+    view.last_position = event.position
+    view.updated_at = event.recorded_at
+    return view
+
+
+def fold(events: list[RecordedEvent]) -> WorkflowView | None:
+    """Fold a whole stream (or its prefix) from nothing."""
+    view: WorkflowView | None = None
+    for event in events:
+        view = apply(view, event)
+    return view
+
+
+def _where(event: RecordedEvent) -> str:
+    return f"{event.stream_id} v{event.version} (position {event.position})"
+
+
+# -- persistence ------------------------------------------------------------------------------
+
+COLUMNS = (
+    "workflow_id", "stream_id", "spec_name", "spec", "params", "command_id", "state", "reason",
+    "current_task", "current_task_name", "tasks", "error", "from_amount", "from_currency",
+    "to_amount", "to_currency", "created_at", "updated_at", "version", "last_position",
+)
+
+
+def to_row(view: WorkflowView) -> tuple[Any, ...]:
+    """The `workflows` row for a view (JSON columns as text, amounts as exact strings)."""
+    current = view.current_task
+    last = view.tasks[-1] if view.tasks else None
+    to_amount = None
+    if view.state == "done" and last is not None and last.refresh_result:
+        result = last.refresh_result.get("result") or {}
+        to_amount = result.get("amount")
+    return (
+        view.workflow_id, view.stream_id, view.spec_name, json.dumps(view.spec),
+        json.dumps(view.params), view.command_id, view.state, view.reason,
+        None if current is None else current.index,
+        None if current is None else current.name,
+        json.dumps([asdict(t) for t in view.tasks]),
+        None if view.error is None else json.dumps(view.error),
+        view.params.get("from_amount"), view.params.get("from_currency"),
+        to_amount, view.params.get("to_currency"),
+        view.created_at, view.updated_at, view.version, view.last_position,
+    )
+
+
+def from_row(row: dict[str, Any]) -> WorkflowView:
+    """The view stored in a `workflows` row (as read with a dict row factory)."""
+    return WorkflowView(
+        workflow_id=str(row["workflow_id"]),
+        stream_id=row["stream_id"],
+        spec_name=row["spec_name"],
+        spec=row["spec"],
+        params=row["params"],
+        command_id=row["command_id"],
+        state=row["state"],
+        reason=row["reason"],
+        tasks=[TaskView(**t) for t in row["tasks"]],
+        error=row["error"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        version=row["version"],
+        last_position=row["last_position"],
+    )
+
+
+class WorkflowsProjection:
+    """Keeps `<schema>.workflows` in step with the events, one row per workflow."""
+
+    name = "workflows"
+    tables: tuple[str, ...] = ("workflows",)
+
+    def __init__(self, schema: str = "public") -> None:
+        self.schema = schema
+        table = sql.Identifier(schema, "workflows")
+        self._select = sql.SQL("select {} from {} where workflow_id = %s").format(
+            sql.SQL(", ").join(map(sql.Identifier, COLUMNS)), table
+        )
+        self._upsert = sql.SQL(
+            "insert into {} ({}) values ({}) on conflict (workflow_id) do update set {}"
+        ).format(
+            table,
+            sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
+            sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS)),
+            sql.SQL(", ").join(
+                sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c)) for c in COLUMNS[1:]
+            ),
+        )
+
+    async def apply_batch(self, conn: AsyncConnection[Any], events: list[RecordedEvent]) -> None:
+        """Apply events inside the caller's transaction: each workflow is read and written once."""
+        views: dict[str, WorkflowView | None] = {}
+        for event in events:
+            workflow_id = workflow_id_of(event.stream_id)
+            if workflow_id not in views:
+                views[workflow_id] = await self._load(conn, workflow_id)
+            views[workflow_id] = apply(views[workflow_id], event)
+        rows = [to_row(view) for view in views.values() if view is not None]
+        async with conn.cursor() as cur:
+            await cur.executemany(self._upsert, rows)
+
+    async def _load(self, conn: AsyncConnection[Any], workflow_id: str) -> WorkflowView | None:
+        async with conn.cursor() as cur:
+            await cur.execute(self._select, (workflow_id,))
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            assert cur.description is not None
+            return from_row({d.name: v for d, v in zip(cur.description, row, strict=True)})
