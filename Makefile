@@ -30,6 +30,7 @@ test: lint
 
 bench: install
 	$(BIN)/python -m tests.bench.bench_store
+	$(BIN)/python -m tests.bench.bench_replay
 
 demo: install
 	@echo "The demo arrives with the workflow engine (issue 4); for now: make test"; exit 2
