@@ -49,6 +49,10 @@ class ProjectionStatus:
     error_position: int | None
 
 
+class _Moved(Exception):
+    """Another runner advanced this projection's checkpoint first."""
+
+
 class PoisonEventError(Exception):
     """A projection could not apply an event; it stops there, the others go on."""
 
@@ -134,12 +138,7 @@ class ProjectionRunner:
 
     async def _catch_up_one(self, projection: Projection) -> int:
         applied = 0
-        async with self._store.pool.connection() as conn:
-            row = await _checkpoint_row(conn, projection)
-            if row[3] is not None:
-                # Stopped by an earlier run; a rebuild (`rebalancer replay`) clears it.
-                raise PoisonEventError(projection.name, row[3], row[4])
-            checkpoint = Checkpoint(int(row[0]), int(row[1]))
+        checkpoint = await self._stored_checkpoint(projection)
         while True:
             events = [
                 e for e in await self._store.read_all(checkpoint, self._batch_size)
@@ -150,14 +149,19 @@ class ProjectionRunner:
             if not events:
                 return applied
             try:
-                await self._commit(projection, events)
+                await self._commit(projection, events, checkpoint)
+            except _Moved:
+                checkpoint = await self._stored_checkpoint(projection)
+                continue
             except _UNAVAILABLE:
                 raise  # not the event's fault: the caller retries later
             except Exception:
                 # Find the poison event: commit what precedes it one event at a time.
                 for event in events:
                     try:
-                        await self._commit(projection, [event])
+                        await self._commit(projection, [event], checkpoint)
+                    except _Moved:
+                        break  # another runner got here first; start again from its checkpoint
                     except _UNAVAILABLE:
                         raise
                     except Exception as e:
@@ -165,12 +169,37 @@ class ProjectionRunner:
                         await self._record_error(projection, error)
                         raise error from e
                     applied += 1
-                return applied
+                    checkpoint = event.checkpoint
+                checkpoint = await self._stored_checkpoint(projection)
+                continue
             applied += len(events)
             checkpoint = events[-1].checkpoint
 
-    async def _commit(self, projection: Projection, events: list[RecordedEvent]) -> None:
+    async def _stored_checkpoint(self, projection: Projection) -> Checkpoint:
+        async with self._store.pool.connection() as conn:
+            row = await _checkpoint_row(conn, projection)
+        if row[3] is not None:
+            # Stopped by an earlier run; a rebuild (`rebalancer replay`) clears it.
+            raise PoisonEventError(projection.name, row[3], row[4])
+        return Checkpoint(int(row[0]), int(row[1]))
+
+    async def _commit(
+        self, projection: Projection, events: list[RecordedEvent], after: Checkpoint
+    ) -> None:
+        table = sql.Identifier(projection.schema, "projection_checkpoints")
         async with self._store.pool.connection() as conn, conn.transaction():
+            # Several runners (one per worker process) may follow the same projection: the
+            # row lock serialises them and the check makes the loser drop its batch.
+            cur = conn.cursor(row_factory=tuple_row)
+            await cur.execute(
+                sql.SQL(
+                    "select transaction_id::text, position from {} where name = %s for update"
+                ).format(table),
+                (projection.name,),
+            )
+            row = await cur.fetchone()
+            if row is None or Checkpoint(int(row[0]), int(row[1])) != after:
+                raise _Moved()
             await projection.apply_batch(conn, events)
             if self.before_checkpoint is not None:
                 self.before_checkpoint(projection.name, events)
@@ -179,7 +208,7 @@ class ProjectionRunner:
                 sql.SQL(
                     "update {} set transaction_id = %s::text::xid8, position = %s,"
                     " events_applied = events_applied + %s, updated_at = now() where name = %s"
-                ).format(sql.Identifier(projection.schema, "projection_checkpoints")),
+                ).format(table),
                 (str(last.transaction_id), last.position, len(events), projection.name),
             )
 

@@ -27,12 +27,18 @@ class UnknownOutcomeError(RebalancerError):
     """Sent, but no answer: reconcile by client id before anything else."""
 
 
+class DuplicateClientIdError(UnknownOutcomeError):
+    """The client id was used before: the request may already have landed, so reconcile by
+    client id instead of sending it again."""
+
+
 class InfraError(RebalancerError):
     """An embedded server could not be started, stopped or reached."""
 
 
 __all__ = [
     "ConcurrencyError",
+    "DuplicateClientIdError",
     "IllegalTransitionError",
     "InfraError",
     "RebalancerError",

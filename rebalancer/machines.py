@@ -109,6 +109,9 @@ TRADE: Final[list[TransitionRow]] = [
     {"trigger": "open", "source": "requested", "dest": "open"},
     {"trigger": "open", "source": "submitting", "dest": "open"},  # found open on reconcile
     {"trigger": "fill", "source": "open", "dest": "open"},  # partial fill: records new amounts
+    # TWAP: the next slice's intent (new client id) once the previous slice has ended; from
+    # submitting when that slice was refused or never landed, so one bad slice drops no others.
+    {"trigger": "next_slice", "source": ["submitting", "requested", "open"], "dest": "submitting"},
     {"trigger": "complete", "source": "open", "dest": "done"},
     {"trigger": "fail", "source": "open", "dest": "failed"},
     {"trigger": "cancel", "source": "open", "dest": "canceled"},

@@ -210,3 +210,20 @@ def test_a_redelivered_event_is_not_applied_twice() -> None:
     once = workflows.fold(recorded)
     twice = workflows.fold(recorded[:5] + recorded[:5] + recorded[5:])
     assert once == twice
+
+
+async def test_two_runners_on_one_projection_apply_each_event_once(store: EventStore) -> None:
+    async with store.pool.connection() as conn:
+        await conn.execute("create table test_counts (stream_id text primary key, n int)")
+    rng = random.Random(17)
+    histories = [make_history(rng) for _ in range(40)]
+    await append_all(store, histories)
+    # Two worker processes' runners racing over the same checkpoint.
+    await asyncio.gather(
+        ProjectionRunner(store, [CountingProjection()], batch_size=7).catch_up(),
+        ProjectionRunner(store, [CountingProjection()], batch_size=11).catch_up(),
+    )
+    async with store.pool.connection() as conn:
+        cur = await conn.execute("select stream_id, n from test_counts")
+        counts = dict(await cur.fetchall())
+    assert counts == {h.stream_id: len(h.events) for h in histories}

@@ -57,6 +57,7 @@ EXPECTED: dict[str, Moves] = {
         **_SUBMITTING_SKELETON,
         **_rows("open", "submitting requested", "open"),
         **_rows("fill", "open", "open"),
+        **_rows("next_slice", "submitting requested open", "submitting"),
         **_rows("complete", "open", "done"),
         **_rows("fail", "open", "failed"),
         **_rows("cancel", "open", "canceled"),

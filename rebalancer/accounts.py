@@ -1,0 +1,109 @@
+"""Our exchange accounts, loaded from configuration: links between them and allowed addresses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rebalancer.errors import SpecError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "defaults" / "config.yaml"
+
+
+class Address(BaseModel):
+    """A deposit address on one network."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    address: str
+    network: str
+    tag: str | None = None
+
+
+class AllowedAddress(Address):
+    """An address a withdrawal from the owning account may go to."""
+
+    currency: str
+
+
+class Account(BaseModel):
+    """One account on one exchange. Specs refer to its fields as `{param.field}`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    exchange: Literal["upbit", "binance"]
+    kind: Literal["personal", "master", "sub"] = "personal"
+    interim_account: str | None = None  # where this account's money goes first on a path
+    master_account: str | None = None  # for a sub account
+    email: str | None = None  # Binance sub-account transfers name accounts by e-mail
+    deposit_addresses: dict[str, Address] = Field(default_factory=dict)  # by currency
+    withdrawal_allowlist: list[AllowedAddress] = Field(default_factory=list)
+
+    def allows(self, currency: str, address: str, network: str, tag: str | None = None) -> bool:
+        return any(
+            a.currency == currency and a.address == address and a.network == network
+            and a.tag == tag
+            for a in self.withdrawal_allowlist
+        )
+
+
+class Accounts(BaseModel):
+    """Every configured account by id; links are checked to point at known accounts."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    accounts: dict[str, Account]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ids_from_keys(cls, data: object) -> object:
+        if isinstance(data, dict) and isinstance(data.get("accounts"), dict):
+            data = dict(data)
+            data["accounts"] = {
+                key: {"id": key, **(value or {})} for key, value in data["accounts"].items()
+            }
+        return data
+
+    @model_validator(mode="after")
+    def _links_resolve(self) -> Accounts:
+        for account in self.accounts.values():
+            for link in ("interim_account", "master_account"):
+                target = getattr(account, link)
+                if target is not None and target not in self.accounts:
+                    raise ValueError(f"account {account.id}: {link} {target!r} is not configured")
+        return self
+
+    def get(self, account_id: str) -> Account:
+        try:
+            return self.accounts[account_id]
+        except KeyError:
+            known = ", ".join(sorted(self.accounts))
+            raise SpecError(f"unknown account {account_id!r} (known: {known})") from None
+
+    def __contains__(self, account_id: object) -> bool:
+        return account_id in self.accounts
+
+
+def load_config_file(path: Path | None = None) -> dict[str, object]:
+    """The whole configuration file (accounts, spec directories) as plain data."""
+    path = path or DEFAULT_CONFIG
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise SpecError(f"cannot read configuration {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise SpecError(f"configuration {path} must be a mapping")
+    return data
+
+
+def load_accounts(path: Path | None = None) -> Accounts:
+    """Accounts from the `accounts:` section of the configuration; raises SpecError."""
+    data = load_config_file(path)
+    try:
+        return Accounts.model_validate({"accounts": data.get("accounts") or {}})
+    except ValidationError as e:
+        raise SpecError(f"bad accounts in {path or DEFAULT_CONFIG}: {e}") from e

@@ -1,0 +1,466 @@
+"""Audit of stored streams: hash chains, version sequences, decoding and machine legality."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Final
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import sql
+from psycopg.rows import tuple_row
+from psycopg_pool import PoolTimeout
+
+from events.catalogue import (
+    Catalogue,
+    TaskStateChanged,
+    WorkflowCreated,
+    WorkflowStateChanged,
+)
+from events.catalogue import catalogue as default_catalogue
+from events.errors import EventStoreError, StoreUnavailableError
+from events.store import STREAM_ID_PATTERN, EventStore, RecordedEvent, StreamProblem
+from rebalancer.errors import IllegalTransitionError, RebalancerError
+from rebalancer.machines import StateMachine, TaskKind, task_machine, workflow_machine
+
+# The kinds of finding, in the order a stream's findings at one version are listed.
+CHECKS: Final = ("versions", "hash_chain", "schema", "legality", "missing_tail")
+STREAM_PAGE: Final = 500  # stream ids fetched per query when auditing every stream
+_KINDS: Final = frozenset(kind.value for kind in TaskKind)
+
+
+class AuditInputError(RebalancerError, ValueError):
+    """The workflow id to audit is not a UUID or names no stream (a usage error: exit 2)."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing wrong with a stored stream, at an event when it can be placed on one."""
+
+    stream_id: str
+    version: int | None
+    position: int | None
+    check: str  # one of CHECKS
+    message: str
+
+    def line(self) -> str:
+        """`stream_id vVERSION (position P) [check] message`, leaving out what is unknown."""
+        where = self.stream_id
+        if self.version is not None:
+            where += f" v{self.version}"
+        if self.position is not None:
+            where += f" (position {self.position})"
+        return f"{where} [{self.check}] {self.message}"
+
+
+@dataclass
+class AuditReport:
+    """What an audit looked at and everything it found wrong."""
+
+    streams: int
+    events: int
+    findings: list[Finding]
+
+    @property
+    def bad_streams(self) -> list[str]:
+        """The ids of the streams with at least one finding, sorted."""
+        return sorted({finding.stream_id for finding in self.findings})
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "streams": self.streams,
+            "events": self.events,
+            "bad_streams": self.bad_streams,
+            "findings": [asdict(finding) for finding in self.findings],
+        }
+
+
+async def audit(
+    store: EventStore,
+    workflow_id: str | None = None,
+    *,
+    read_model_schema: str = "public",
+) -> AuditReport:
+    """Audit one workflow's stream, or every stream in the store.
+
+    Streams are read one at a time, so memory holds one stream, never the whole store. Raises
+    AuditInputError for a workflow id that is not a UUID or has neither events nor a read-model
+    row, StoreUnavailableError / EventStoreError when the database fails.
+    """
+    read_model = _ReadModel(store, read_model_schema)
+    report = AuditReport(streams=0, events=0, findings=[])
+    if workflow_id is not None:
+        stream_id = stream_id_of(workflow_id)
+        # The read model is read before the stream: a version it saw was already stored then,
+        # and an append racing the audit can only lengthen the stream, never fake a lost tail.
+        seen = await read_model.versions([stream_id])
+        count, findings = await _audit_stream(store, stream_id, seen.get(stream_id))
+        if count == 0 and stream_id not in seen:
+            raise AuditInputError(f"workflow {workflow_id} has no events")
+        report.streams, report.events, report.findings = 1, count, findings
+        return report
+    async for page in _stream_pages(store):
+        seen = await read_model.versions(page)
+        for stream_id in page:
+            count, findings = await _audit_stream(store, stream_id, seen.get(stream_id))
+            report.streams += 1
+            report.events += count
+            report.findings.extend(findings)
+    # Workflows the read model knows but whose every event is gone: no stream page names them.
+    for stream_id, version in await read_model.orphans():
+        report.streams += 1
+        report.findings.append(_missing_tail(stream_id, version, 0))
+    return report
+
+
+def stream_id_of(workflow_id: str) -> str:
+    """`workflow-<uuid>` for a workflow id (the bare UUID, or the stream id itself).
+
+    Raises AuditInputError when it is not a UUID.
+    """
+    text = workflow_id.strip().removeprefix("workflow-")
+    try:
+        return f"workflow-{uuid.UUID(text)}"
+    except ValueError:
+        raise AuditInputError(f"workflow id {workflow_id!r} is not a UUID") from None
+
+
+def check_events(
+    stream_id: str,
+    events: Sequence[RecordedEvent],
+    catalogue: Catalogue | None = None,
+) -> list[Finding]:
+    """Decode every event and replay the machines over one stream's stored events.
+
+    Pure: no database. Checking goes on after a bad event, from the state that event stored,
+    so one run names every bad event rather than the first.
+    """
+    replay = _Replay(stream_id, default_catalogue if catalogue is None else catalogue)
+    for event in events:
+        replay.feed(event)
+    return replay.findings
+
+
+def format_report(report: AuditReport) -> str:
+    """A summary line, then one line per finding."""
+    head = f"audited {_count(report.streams, 'stream')}, {_count(report.events, 'event')}"
+    if report.ok:
+        return f"{head}: all intact"
+    bad = len(report.bad_streams)
+    lines = [f"{head}: {_count(len(report.findings), 'finding')} in {_count(bad, 'stream')}"]
+    lines.extend(finding.line() for finding in report.findings)
+    return "\n".join(lines)
+
+
+async def run_audit(
+    database_url: str, workflow_id: str | None, as_json: bool
+) -> tuple[int, str]:
+    """Open the store, audit, and return (exit status, output): 0 when intact, 1 otherwise.
+
+    Raises AuditInputError for a bad or unknown workflow id, StoreUnavailableError when the
+    database cannot be reached.
+    """
+    if workflow_id is not None:
+        stream_id_of(workflow_id)  # refuse a malformed id before connecting
+    async with await EventStore.open(database_url, max_size=2) as store:
+        report = await audit(store, workflow_id)
+    text = json.dumps(report.to_json(), indent=2) if as_json else format_report(report)
+    return (0 if report.ok else 1), text
+
+
+# -- one stream ---------------------------------------------------------------------------------
+
+
+async def _audit_stream(
+    store: EventStore, stream_id: str, read_model_version: int | None
+) -> tuple[int, list[Finding]]:
+    findings = [_from_problem(problem) for problem in await store.verify_stream(stream_id)]
+    events = await store.read_stream(stream_id)
+    if not STREAM_ID_PATTERN.match(stream_id):
+        findings.append(
+            Finding(stream_id, None, None, "schema", "stream id is not workflow-<uuid>")
+        )
+    findings.extend(check_events(stream_id, events, store.catalogue))
+    last = events[-1].version if events else 0
+    if read_model_version is not None and read_model_version > last:
+        findings.append(_missing_tail(stream_id, read_model_version, last))
+    findings.sort(key=_order)
+    return len(events), findings
+
+
+def _from_problem(problem: StreamProblem) -> Finding:
+    # verify_stream reports two kinds of problem and tells them apart only by wording.
+    check = "versions" if problem.message.startswith("version ") else "hash_chain"
+    return Finding(problem.stream_id, problem.version, problem.position, check, problem.message)
+
+
+def _missing_tail(stream_id: str, seen: int, last: int) -> Finding:
+    # Deleting a stream's last event leaves a chain that still verifies: only a reader that
+    # saw the event can tell. The finding is placed on the first missing version.
+    ends = f"the stream ends at {last}" if last else "the stream has no events"
+    return Finding(
+        stream_id, last + 1, None, "missing_tail", f"read model saw version {seen}, {ends}"
+    )
+
+
+def _order(finding: Finding) -> tuple[bool, int, int]:
+    return (finding.version is None, finding.version or 0, CHECKS.index(finding.check))
+
+
+@dataclass
+class _Task:
+    """What the replay knows of one task: the kind whose machine it follows and its state."""
+
+    kind: TaskKind
+    first_kind: str
+    first_name: str
+    first_version: int
+    state: str
+
+
+class _Replay:
+    """Folds one stream's events through the catalogue and the machines, collecting findings."""
+
+    def __init__(self, stream_id: str, catalogue: Catalogue) -> None:
+        self.stream_id = stream_id
+        self.catalogue = catalogue
+        self.findings: list[Finding] = []
+        self.created_version: int | None = None
+        self.spec_kinds: list[str | None] | None = None  # None: the spec lists no tasks
+        self.workflow_state = workflow_machine().initial
+        self.tasks: dict[int, _Task] = {}
+        self.started = False
+
+    def feed(self, event: RecordedEvent) -> None:
+        self._check_creation(event)
+        try:
+            decoded = event.decode(self.catalogue)
+        except Exception as e:  # an upcaster may fail in any way on bad stored data
+            self._add(event, "schema", f"{event.type} does not decode: {e}")
+            self._follow_raw(event)
+            return
+        if isinstance(decoded, WorkflowCreated):
+            if self.spec_kinds is None and event.version == self.created_version:
+                self._read_spec(event, decoded.spec)
+        elif isinstance(decoded, WorkflowStateChanged):
+            self.workflow_state = self._move(
+                event, workflow_machine(), "workflow", self.workflow_state,
+                decoded.source, decoded.trigger, decoded.dest,
+            )
+        elif isinstance(decoded, TaskStateChanged):
+            self._task_move(event, decoded)
+
+    def _check_creation(self, event: RecordedEvent) -> None:
+        is_created = event.type == WorkflowCreated.type_name
+        if not self.started:
+            self.started = True
+            if is_created:
+                self.created_version = event.version
+            else:
+                self._add(event, "legality", f"the stream begins with {event.type}, not "
+                          f"{WorkflowCreated.type_name}")
+        elif is_created:
+            first = f" (the first is v{self.created_version})" if self.created_version else ""
+            self._add(event, "legality", f"a second {WorkflowCreated.type_name}{first}")
+
+    def _read_spec(self, event: RecordedEvent, spec: dict[str, Any]) -> None:
+        tasks = spec.get("tasks")
+        if tasks is None:
+            return
+        if not isinstance(tasks, list):
+            self._add(event, "schema", "spec.tasks is not a list")
+            return
+        kinds: list[str | None] = []
+        for index, task in enumerate(tasks):
+            kind = task.get("kind") if isinstance(task, dict) else None
+            if kind not in _KINDS:
+                self._add(event, "schema", f"spec task {index} has no known kind ({kind!r})")
+                kind = None
+            kinds.append(kind)
+        self.spec_kinds = kinds
+
+    def _task_move(self, event: RecordedEvent, moved: TaskStateChanged) -> None:
+        index = moved.task_index
+        spec_kind = self._spec_kind(index)
+        if self.spec_kinds is not None and index >= len(self.spec_kinds):
+            self._add(event, "legality",
+                      f"task_index {index} is beyond the spec's {len(self.spec_kinds)} tasks")
+        if spec_kind is not None and moved.kind != spec_kind:
+            self._add(event, "legality", f"task {index} is a {spec_kind!r} task in the spec,"
+                      f" this event says {moved.kind!r}")
+        task = self.tasks.get(index)
+        if task is None:
+            # The spec decides which machine a task follows; the first event only without one.
+            kind = TaskKind(spec_kind or moved.kind)
+            task = _Task(kind, moved.kind, moved.task_name, event.version,
+                         task_machine(kind).initial)
+            self.tasks[index] = task
+        elif moved.task_name != task.first_name or (
+            spec_kind is None and moved.kind != task.first_kind  # else the spec check said it
+        ):
+            self._add(event, "legality", f"task {index} was {task.first_kind} {task.first_name!r}"
+                      f" at v{task.first_version}, this event says {moved.kind}"
+                      f" {moved.task_name!r}")
+        task.state = self._move(
+            event, task_machine(task.kind), f"task {index} ({task.first_name})", task.state,
+            moved.source, moved.trigger, moved.dest,
+        )
+
+    def _spec_kind(self, index: int) -> str | None:
+        """The kind the spec gives task `index`; None without a spec list or beyond it."""
+        if self.spec_kinds is None or not 0 <= index < len(self.spec_kinds):
+            return None
+        return self.spec_kinds[index]
+
+    def _move(
+        self,
+        event: RecordedEvent,
+        machine: StateMachine,
+        what: str,
+        current: str,
+        source: str,
+        trigger: str,
+        dest: str,
+    ) -> str:
+        """Check one stored move against the state so far and the table; return its dest."""
+        stored = f"{source!r} --{trigger}--> {dest!r}"
+        if source != current:
+            noun = "workflow" if machine is workflow_machine() else "task"
+            self._add(event, "legality", f"{what}: {stored} but the {noun} is in {current!r}")
+        try:
+            expected = machine.next_state(source, trigger)
+        except IllegalTransitionError as e:
+            self._add(event, "legality", f"{what}: {stored} is not a move of the table ({e})")
+        else:
+            if expected != dest:
+                self._add(event, "legality",
+                          f"{what}: stored {stored} but the table says {expected!r}")
+        return dest
+
+    def _follow_raw(self, event: RecordedEvent) -> None:
+        # An undecodable state change still says where it went; following it keeps one bad
+        # payload from turning every later move of the same machine into a finding.
+        data = event.data if isinstance(event.data, dict) else {}
+        dest = data.get("dest")
+        if not isinstance(dest, str):
+            return
+        if event.type == WorkflowStateChanged.type_name:
+            self.workflow_state = dest
+        elif event.type == TaskStateChanged.type_name:
+            index, kind, name = data.get("task_index"), data.get("kind"), data.get("task_name")
+            if not isinstance(index, int) or isinstance(index, bool):
+                return
+            task = self.tasks.get(index)
+            if task is None:
+                known = self._spec_kind(index) or (kind if kind in _KINDS else None)
+                if known is None:
+                    return
+                task = _Task(TaskKind(known), str(kind), str(name), event.version, dest)
+                self.tasks[index] = task
+            task.state = dest
+
+    def _add(self, event: RecordedEvent, check: str, message: str) -> None:
+        self.findings.append(Finding(self.stream_id, event.version, event.position, check, message))
+
+
+# -- reading the database -----------------------------------------------------------------------
+
+
+async def _stream_pages(store: EventStore) -> AsyncIterator[list[str]]:
+    """Every stream id in the store, in order, a page at a time (keyset paging)."""
+    after = ""
+    while True:
+        rows = await _fetch(
+            store,
+            "select distinct stream_id from events where stream_id > %s"
+            " order by stream_id limit %s",
+            (after, STREAM_PAGE),
+        )
+        page = [str(row[0]) for row in rows]
+        if page:
+            yield page
+        if len(page) < STREAM_PAGE:
+            return
+        after = page[-1]
+
+
+class _ReadModel:
+    """The `workflows` read model's last applied version per stream, if the table exists."""
+
+    def __init__(self, store: EventStore, schema: str) -> None:
+        self._store = store
+        self._table = sql.Identifier(schema, "workflows")
+        self._missing = False
+
+    async def versions(self, stream_ids: list[str]) -> dict[str, int]:
+        rows = await self._query(
+            sql.SQL("select stream_id, version from {} where stream_id = any(%s)").format(
+                self._table
+            ),
+            (stream_ids,),
+        )
+        return {str(stream_id): int(version) for stream_id, version in rows}
+
+    async def orphans(self) -> list[tuple[str, int]]:
+        """Rows whose stream has no events left at all."""
+        rows = await self._query(
+            sql.SQL(
+                "select w.stream_id, w.version from {} w where not exists"
+                " (select 1 from events e where e.stream_id = w.stream_id) order by w.stream_id"
+            ).format(self._table),
+            (),
+        )
+        return [(str(stream_id), int(version)) for stream_id, version in rows]
+
+    async def _query(self, query: sql.Composed, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        if self._missing:
+            return []
+        try:
+            return await _fetch(self._store, query, params)
+        except pg_errors.UndefinedTable:
+            # No read model (projections never set up here): nothing to cross-check against.
+            self._missing = True
+            return []
+
+
+async def _fetch(
+    store: EventStore, query: str | sql.Composed, params: Sequence[Any]
+) -> list[tuple[Any, ...]]:
+    try:
+        async with store.pool.connection() as conn:
+            cur = conn.cursor(row_factory=tuple_row)
+            await cur.execute(query, params)
+            return await cur.fetchall()
+    except pg_errors.UndefinedTable:
+        raise
+    except psycopg.OperationalError as e:
+        raise StoreUnavailableError(f"audit: {e}".strip()) from e
+    except psycopg.Error as e:
+        raise EventStoreError(f"audit query failed: {e}".strip()) from e
+    except PoolTimeout as e:
+        raise StoreUnavailableError("no database connection available") from e
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+__all__ = [
+    "CHECKS",
+    "AuditInputError",
+    "AuditReport",
+    "Finding",
+    "audit",
+    "check_events",
+    "format_report",
+    "run_audit",
+    "stream_id_of",
+]

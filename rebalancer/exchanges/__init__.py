@@ -1,0 +1,1 @@
+"""Exchange connectors behind one narrow port; only this package imports ccxt."""

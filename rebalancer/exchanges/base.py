@@ -1,0 +1,288 @@
+"""The narrow exchange port that tasks call, with our own models in and out (no ccxt dicts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any, Protocol
+
+from rebalancer.errors import RejectedError, RetryableError, UnknownOutcomeError
+
+
+class Side(StrEnum):
+    BUY = "buy"
+    SELL = "sell"
+
+
+class OrderType(StrEnum):
+    MARKET = "market"
+    LIMIT = "limit"
+
+
+class Wallet(StrEnum):
+    """Where funds sit inside one account."""
+
+    SPOT = "spot"
+    FUTURES = "futures"  # USDⓈ-M futures ("swap"/"linear" in ccxt, USDT_FUTURE at Binance)
+
+
+class OrderStatus(StrEnum):
+    OPEN = "open"
+    CLOSED = "closed"  # fully filled (or a market order that ended with fills)
+    CANCELED = "canceled"
+    REJECTED = "rejected"
+
+
+class TransferStatus(StrEnum):
+    """Unified transaction statuses (withdrawals, deposits, transfers)."""
+
+    PENDING = "pending"
+    OK = "ok"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+
+# -- requests ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OrderRequest:
+    """An order; a market buy may give `quote_amount` (spend this much) instead of `amount`."""
+
+    client_id: str
+    symbol: str  # "ETH/KRW"
+    side: Side
+    type: OrderType
+    amount: Decimal | None = None  # base currency
+    quote_amount: Decimal | None = None
+    price: Decimal | None = None  # limit orders only
+
+
+@dataclass(frozen=True)
+class WithdrawRequest:
+    """A withdrawal of `amount` as the exchange counts it (see `withdrawal_fee_included`)."""
+
+    client_id: str  # sent where the exchange takes one; otherwise kept for our own matching
+    currency: str
+    amount: Decimal
+    address: str
+    network: str
+    tag: str | None = None
+
+
+@dataclass(frozen=True)
+class TransferRequest:
+    """Spot <-> futures inside one account."""
+
+    client_id: str
+    currency: str
+    amount: Decimal
+    from_wallet: Wallet
+    to_wallet: Wallet
+
+
+@dataclass(frozen=True)
+class MasterTransferRequest:
+    """Master <-> sub account, called with the master's credentials."""
+
+    client_id: str
+    currency: str
+    amount: Decimal
+    from_account: str  # our account ids; the connector maps them to e-mails
+    to_account: str
+    from_wallet: Wallet = Wallet.SPOT
+    to_wallet: Wallet = Wallet.SPOT
+
+
+@dataclass(frozen=True)
+class HistoryMatch:
+    """How to find our operation in an exchange's history when it takes no client id."""
+
+    currency: str
+    amount: Decimal
+    since: datetime
+    address: str | None = None
+
+
+# -- results ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Order:
+    client_id: str
+    exchange_id: str
+    symbol: str
+    side: Side
+    type: OrderType
+    status: OrderStatus
+    amount: Decimal | None  # requested base amount, when given
+    filled: Decimal  # base filled so far
+    cost: Decimal  # quote spent/received so far
+    fee: Decimal
+    fee_currency: str
+    average_price: Decimal | None
+    raw_status: str
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class Withdrawal:
+    client_id: str | None
+    exchange_id: str
+    currency: str
+    amount: Decimal  # as requested
+    fee: Decimal
+    received: Decimal  # what the destination is credited
+    address: str
+    network: str
+    status: TransferStatus
+    txid: str | None  # normalised: lower-case, no 0x, no "Internal transfer " prefix
+    internal: bool
+    created_at: datetime
+    raw_status: str
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class Deposit:
+    exchange_id: str
+    currency: str
+    amount: Decimal
+    address: str | None
+    network: str | None
+    status: TransferStatus
+    txid: str | None
+    internal: bool
+    created_at: datetime
+    raw_status: str
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class Transfer:
+    client_id: str | None
+    exchange_id: str
+    currency: str
+    amount: Decimal
+    from_wallet: Wallet
+    to_wallet: Wallet
+    from_account: str
+    to_account: str
+    status: TransferStatus
+    created_at: datetime
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class MarketRules:
+    """What an order must respect; read from the exchange, never hard-coded by callers."""
+
+    symbol: str
+    base: str
+    quote: str
+    min_notional: Decimal  # in quote
+    amount_step: Decimal
+    taker_fee: Decimal  # rate, e.g. 0.0005
+    market_buy_by_quote_only: bool  # Upbit: a market buy is given in KRW only
+    # (lowest price, tick) rows, highest first: Upbit's KRW tick depends on the price.
+    price_ticks: tuple[tuple[Decimal, Decimal], ...] = ((Decimal(0), Decimal("0.00000001")),)
+
+    def price_tick(self, price: Decimal) -> Decimal:
+        for floor, tick in self.price_ticks:
+            if price >= floor:
+                return tick
+        return self.price_ticks[-1][1]
+
+
+@dataclass(frozen=True)
+class WithdrawalRules:
+    currency: str
+    network: str
+    fee: Decimal
+    minimum: Decimal
+    multiple: Decimal  # the amount must be a multiple of this
+    fee_included: bool  # True (Binance): the fee comes out of `amount`; False (Upbit): on top
+
+
+# -- the port ---------------------------------------------------------------------------------
+
+
+class Exchange(Protocol):
+    """One account on one exchange.
+
+    Every call may raise RetryableError (nothing happened: network before sending, rate limit,
+    exchange down), RejectedError (final: insufficient funds, address not allowed, below a
+    minimum, permission) or, for calls that move money, UnknownOutcomeError (sent, no answer:
+    reconcile by client id or history before anything else).
+    """
+
+    exchange: str  # "upbit", "binance"
+    account: str  # our account id
+
+    async def market(self, symbol: str) -> MarketRules: ...
+
+    async def ticker_price(self, symbol: str) -> Decimal: ...
+
+    async def create_order(self, request: OrderRequest) -> Order: ...
+
+    async def fetch_order(self, client_id: str, symbol: str) -> Order | None:
+        """The order sent with `client_id`, or None when the exchange has no such order."""
+        ...
+
+    async def withdrawal_rules(self, currency: str, network: str) -> WithdrawalRules: ...
+
+    async def withdraw(self, request: WithdrawRequest) -> Withdrawal: ...
+
+    async def fetch_withdrawal(self, client_id: str, match: HistoryMatch) -> Withdrawal | None:
+        """By client id where the exchange keeps one, else by history `match`; None: not there.
+
+        Raises UnknownOutcomeError when the history holds several candidates.
+        """
+        ...
+
+    async def fetch_deposits(self, currency: str, since: datetime) -> list[Deposit]: ...
+
+    async def transfer(self, request: TransferRequest) -> Transfer: ...
+
+    async def fetch_transfer(self, client_id: str, match: HistoryMatch) -> Transfer | None: ...
+
+    async def master_transfer(self, request: MasterTransferRequest) -> Transfer: ...
+
+    async def fetch_master_transfer(
+        self, client_id: str, match: HistoryMatch
+    ) -> Transfer | None: ...
+
+    async def balance(self, currency: str, wallet: Wallet = Wallet.SPOT) -> Decimal: ...
+
+
+class Exchanges(Protocol):
+    """Looks up the port for one of our accounts."""
+
+    def for_account(self, account: str) -> Exchange: ...
+
+
+__all__ = [
+    "Deposit",
+    "Exchange",
+    "Exchanges",
+    "HistoryMatch",
+    "MarketRules",
+    "MasterTransferRequest",
+    "Order",
+    "OrderRequest",
+    "OrderStatus",
+    "OrderType",
+    "RejectedError",
+    "RetryableError",
+    "Side",
+    "Transfer",
+    "TransferRequest",
+    "TransferStatus",
+    "UnknownOutcomeError",
+    "Wallet",
+    "WithdrawRequest",
+    "Withdrawal",
+    "WithdrawalRules",
+]

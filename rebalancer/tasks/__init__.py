@@ -1,0 +1,1 @@
+"""One processor per task kind, each split into request, reconcile and refresh."""

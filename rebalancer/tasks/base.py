@@ -1,0 +1,177 @@
+"""What every task processor shares: the context it acts through and the intent-first send."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import ROUND_DOWN, Decimal
+from typing import Any, TypeVar
+
+from events.catalogue import TaskStateChanged
+from rebalancer.accounts import Accounts
+from rebalancer.errors import (
+    RejectedError,
+    RetryableError,
+    SpecError,
+    UnknownOutcomeError,
+)
+from rebalancer.exchanges.base import Exchange, Exchanges, HistoryMatch
+from rebalancer.machines import TaskKind, TaskState, task_machine
+from rebalancer.workflow import TaskRecord, Workflow, client_id
+
+T = TypeVar("T")
+
+# How long a task may stay unfinished before it is parked in needs_attention (seconds).
+DEFAULT_DEADLINES: dict[TaskKind, float] = {
+    TaskKind.TRADE: 3600,
+    TaskKind.WITHDRAW: 6 * 3600,
+    TaskKind.DEPOSIT: 12 * 3600,
+    TaskKind.TRANSFER: 600,
+    TaskKind.MASTER_TRANSFER: 600,
+}
+# History lookups look back this far before the intent: exchange clocks and ours differ.
+HISTORY_SLACK = timedelta(minutes=5)
+
+
+@dataclass
+class TaskContext:
+    """One step of one task: the workflow as folded, the exchanges, and a way to record moves.
+
+    `append` stores events with the workflow's expected version (raising ConcurrencyError
+    when another worker moved first) and applies them to `workflow`.
+    """
+
+    workflow: Workflow
+    task: TaskRecord
+    exchanges: Exchanges
+    accounts: Accounts
+    now: datetime
+    append: Callable[[list[TaskStateChanged]], Awaitable[None]]
+    resolve: Callable[[Workflow, int], Any]
+    deadlines: dict[TaskKind, float] = field(default_factory=lambda: dict(DEFAULT_DEADLINES))
+
+    async def move(self, trigger: str, **carried: Any) -> None:
+        """Record one move of this task; refused before anything is stored if the table says no."""
+        source = self.task.state
+        dest = task_machine(self.task.kind).next_state(source, trigger)
+        event = TaskStateChanged(
+            task_index=self.task.index,
+            task_name=self.task.name,
+            kind=self.task.kind.value,
+            trigger=trigger,
+            source=source,
+            dest=dest,
+            **carried,
+        )
+        await self.append([event])
+
+    def config(self, expected: type[T]) -> T:
+        """The task's typed config, rendered from params and earlier results."""
+        config = self.resolve(self.workflow, self.task.index)
+        assert isinstance(config, expected), f"{self.task.name}: {type(config).__name__}"
+        return config
+
+    def next_client_id(self) -> str:
+        return client_id(self.workflow.workflow_id, self.task.index, self.task.intents + 1)
+
+    def exchange(self, account: str) -> Exchange:
+        return self.exchanges.for_account(account)
+
+    def history_match(
+        self, currency: str, amount: Decimal, address: str | None = None
+    ) -> HistoryMatch:
+        since = (self.task.intent_at or self.now) - HISTORY_SLACK
+        return HistoryMatch(currency=currency, amount=amount, since=since, address=address)
+
+    @property
+    def deadline_passed(self) -> bool:
+        limit = self.deadlines.get(self.task.kind)
+        spec_limit = self.workflow.spec.tasks[self.task.index].deadline_seconds
+        limit = spec_limit if spec_limit is not None else limit
+        started = self.task.started_at
+        return bool(limit and started and (self.now - started).total_seconds() > limit)
+
+
+class Processor(ABC):
+    """Advances one kind of task by one step; at most one money-moving exchange call per step."""
+
+    kind: TaskKind
+
+    async def step(self, ctx: TaskContext) -> None:
+        state = ctx.task.state
+        if state != TaskState.CREATED and ctx.deadline_passed:
+            await ctx.move(
+                "escalate", error=error("deadline", f"{ctx.task.name} passed its deadline")
+            )
+            return
+        try:
+            if state == TaskState.CREATED:
+                await self.request(ctx)
+            elif state == TaskState.SUBMITTING:
+                await self.reconcile(ctx)
+            else:
+                await self.refresh(ctx)
+        except SpecError as e:
+            # A reference that cannot be rendered now will not render later either.
+            await ctx.move("fail", error=error("spec", str(e)))
+
+    @abstractmethod
+    async def request(self, ctx: TaskContext) -> None:
+        """From `created`: store the intent, then ask the exchange."""
+
+    async def reconcile(self, ctx: TaskContext) -> None:
+        """From `submitting` found at the start of a step: did the stored intent land?"""
+        raise NotImplementedError(f"{self.kind} has no submitting state")
+
+    @abstractmethod
+    async def refresh(self, ctx: TaskContext) -> None:
+        """After the exchange acknowledged: follow it until done."""
+
+
+async def send(
+    ctx: TaskContext, trigger: str, params: dict[str, Any], call: Callable[[], Awaitable[T]]
+) -> T | None:
+    """Store the intent (`trigger`, usually submit), then make the one exchange call.
+
+    Returns the call's result; None when the exchange refused (the task is then failed with
+    the reason). An unknown outcome or a retryable error propagates with the intent stored,
+    so the next step reconciles by client id instead of resending blind.
+    """
+    await ctx.move(trigger, request_params=params)
+    try:
+        return await call()
+    except RejectedError as e:
+        await ctx.move("fail", error=error("rejected", str(e)))
+        return None
+    except (UnknownOutcomeError, RetryableError):
+        raise
+
+
+async def reconcile_lookup(ctx: TaskContext, lookup: Callable[[], Awaitable[T | None]]) -> T | None:
+    """Ask the exchange about the stored intent. Not there: `reset` (a new client id next time)
+    and None. Ambiguous (UnknownOutcomeError): `escalate` to an operator and None."""
+    try:
+        found = await lookup()
+    except UnknownOutcomeError as e:
+        await ctx.move("escalate", error=error("unknown_outcome", str(e)))
+        return None
+    if found is None:
+        await ctx.move("reset")
+    return found
+
+
+def error(code: str, message: str, **details: Any) -> dict[str, Any]:
+    return {"code": code, "message": message, **details}
+
+
+def money(value: Decimal | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def floor_to(value: Decimal, step: Decimal) -> Decimal:
+    """`value` rounded down to a multiple of `step` (exchanges truncate, never round up)."""
+    if step <= 0:
+        return value
+    return (value / step).to_integral_value(rounding=ROUND_DOWN) * step

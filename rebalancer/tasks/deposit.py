@@ -1,0 +1,88 @@
+"""Deposits: nothing is sent; the task watches the account until the money has arrived."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from rebalancer.exchanges.base import Deposit, TransferStatus
+from rebalancer.machines import TaskKind, TaskState
+from rebalancer.specs.models import DepositConfig
+from rebalancer.tasks.base import HISTORY_SLACK, Processor, TaskContext, money
+
+
+class DepositProcessor(Processor):
+    kind = TaskKind.DEPOSIT
+
+    async def request(self, ctx: TaskContext) -> None:
+        config = ctx.config(DepositConfig)
+        # Internal transfers can land before this task starts, so look back to the
+        # workflow's start, not to now.
+        since = (ctx.workflow.created_at or ctx.now) - HISTORY_SLACK
+        await ctx.move(
+            "watch",
+            request_params={
+                "account": config.account,
+                "currency": config.currency,
+                "txid": config.txid,
+                "amount": money(config.amount),
+                "from_account": config.from_account,
+                "since": since.isoformat(),
+            },
+        )
+
+    async def refresh(self, ctx: TaskContext) -> None:
+        params = ctx.task.request_params or {}
+        exchange = ctx.exchange(params["account"])
+        deposits = await exchange.fetch_deposits(
+            params["currency"], datetime.fromisoformat(params["since"])
+        )
+        deposit = match_deposit(deposits, params)
+        if deposit is None:
+            return  # not seen yet: waiting is the normal case; the deadline guards it
+        result = _result(deposit)
+        state = ctx.task.state
+        if deposit.status == TransferStatus.OK:
+            await ctx.move(
+                "complete", refresh_result={"result": result, "extra": {"status": "done"}}
+            )
+        elif state == TaskState.REQUESTED:
+            await ctx.move(
+                "progress", refresh_result={"result": result, "extra": {"status": "confirming"}}
+            )
+
+
+def match_deposit(deposits: list[Deposit], params: dict[str, Any]) -> Deposit | None:
+    """By txid when the withdrawal had one; else (internal transfers) by the exact amount.
+
+    Amount matching can only tell deposits apart by amount: two workflows awaiting the same
+    amount of the same currency on the same account at the same time would be ambiguous.
+    """
+    txid = _normal(params.get("txid"))
+    if txid:
+        return next((d for d in deposits if _normal(d.txid) == txid), None)
+    amount = params.get("amount")
+    if amount is None:
+        return None
+    wanted = Decimal(amount)
+    candidates = [d for d in deposits if d.amount == wanted]
+    return candidates[0] if candidates else None
+
+
+def _normal(txid: str | None) -> str | None:
+    if not txid:
+        return None
+    text = txid.strip().lower().removeprefix("internal transfer ")
+    return text.removeprefix("0x")
+
+
+def _result(deposit: Deposit) -> dict[str, Any]:
+    return {
+        "id": deposit.exchange_id,
+        "txid": deposit.txid,
+        "amount": money(deposit.amount),
+        "status": deposit.status.value,
+        "internal": deposit.internal,
+        "raw_status": deposit.raw_status,
+    }

@@ -1,0 +1,313 @@
+"""Trades, optionally sliced (TWAP): each slice is its own intent and client id, recorded first."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+from rebalancer.errors import RejectedError
+from rebalancer.exchanges.base import Exchange, Order, OrderRequest, OrderStatus, OrderType, Side
+from rebalancer.machines import TaskKind, TaskState
+from rebalancer.specs.models import TradeConfig
+from rebalancer.tasks.base import Processor, TaskContext, error, floor_to, reconcile_lookup
+
+FINISHED = (OrderStatus.CLOSED, OrderStatus.CANCELED, OrderStatus.REJECTED)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The slices of one trade: amounts in `unit` ("quote": spend this much, "base": this much)."""
+
+    unit: str
+    amounts: list[Decimal]
+    interval: float
+
+    def to_data(self) -> dict[str, Any]:
+        return {
+            "unit": self.unit,
+            "amounts": [str(a) for a in self.amounts],
+            "interval_seconds": self.interval,
+        }
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any]) -> Plan:
+        return cls(
+            data["unit"], [Decimal(a) for a in data["amounts"]], float(data["interval_seconds"])
+        )
+
+
+def plan_slices(
+    total: Decimal, wanted: int, min_notional: Decimal, notional_per_unit: Decimal, quantum: Decimal
+) -> list[Decimal]:
+    """Split `total` into at most `wanted` slices, none below the minimum notional.
+
+    The count is capped at total / minimum (in notional terms); every slice but the last is
+    rounded down to `quantum` and the remainder is folded into the last slice, so the slices
+    add up to `total` exactly. Empty when even one slice would be below the minimum.
+    """
+    notional = total * notional_per_unit
+    cap = int(notional / min_notional) if min_notional > 0 else wanted
+    count = max(0, min(wanted, cap))
+    if count == 0:
+        return []
+    each = floor_to(total / count, quantum)
+    if each <= 0:
+        return [total]
+    return [each] * (count - 1) + [total - each * (count - 1)]
+
+
+class TradeProcessor(Processor):
+    kind = TaskKind.TRADE
+
+    async def request(self, ctx: TaskContext) -> None:
+        """From `created`: the first slice, or the next one after a refused/never-landed slice."""
+        config = ctx.config(TradeConfig)
+        exchange = ctx.exchange(config.account)
+        plan = _stored_plan(ctx) or await self._make_plan(ctx, config, exchange)
+        if plan is None:
+            return
+        if self._waiting(ctx, plan):
+            return
+        await self._send_slice(ctx, config, exchange, plan, "submit")
+
+    async def reconcile(self, ctx: TaskContext) -> None:
+        found = await reconcile_lookup(ctx, lambda: self._lookup(ctx))
+        if found is not None:
+            await self._follow(ctx, found)
+
+    async def refresh(self, ctx: TaskContext) -> None:
+        order = await self._lookup(ctx)
+        if order is not None:
+            await self._follow(ctx, order)
+
+    async def _lookup(self, ctx: TaskContext) -> Order | None:
+        params = ctx.task.request_params or {}
+        exchange = ctx.exchange(params["account"])
+        return await exchange.fetch_order(params["client_id"], params["symbol"])
+
+    async def _make_plan(
+        self, ctx: TaskContext, config: TradeConfig, exchange: Exchange
+    ) -> Plan | None:
+        symbol = f"{config.base_currency}/{config.quote_currency}"
+        rules = await exchange.market(symbol)
+        spec = ctx.workflow.spec.tasks[ctx.task.index]
+        wanted = spec.twap.slices if spec.twap else 1
+        interval = spec.twap.interval_seconds if spec.twap else 0.0
+        if config.quote_amount is not None:
+            if config.side != "buy":
+                await ctx.move("fail", error=error("unsupported", "a sell is given in base amount"))
+                return None
+            quantum = Decimal(1) if config.quote_currency == "KRW" else Decimal("0.00000001")
+            amounts = plan_slices(
+                config.quote_amount, wanted, rules.min_notional, Decimal(1), quantum
+            )
+            unit = "quote"
+        else:
+            assert config.amount is not None
+            price = config.price or await exchange.ticker_price(symbol)
+            amounts = plan_slices(
+                config.amount, wanted, rules.min_notional, price, rules.amount_step
+            )
+            unit = "base"
+        if not amounts:
+            total = config.quote_amount or config.amount
+            await ctx.move(
+                "fail",
+                error=error(
+                    "below_minimum",
+                    f"{total} is below the minimum order of {rules.min_notional}"
+                    f" {rules.quote} on {symbol}",
+                ),
+            )
+            return None
+        return Plan(unit, amounts, interval)
+
+    def _waiting(self, ctx: TaskContext, plan: Plan) -> bool:
+        """Slices after the first wait `interval` seconds after the previous slice's intent."""
+        if not _slices(ctx) or ctx.task.intent_at is None:
+            return False
+        return ctx.now < ctx.task.intent_at + timedelta(seconds=plan.interval)
+
+    async def _send_slice(
+        self, ctx: TaskContext, config: TradeConfig, exchange: Exchange, plan: Plan, trigger: str
+    ) -> None:
+        index = len(_slices(ctx))
+        amount = plan.amounts[index]
+        client_id = ctx.next_client_id()
+        symbol = f"{config.base_currency}/{config.quote_currency}"
+        params = {
+            "account": config.account,
+            "symbol": symbol,
+            "side": config.side,
+            "order_type": config.order_type,
+            "base_currency": config.base_currency,
+            "quote_currency": config.quote_currency,
+            "price": _str(config.price),
+            "amount": str(amount) if plan.unit == "base" else None,
+            "quote_amount": str(amount) if plan.unit == "quote" else None,
+            "slice": index,
+            "slices": len(plan.amounts),
+            "plan": plan.to_data(),
+            "client_id": client_id,
+        }
+        request = OrderRequest(
+            client_id=client_id,
+            symbol=symbol,
+            side=Side(config.side),
+            type=OrderType(config.order_type),
+            amount=amount if plan.unit == "base" else None,
+            quote_amount=amount if plan.unit == "quote" else None,
+            price=config.price,
+        )
+        carried: dict[str, Any] = {"request_params": params}
+        if trigger == "next_slice":
+            carried["refresh_result"] = ctx.task.refresh_result
+        await ctx.move(trigger, **carried)
+        try:
+            order = await exchange.create_order(request)
+        except RejectedError as e:
+            await self._slice_refused(ctx, plan, str(e))
+            return
+        await self._follow(ctx, order)
+
+    async def _slice_refused(self, ctx: TaskContext, plan: Plan, message: str) -> None:
+        slices = [
+            *_slices(ctx),
+            {
+                "slice": len(_slices(ctx)),
+                "status": "rejected",
+                "client_id": ctx.task.client_id,
+                "error": message,
+            },
+        ]
+        refresh = _refresh(slices, ctx)
+        if len(slices) < len(plan.amounts):
+            # Never landed: back to created; the next step sends the next slice.
+            await ctx.move(
+                "reset",
+                refresh_result=refresh,
+                error=error("slice_rejected", message, slice=len(slices) - 1),
+            )
+        elif _filled(slices) > 0:
+            await ctx.move("complete", refresh_result=refresh)
+        else:
+            await ctx.move("fail", refresh_result=refresh, error=error("rejected", message))
+
+    async def _follow(self, ctx: TaskContext, order: Order) -> None:
+        """Record the current slice's order as the exchange reports it, and move on."""
+        plan = _stored_plan(ctx)
+        assert plan is not None
+        done = _slices(ctx)
+        index = (ctx.task.request_params or {}).get("slice", len(done))
+        current = _slice_record(index, order)
+        slices = [s for s in done if s["slice"] != index] + [current]
+        refresh = _refresh(slices, ctx)
+        state = ctx.task.state
+        changed = refresh != ctx.task.refresh_result
+        request_result = {"order_id": order.exchange_id, "status": order.status.value}
+        if order.status not in FINISHED:
+            if state in (TaskState.SUBMITTING, TaskState.REQUESTED):
+                await ctx.move("open", request_result=request_result, refresh_result=refresh)
+            elif changed:
+                await ctx.move("fill", refresh_result=refresh)
+            return
+        last = index >= len(plan.amounts) - 1
+        if state == TaskState.SUBMITTING and not last:
+            await ctx.move("accept", request_result=request_result, refresh_result=refresh)
+            return
+        if last:
+            if _filled(slices) > 0:
+                await ctx.move("complete", refresh_result=refresh)
+            else:
+                await ctx.move(
+                    "fail",
+                    refresh_result=refresh,
+                    error=error(
+                        "not_filled", f"the order ended {order.raw_status} with nothing filled"
+                    ),
+                )
+            return
+        if changed and state == TaskState.OPEN:
+            await ctx.move("fill", refresh_result=refresh)
+            return
+        if self._waiting(ctx, plan):
+            return
+        config = ctx.config(TradeConfig)
+        await self._send_slice(ctx, config, ctx.exchange(config.account), plan, "next_slice")
+
+
+def _stored_plan(ctx: TaskContext) -> Plan | None:
+    data = (ctx.task.request_params or {}).get("plan")
+    return Plan.from_data(data) if data else None
+
+
+def _slices(ctx: TaskContext) -> list[dict[str, Any]]:
+    extra = (ctx.task.refresh_result or {}).get("extra") or {}
+    return list(extra.get("slices") or [])
+
+
+def _slice_record(index: int, order: Order) -> dict[str, Any]:
+    return {
+        "slice": index,
+        "client_id": order.client_id,
+        "order_id": order.exchange_id,
+        "status": order.status.value,
+        "raw_status": order.raw_status,
+        "filled": str(order.filled),
+        "cost": str(order.cost),
+        "fee": str(order.fee),
+        "fee_currency": order.fee_currency,
+        "average_price": _str(order.average_price),
+    }
+
+
+def _filled(slices: list[dict[str, Any]]) -> Decimal:
+    return sum((Decimal(s.get("filled", "0")) for s in slices), Decimal(0))
+
+
+def _refresh(slices: list[dict[str, Any]], ctx: TaskContext) -> dict[str, Any]:
+    """Cumulative figures over every slice; what later tasks reference."""
+    params = ctx.task.request_params or {}
+    base, quote = params.get("base_currency"), params.get("quote_currency")
+    filled = cost = base_fee = quote_fee = Decimal(0)
+    for s in slices:
+        filled += Decimal(s.get("filled", "0"))
+        cost += Decimal(s.get("cost", "0"))
+        fee = Decimal(s.get("fee", "0"))
+        if s.get("fee_currency") == base:
+            base_fee += fee
+        elif s.get("fee_currency") == quote:
+            quote_fee += fee
+    side = params.get("side")
+    # What the account holds afterwards: a buy keeps base minus base fees; a sell keeps
+    # the quote received minus quote fees.
+    cost_net = cost - quote_fee if side == "sell" else cost + quote_fee
+    average = (cost / filled) if filled else None
+    status = "done" if slices and all(s["status"] != "open" for s in slices) else "open"
+    fee_total = base_fee + quote_fee
+    return {
+        "result": {
+            "amount": str(filled),
+            "filled": str(filled),
+            "cost": str(cost),
+            "fee": str(fee_total),
+            "fee_currency": base if base_fee else quote,
+            "average_price": _str(average),
+            "status": status,
+        },
+        "extra": {
+            "slices": slices,
+            "cumulative_amount": str(filled),
+            "cumulative_amount_excluding_fee": str(filled - base_fee),
+            "cumulative_cost": str(cost),
+            "cumulative_cost_excluding_fee": str(cost_net),
+            "cumulative_fee": str(fee_total),
+            "status": status,
+        },
+    }
+
+
+def _str(value: Decimal | None) -> str | None:
+    return None if value is None else str(value)
