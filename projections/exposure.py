@@ -44,16 +44,20 @@ class ExposureProjection:
         ).format(table)
         self._watched = sql.SQL(
             "delete from {} where workflow_id = %s and task_index = %s and kind = 'deposit'"
-            " returning to_account, currency"
         ).format(table)
+        # The oldest withdrawal of the workflow to the watched account and currency arrived.
         self._arrived = sql.SQL(
-            "delete from {} where ctid = (select ctid from {} where workflow_id = %s"
-            " and kind = 'withdraw' and to_account = %s and currency = %s"
-            " order by task_index limit 1)"
-        ).format(table, table)
+            "delete from {t} where ctid = (select w.ctid from {t} w join {t} d"
+            " on d.workflow_id = w.workflow_id and d.to_account = w.to_account"
+            " and d.currency = w.currency"
+            " where d.workflow_id = %s and d.task_index = %s and d.kind = 'deposit'"
+            " and w.kind = 'withdraw' order by w.task_index limit 1)"
+        ).format(t=table)
 
     async def apply_batch(self, conn: AsyncConnection[Any], events: list[RecordedEvent]) -> None:
-        async with conn.cursor() as cur:
+        # Pipelined: no statement needs the previous one's result, so the batch is sent
+        # without waiting for a round trip per event.
+        async with conn.pipeline(), conn.cursor() as cur:
             for event in events:
                 if event.type != "TaskStateChanged":
                     continue
@@ -101,10 +105,9 @@ class ExposureProjection:
                  event.version),
             )
         elif data["dest"] in ("done", "failed", "canceled"):
+            if data["dest"] == "done":
+                await cur.execute(self._arrived, (workflow_id, index))
             await cur.execute(self._watched, (workflow_id, index))
-            watch = await cur.fetchone()
-            if watch is not None and data["dest"] == "done":
-                await cur.execute(self._arrived, (workflow_id, watch[0], watch[1]))
 
 
 def _amount(params: dict[str, Any], event: RecordedEvent) -> Decimal:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -157,7 +157,8 @@ def to_row(view: WorkflowView) -> tuple[Any, ...]:
         json.dumps(view.params), view.command_id, view.state, view.reason,
         None if current is None else current.index,
         None if current is None else current.name,
-        json.dumps([asdict(t) for t in view.tasks]),
+        # vars(), not asdict(): asdict deep-copies every nested result on every batch.
+        json.dumps([vars(t) for t in view.tasks]),
         None if view.error is None else json.dumps(view.error),
         view.params.get("from_amount"), view.params.get("from_currency"),
         to_amount, view.params.get("to_currency"),
@@ -194,7 +195,7 @@ class WorkflowsProjection:
     def __init__(self, schema: str = "public") -> None:
         self.schema = schema
         table = sql.Identifier(schema, "workflows")
-        self._select = sql.SQL("select {} from {} where workflow_id = %s").format(
+        self._select = sql.SQL("select {} from {} where workflow_id = any(%s::uuid[])").format(
             sql.SQL(", ").join(map(sql.Identifier, COLUMNS)), table
         )
         self._upsert = sql.SQL(
@@ -210,21 +211,25 @@ class WorkflowsProjection:
 
     async def apply_batch(self, conn: AsyncConnection[Any], events: list[RecordedEvent]) -> None:
         """Apply events inside the caller's transaction: each workflow is read and written once."""
-        views: dict[str, WorkflowView | None] = {}
+        ids = list(dict.fromkeys(workflow_id_of(e.stream_id) for e in events))
+        views = await self._load(conn, ids)
         for event in events:
             workflow_id = workflow_id_of(event.stream_id)
-            if workflow_id not in views:
-                views[workflow_id] = await self._load(conn, workflow_id)
-            views[workflow_id] = apply(views[workflow_id], event)
+            views[workflow_id] = apply(views.get(workflow_id), event)
         rows = [to_row(view) for view in views.values() if view is not None]
         async with conn.cursor() as cur:
             await cur.executemany(self._upsert, rows)
 
-    async def _load(self, conn: AsyncConnection[Any], workflow_id: str) -> WorkflowView | None:
+    async def _load(
+        self, conn: AsyncConnection[Any], workflow_ids: list[str]
+    ) -> dict[str, WorkflowView | None]:
         async with conn.cursor() as cur:
-            await cur.execute(self._select, (workflow_id,))
-            row = await cur.fetchone()
-            if row is None:
-                return None
+            await cur.execute(self._select, (workflow_ids,))
+            rows = await cur.fetchall()
             assert cur.description is not None
-            return from_row({d.name: v for d, v in zip(cur.description, row, strict=True)})
+            names = [d.name for d in cur.description]
+        views: dict[str, WorkflowView | None] = {}
+        for row in rows:
+            view = from_row(dict(zip(names, row, strict=True)))
+            views[view.workflow_id] = view
+        return views

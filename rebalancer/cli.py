@@ -6,18 +6,31 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Callable
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import asdict
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from events.errors import EventStoreError
 from rebalancer import embedded
 from rebalancer.errors import RebalancerError
 from rebalancer.settings import Settings
 
+if TYPE_CHECKING:
+    from events.store import EventStore, RecordedEvent
+    from projections.replay import Difference
+    from projections.workflows import TaskView, WorkflowView
+
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
 
 Handler = Callable[[argparse.Namespace], int]
+T = TypeVar("T")
 
 
 class UsageError(RebalancerError):
@@ -91,6 +104,424 @@ def db_migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- audit and specs
+
+
+def streams_audit(args: argparse.Namespace) -> int:
+    from rebalancer.audit import run_audit
+
+    status, text = asyncio.run(run_audit(_database_url(), args.workflow_id, args.json))
+    print(text)
+    return status
+
+
+def specs_list(args: argparse.Namespace) -> int:
+    from rebalancer.specs.loading import list_specs
+
+    found = list_specs(_spec_dirs())
+    if args.json:
+        print(json.dumps([{"name": n, "description": d, "tasks": t} for n, d, t in found]))
+    else:
+        width = max((len(n) for n, _, _ in found), default=4)
+        for name, description, tasks in found:
+            print(f"{name:<{width}}  {tasks} tasks  {description}")
+    return EXIT_OK
+
+
+def specs_validate(args: argparse.Namespace) -> int:
+    from rebalancer.accounts import load_accounts
+    from rebalancer.specs.loading import validate_file
+
+    try:
+        spec = validate_file(Path(args.file), load_accounts(Settings().config))
+    except RebalancerError as e:
+        # Every problem on its own line: a spec author fixes them all in one go.
+        print(f"rebalancer: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{args.file}: spec {spec.name} is valid ({len(spec.tasks)} tasks)")
+    return EXIT_OK
+
+
+def _spec_dirs() -> list[Path]:
+    """Spec directories named by the configuration's `specs:` list (besides the built-ins)."""
+    from rebalancer.accounts import load_config_file
+
+    settings = Settings()
+    data = load_config_file(settings.config)
+    base = (settings.config or Path(".")).resolve().parent
+    listed = data.get("specs") or []
+    if not isinstance(listed, list):
+        raise UsageError("the configuration's `specs:` must be a list of directories")
+    return [base / str(d) for d in listed]
+
+
+# --------------------------------------------------------------------------- store access
+
+
+def _database_url() -> str:
+    settings = Settings()
+    # Only the database is needed: an explicit URL must not start the embedded servers.
+    return settings.database_url or embedded.ensure_urls(settings)[0]
+
+
+def _with_store(work: Callable[[EventStore], Awaitable[T]]) -> T:
+    """Run `work` on an event store opened for this command, closing it whatever happens."""
+    from events.store import EventStore
+
+    url = _database_url()
+
+    async def run() -> T:
+        store = await EventStore.open(url, max_size=4)
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def json_default(value: Any) -> Any:
+    """JSON for what events and read models hold: datetimes as ISO 8601, Decimals as strings."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal | uuid.UUID):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=json_default))
+
+
+def _workflow_id(text: str) -> str:
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise UsageError(f"{text!r} is not a workflow id (a UUID)") from None
+
+
+def _stream_id(workflow_id: str) -> str:
+    return f"workflow-{workflow_id}"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """Plain aligned columns; the last one is left ragged."""
+    lines = [[str(cell) for cell in header], *([str(cell) for cell in row] for row in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    return "\n".join(
+        "  ".join([*(cell.ljust(w) for cell, w in zip(line, widths, strict=False)), line[-1]])
+        .rstrip()
+        for line in lines
+    )
+
+
+def _when(value: datetime | str | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.isoformat(sep=" ", timespec="milliseconds")
+
+
+KEY_FIELDS = (
+    "amount", "currency", "from_account", "to_account", "account", "network", "txid",
+    "client_id", "id", "status",
+)
+
+
+def _key_fields(payload: dict[str, Any] | None) -> str:
+    """`amount=... currency=... txid=...`: the first (shallowest) value of each key field."""
+    if not payload:
+        return ""
+    found: dict[str, Any] = {}
+    level: list[dict[str, Any]] = [payload]
+    while level:
+        deeper: list[dict[str, Any]] = []
+        for item in level:
+            for key, value in item.items():
+                if isinstance(value, dict):
+                    deeper.append(value)
+                elif key in KEY_FIELDS and key not in found and value is not None:
+                    found[key] = value
+        level = deeper
+    return " ".join(f"{key}={found[key]}" for key in KEY_FIELDS if key in found)
+
+
+def _error_text(error: dict[str, Any] | None) -> str:
+    if not error:
+        return ""
+    message = str(error.get("message") or error)
+    return f"{message} ({error['code']})" if error.get("code") else message
+
+
+# --------------------------------------------------------------------------- history
+
+
+def workflow_history(args: argparse.Namespace) -> int:
+    workflow_id = _workflow_id(args.workflow_id)
+    events = _with_store(lambda store: store.read_stream(_stream_id(workflow_id)))
+    if not events:
+        raise UsageError(f"no workflow {workflow_id}")
+    if args.json:
+        _print_json([_event_json(event) for event in events])
+        return EXIT_OK
+    print(f"workflow {workflow_id}: {len(events)} events")
+    print(
+        _table(
+            ("recorded_at", "v", "task", "trigger", "move", "details"),
+            (_event_row(event) for event in events),
+        )
+    )
+    return EXIT_OK
+
+
+def _event_json(event: RecordedEvent) -> dict[str, Any]:
+    return {
+        "position": event.position, "stream_id": event.stream_id, "version": event.version,
+        "type": event.type, "schema_version": event.schema_version, "data": event.data,
+        "metadata": event.metadata, "recorded_at": event.recorded_at.isoformat(),
+    }
+
+
+def _event_row(event: RecordedEvent) -> tuple[object, ...]:
+    data = event.data
+    task = data.get("task_name") or "_workflow"
+    if event.type == "WorkflowCreated":
+        params = " ".join(f"{k}={v}" for k, v in (data.get("params") or {}).items())
+        return (_when(event.recorded_at), event.version, task, "-", "-> created",
+                f"spec {data.get('spec_name')}; {params}")
+    details = []
+    if data.get("reason"):
+        details.append(f"reason: {data['reason']}")
+    for label, key in (("request", "request_params"), ("result", "request_result"),
+                       ("refresh", "refresh_result")):
+        fields = _key_fields(data.get(key))
+        if fields:
+            details.append(f"{label}: {fields}")
+    if data.get("error"):
+        details.append(f"error: {_error_text(data['error'])}")
+    if event.type not in ("WorkflowStateChanged", "TaskStateChanged"):
+        details.insert(0, event.type)
+    move = f"{data.get('source', '')} -> {data.get('dest', '')}" if "dest" in data else "-"
+    return (_when(event.recorded_at), event.version, task, data.get("trigger") or "-", move,
+            "; ".join(details))
+
+
+# --------------------------------------------------------------------------- status
+
+
+def workflow_status(args: argparse.Namespace) -> int:
+    if args.workflow_id is None:
+        if args.at is not None:
+            raise UsageError("--at needs a WORKFLOW_ID")
+        return _list_workflows(args)
+    if args.state is not None:
+        raise UsageError("--state filters the list; leave it out with a WORKFLOW_ID")
+    workflow_id = _workflow_id(args.workflow_id)
+    if args.at is not None and args.at < 1:
+        raise UsageError(f"--at {args.at}: versions start at 1")
+    view, note = _with_store(lambda store: _load_view(store, workflow_id, args.at))
+    if args.json:
+        if note:
+            print(f"rebalancer: {note}", file=sys.stderr)
+        _print_json(asdict(view))
+    else:
+        _print_view(view, note)
+    return EXIT_OK
+
+
+async def _load_view(
+    store: EventStore, workflow_id: str, at: int | None
+) -> tuple[WorkflowView, str | None]:
+    """The view to show and a note saying where it came from when not the read model."""
+    from projections.replay import read_workflow
+    from projections.workflows import fold
+
+    stream_id = _stream_id(workflow_id)
+    version = await store.stream_version(stream_id)
+    if at is not None:
+        if version == 0:
+            raise UsageError(f"no workflow {workflow_id}")
+        if at > version:
+            raise UsageError(
+                f"--at {at}: workflow {workflow_id} has {version} events (versions 1 to {version})"
+            )
+        view = fold(await store.read_stream(stream_id, up_to_version=at))
+        assert view is not None  # at >= 1 and the stream has that event
+        return view, f"as of version {at}, recorded at {_when(view.updated_at)}"
+    live = await read_workflow(store, workflow_id)
+    if live is not None:
+        note = None
+        if live.version < version:
+            note = f"the workflows read model is behind: at version {live.version} of {version}"
+        return live, note
+    if version == 0:
+        raise UsageError(f"no workflow {workflow_id}")
+    view = fold(await store.read_stream(stream_id))
+    assert view is not None
+    return view, (
+        f"not in the workflows read model yet (its projection is behind);"
+        f" folded from the {version} events"
+    )
+
+
+def _print_view(view: WorkflowView, note: str | None) -> None:
+    print(f"workflow {view.workflow_id}  {view.spec_name}")
+    if note:
+        print(note)
+    state = view.state + (f" ({view.reason})" if view.reason else "")
+    current = view.current_task
+    print(f"state     {state}")
+    if current is not None and view.tasks:
+        print(f"task      {current.index} {current.name} ({current.state})")
+    print("params    " + " ".join(f"{k}={v}" for k, v in view.params.items()))
+    print(f"version   {view.version}, created {_when(view.created_at)},"
+          f" updated {_when(view.updated_at)}")
+    if view.error:
+        print(f"error     {view.error.get('task', '?')}: {_error_text(view.error)}")
+    print(
+        _table(
+            ("#", "task", "kind", "state", "updated_at", "result"),
+            (_task_row(task) for task in view.tasks),
+        )
+    )
+
+
+def _task_row(task: TaskView) -> tuple[object, ...]:
+    result = (
+        _key_fields(task.refresh_result) or _key_fields(task.request_result)
+        or _key_fields(task.request_params)
+    )
+    if task.error:
+        result = "; ".join(filter(None, [result, f"error: {_error_text(task.error)}"]))
+    return (task.index, task.name, task.kind, task.state, _when(task.updated_at), result)
+
+
+def _list_workflows(args: argparse.Namespace) -> int:
+    from projections.replay import list_workflows
+    from rebalancer.machines import WorkflowState
+
+    if args.state is not None and args.state not in set(WorkflowState):
+        raise UsageError(
+            f"--state {args.state}: not a workflow state ({', '.join(WorkflowState)})"
+        )
+    found = _with_store(lambda store: list_workflows(store, state=args.state, limit=args.limit))
+    if args.json:
+        _print_json([asdict(summary) for summary in found])
+        return EXIT_OK
+    if not found:
+        print("no workflows" + (f" in state {args.state}" if args.state else ""))
+        return EXIT_OK
+    print(
+        _table(
+            ("workflow_id", "spec", "state", "task", "updated_at"),
+            (
+                (w.workflow_id, w.spec_name, w.state,
+                 "-" if w.current_task is None else f"{w.current_task} {w.current_task_name}",
+                 _when(w.updated_at))
+                for w in found
+            ),
+        )
+    )
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- replay
+
+
+def read_models_replay(args: argparse.Namespace) -> int:
+    if args.verify:
+        return _verify_read_models(args)
+    from projections.replay import rebuild
+    from projections.runner import ProjectionRunner, default_projections
+
+    async def run(store: EventStore) -> list[dict[str, Any]]:
+        done = []
+        for projection in default_projections():
+            started = time.perf_counter()
+            applied = await rebuild(store, [projection])
+            done.append({"name": projection.name, "events_applied": applied,
+                         "seconds": round(time.perf_counter() - started, 3), "error": None})
+        for entry, status in zip(
+            done, await ProjectionRunner(store, default_projections()).status(), strict=True
+        ):
+            entry["error"] = status.error
+        return done
+
+    started = time.perf_counter()
+    done = _with_store(run)
+    seconds = round(time.perf_counter() - started, 3)
+    failed = [entry for entry in done if entry["error"]]
+    if args.json:
+        _print_json({"projections": done, "seconds": seconds, "ok": not failed})
+    else:
+        for entry in done:
+            print(f"{entry['name']:<12} {entry['events_applied']:>9} events"
+                  f"  {entry['seconds']:.2f} s")
+            if entry["error"]:
+                print(f"  stopped: {entry['error']}")
+        outcome = "stopped early" if failed else "rebuilt"
+        print(f"{outcome}: {len(done)} read models in {seconds:.2f} s")
+    return EXIT_CHECK_FAILED if failed else EXIT_OK
+
+
+def _verify_read_models(args: argparse.Namespace) -> int:
+    from projections.replay import compare
+
+    found = _with_store(compare)
+    if args.json:
+        _print_json({
+            "ok": found.ok,
+            "differences": [d.to_json() for d in found.differences],
+            "rows": found.rows,
+            "checkpoints": {name: cp._asdict() for name, cp in found.checkpoints.items()},
+            "shadow_schema": found.shadow_schema,
+        })
+    elif found.ok:
+        print(
+            f"read models match the events ({found.rows.get('workflows', 0)} workflows,"
+            f" {found.rows.get('exposure_items', 0)} exposure items)"
+        )
+    else:
+        for difference in found.differences:
+            print(_difference_line(difference))
+        print(
+            f"{len(found.differences)} difference(s) between the live read models and a rebuild"
+            f" from the events (the rebuild is kept in schema {found.shadow_schema})"
+        )
+    return EXIT_OK if found.ok else EXIT_CHECK_FAILED
+
+
+def _difference_line(d: Difference) -> str:
+    where = f"{d.table} {d.key_text}"
+    if d.kind == "projection_stopped":
+        name = dict(d.key).get("name", d.key_text)
+        if d.live is not None:
+            return f"projection {name}: the live one is stopped by a poison event: {d.live}"
+        return f"projection {name}: the rebuild stopped where the live one did not: {d.rebuilt}"
+    if d.kind == "only_live":
+        return f"{where}: only in the live read model ({_row_summary(d.live)})"
+    if d.kind == "only_rebuilt":
+        return f"{where}: missing from the live read model (rebuilt: {_row_summary(d.rebuilt)})"
+    return f"{where}, {d.column}: {_short(d.live)} -> {_short(d.rebuilt)}"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value, default=json_default)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _row_summary(row: dict[str, Any]) -> str:
+    scalars = [
+        f"{k}={_short(v, 40)}" for k, v in row.items()
+        if not isinstance(v, dict | list) and k not in ("workflow_id", "task_index")
+    ]
+    text = " ".join(scalars)
+    return text if len(text) <= 160 else text[:159] + "…"
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -119,7 +550,56 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands.add_parser("migrate", help="apply pending migrations").set_defaults(
         handler=db_migrate
     )
+
+    status = commands.add_parser(
+        "status", help="workflows from the read model, or one workflow's state"
+    )
+    status.add_argument("workflow_id", nargs="?", metavar="WORKFLOW_ID")
+    status.add_argument("--at", type=int, metavar="VERSION",
+                        help="the state as of this stream version, folded from the events")
+    status.add_argument("--state", help="list only workflows in this state")
+    status.add_argument("--limit", type=_positive_int, default=20,
+                        help="list at most this many, newest first (default 20)")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=workflow_status)
+
+    history = commands.add_parser("history", help="every event of one workflow, readable")
+    history.add_argument("workflow_id", metavar="WORKFLOW_ID")
+    history.add_argument("--json", action="store_true", help="the stored events as JSON")
+    history.set_defaults(handler=workflow_history)
+
+    replay = commands.add_parser("replay", help="rebuild the read models from the events")
+    replay.add_argument(
+        "--verify", action="store_true",
+        help="rebuild into a shadow schema and diff against the live read models instead"
+        " (exit 1 on any difference)",
+    )
+    replay.add_argument("--json", action="store_true")
+    replay.set_defaults(handler=read_models_replay)
+
+    audit = commands.add_parser(
+        "audit", help="re-check hash chains, versions and machine legality of every stream"
+    )
+    audit.add_argument("workflow_id", nargs="?", metavar="WORKFLOW_ID")
+    audit.add_argument("--json", action="store_true")
+    audit.set_defaults(handler=streams_audit)
+
+    specs = commands.add_parser("specs", help="workflow specs")
+    specs_commands = specs.add_subparsers(dest="specs_command", required=True, metavar="ACTION")
+    listing = specs_commands.add_parser("list", help="the specs available to `start`")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=specs_list)
+    validate = specs_commands.add_parser("validate", help="check a spec file before using it")
+    validate.add_argument("file", metavar="FILE")
+    validate.set_defaults(handler=specs_validate)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
@@ -131,6 +611,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
         ("psycopg", "OperationalError"),
         ("nats.errors", "Error"),
         ("pydantic", "ValidationError"),
+        # A stream the fold refuses (`status --at`): `rebalancer audit` says more.
+        ("projections.workflows", "ProjectionError"),
     ):
         cls = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type) and issubclass(cls, BaseException):
