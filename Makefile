@@ -32,8 +32,9 @@ bench: install
 	$(BIN)/python -m tests.bench.bench_store
 	$(BIN)/python -m tests.bench.bench_replay
 
+# Embedded PostgreSQL + NATS under .rebalancer, the simulated world, the seed path end to end.
 demo: install
-	@echo "The demo arrives with the workflow engine (issue 4); for now: make test"; exit 2
+	$(BIN)/rebalancer demo
 
 infra-down: install
 	$(BIN)/rebalancer infra down

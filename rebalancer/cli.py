@@ -155,6 +155,135 @@ def _spec_dirs() -> list[Path]:
     return [base / str(d) for d in listed]
 
 
+# --------------------------------------------------------------------------- the worker
+
+
+def worker_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from rebalancer.service import serve
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    url = _database_url()
+    from events.migrations import migrate
+
+    asyncio.run(migrate(url))
+    asyncio.run(serve(Settings(), url, tick=args.tick))
+    return EXIT_OK
+
+
+def workflow_start(args: argparse.Namespace) -> int:
+    from rebalancer.accounts import load_accounts
+    from rebalancer.commands import start_workflow
+
+    settings = Settings()
+    accounts = load_accounts(settings.config)
+    spec = _find_spec(args.spec, accounts)
+    params = _parse_params(args.param)
+
+    async def run(store: EventStore) -> tuple[str, bool, str | None]:
+        workflow_id, created = await start_workflow(
+            store, spec, params, accounts, command_id=args.command_id, actor="cli"
+        )
+        final = await _wait(store, workflow_id, args.json) if args.wait else None
+        return workflow_id, created, final
+
+    workflow_id, created, final = _with_store(run)
+    if args.json:
+        print(json.dumps({"workflow_id": workflow_id, "created": created, "state": final}))
+    elif not args.wait:
+        print(workflow_id if created else f"{workflow_id} (already started by that command id)")
+    if final is not None and final != "done":
+        return EXIT_CHECK_FAILED
+    return EXIT_OK
+
+
+def _find_spec(name_or_file: str, accounts: Any) -> Any:
+    from rebalancer.specs.loading import available_specs, validate_file
+
+    if name_or_file.endswith((".yaml", ".yml")) or Path(name_or_file).is_file():
+        return validate_file(Path(name_or_file), accounts)
+    specs = available_specs(_spec_dirs(), accounts)
+    if name_or_file not in specs:
+        raise UsageError(f"unknown spec {name_or_file!r} (known: {', '.join(sorted(specs))})")
+    return specs[name_or_file]
+
+
+def _parse_params(pairs: list[str]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--param {pair!r}: expected NAME=VALUE")
+        if key in params:
+            raise UsageError(f"--param {key} given twice")
+        params[key] = value
+    return params
+
+
+async def _wait(store: EventStore, workflow_id: str, quiet: bool) -> str:
+    """Follow the workflow's events until it ends (a worker must be running to drive it)."""
+    from rebalancer.workflow import fold
+
+    stream, seen = f"workflow-{workflow_id}", 0
+    if not quiet:
+        print(f"{workflow_id}: waiting for a worker (`rebalancer serve`) to drive it",
+              file=sys.stderr)
+    while True:
+        events = await store.read_stream(stream, after_version=seen)
+        for event in events:
+            data = event.data
+            if not quiet and "dest" in data:
+                what = data.get("task_name") or "workflow"
+                print(f"{event.recorded_at:%H:%M:%S} {what:<24} {data['trigger']:<11}"
+                      f" {data['source']} -> {data['dest']}")
+        seen += len(events)
+        state = fold(await store.read_stream(stream)).state
+        if state in ("done", "failed", "canceled", "needs_attention"):
+            return state
+        await asyncio.sleep(0.5)
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from rebalancer.demo import run_demo
+
+    return asyncio.run(run_demo(Settings(), _database_url(), amount=args.amount,
+                                as_json=args.json))
+
+
+# --------------------------------------------------------------------------- simulated world
+
+
+def sim_seed(args: argparse.Namespace) -> int:
+    from events.migrations import migrate
+    from rebalancer import simctl
+
+    url = _database_url()
+    asyncio.run(migrate(url))
+    result = asyncio.run(simctl.seed(url, args.world, reset=args.reset))
+    print(simctl.to_json(result) if args.json else simctl.format_seed(result))
+    return EXIT_OK
+
+
+def sim_check(args: argparse.Namespace) -> int:
+    from rebalancer import simctl
+
+    ok, rows = asyncio.run(simctl.check(_database_url()))
+    print(simctl.to_json({"ok": ok, "currencies": rows}) if args.json
+          else simctl.format_check(ok, rows))
+    return EXIT_OK if ok else EXIT_CHECK_FAILED
+
+
+def sim_ledger(args: argparse.Namespace) -> int:
+    from rebalancer import simctl
+
+    rows = asyncio.run(simctl.ledger(_database_url(), args.limit))
+    print(simctl.to_json(rows) if args.json else simctl.format_ledger(rows))
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- store access
 
 
@@ -583,6 +712,40 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("workflow_id", nargs="?", metavar="WORKFLOW_ID")
     audit.add_argument("--json", action="store_true")
     audit.set_defaults(handler=streams_audit)
+
+    serve = commands.add_parser("serve", help="run the worker and the projections")
+    serve.add_argument("--tick", type=float, default=0.5, help="seconds between idle passes")
+    serve.set_defaults(handler=worker_serve)
+
+    start = commands.add_parser("start", help="start a workflow from a spec")
+    start.add_argument("spec", metavar="SPEC", help="a spec name or a spec file")
+    start.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    start.add_argument("--command-id", help="idempotency key: a repeat starts nothing new")
+    start.add_argument("--wait", action="store_true",
+                       help="follow it to the end; exit 1 unless it ends done")
+    start.add_argument("--json", action="store_true")
+    start.set_defaults(handler=workflow_start)
+
+    demo = commands.add_parser("demo", help="the seed path end to end on the simulated world")
+    demo.add_argument("--amount", type=Decimal, default=Decimal(1_000_000),
+                      help="KRW to move (default 1,000,000)")
+    demo.add_argument("--json", action="store_true")
+    demo.set_defaults(handler=run_demo_command)
+
+    sim = commands.add_parser("sim", help="the simulated exchange world")
+    sim_commands = sim.add_subparsers(dest="sim_command", required=True, metavar="ACTION")
+    seed = sim_commands.add_parser("seed", help="create the demo world's accounts and balances")
+    seed.add_argument("--world", type=Path, help="a world file (default: the demo world)")
+    seed.add_argument("--reset", action="store_true", help="wipe the world and seed it again")
+    seed.add_argument("--json", action="store_true")
+    seed.set_defaults(handler=sim_seed)
+    check = sim_commands.add_parser("check", help="per-currency totals; exit 1 if any changed")
+    check.add_argument("--json", action="store_true")
+    check.set_defaults(handler=sim_check)
+    ledger = sim_commands.add_parser("ledger", help="executed operations")
+    ledger.add_argument("--limit", type=_positive_int)
+    ledger.add_argument("--json", action="store_true")
+    ledger.set_defaults(handler=sim_ledger)
 
     specs = commands.add_parser("specs", help="workflow specs")
     specs_commands = specs.add_subparsers(dest="specs_command", required=True, metavar="ACTION")

@@ -16,3 +16,8 @@ class Settings(BaseSettings):
     nats_url: str | None = None
     home: Path = Field(default=Path(".rebalancer"))
     config: Path | None = None
+    # Which exchanges the worker talks to; "simulated" is the default (and, for now, the only
+    # one wired). The simulated world's knobs (REBALANCER_SIM_FAULTS, _SEED, _TIME_SCALE) are
+    # read by the world itself.
+    exchanges: str = "simulated"
+    sim_world: Path | None = None

@@ -1,0 +1,209 @@
+"""`rebalancer demo`: the seed path end to end on the simulated world, with a live view."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+import uuid
+from decimal import Decimal
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from events.migrations import migrate
+from events.store import RecordedEvent
+from rebalancer.commands import start_workflow
+from rebalancer.engine import Engine
+from rebalancer.exchanges.simulated import SimulatedWorld
+from rebalancer.service import runtime
+from rebalancer.settings import Settings
+from rebalancer.specs.loading import builtin_specs
+from rebalancer.specs.validation import resolve_params, resolve_result
+from rebalancer.workflow import Workflow, fold
+
+SPEC = "upbit_to_binance_sub_futures"
+PARAMS = {
+    "from_account": "upbit-personal",
+    "to_account": "binance-corp-sub",
+    "from_currency": "KRW",
+    "interim_currency": "ETH",
+    "to_currency": "USDT",
+}
+# Confirmation delays of minutes become seconds: the demo should finish in well under a minute.
+DEMO_TIME_SCALE = "60"
+TERMINAL = ("done", "failed", "canceled", "needs_attention")
+
+
+async def run_demo(
+    settings: Settings, database_url: str, *, amount: Decimal, as_json: bool, timeout: float = 120.0
+) -> int:
+    """Returns 0 when the workflow ended done and every currency's total held, else 1."""
+    os.environ.setdefault("REBALANCER_SIM_TIME_SCALE", DEMO_TIME_SCALE)
+    await migrate(database_url)
+    console = Console(stderr=as_json)
+    if not console.is_terminal:
+        console = Console(stderr=as_json, width=max(console.width, 120))
+    async with runtime(settings, database_url) as rt:
+        world = rt.exchanges
+        assert isinstance(world, SimulatedWorld)
+        before = await world.balances()
+        spec = builtin_specs()[SPEC]
+        started = time.monotonic()
+        workflow_id, _ = await start_workflow(
+            rt.store,
+            spec,
+            {**PARAMS, "from_amount": str(amount)},
+            rt.accounts,
+            command_id=f"demo-{uuid.uuid4()}",
+            actor="demo",
+        )
+        engine = Engine(rt.store, world, rt.accounts, owner="demo")
+        stop = asyncio.Event()
+        driver = asyncio.create_task(engine.run(stop, tick=0.1))
+        try:
+            workflow, events = await _watch(rt.store, workflow_id, console, as_json, timeout)
+        finally:
+            stop.set()
+            await driver
+        duration = time.monotonic() - started
+        after = await world.balances()
+        ok, totals = await world.check()
+        params = resolve_params(spec, workflow.params, rt.accounts)
+        result = (
+            resolve_result(spec, params, workflow.results()) if workflow.state == "done" else {}
+        )
+    summary = _summary(workflow, events, before, after, totals, ok, duration, result)
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        _print_summary(console, summary)
+    return 0 if workflow.state == "done" and ok else 1
+
+
+async def _watch(
+    store: Any, workflow_id: str, console: Console, as_json: bool, timeout: float
+) -> tuple[Workflow, list[RecordedEvent]]:
+    """Follow the stream until the workflow ends: a live table on a terminal, lines otherwise."""
+    stream = f"workflow-{workflow_id}"
+    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    seen = 0
+    live = Live(console=console, refresh_per_second=8) if console.is_terminal else None
+    if live is not None:
+        live.start()
+    try:
+        while True:
+            events = await store.read_stream(stream)
+            workflow = fold(events)
+            if live is not None:
+                live.update(_table(workflow))
+            elif not as_json:
+                for event in events[seen:]:
+                    console.print(_line(event, time.monotonic() - start), highlight=False)
+            seen = len(events)
+            if workflow.state in TERMINAL or time.monotonic() > deadline:
+                return workflow, events
+            await asyncio.sleep(0.1)
+    finally:
+        if live is not None:
+            live.stop()
+
+
+def _line(event: RecordedEvent, elapsed: float) -> str:
+    data = event.data
+    what = data.get("task_name") or "workflow"
+    move = f"{data.get('source')} -> {data.get('dest')}" if "dest" in data else "created"
+    return f"  {elapsed:5.1f}s  {what:<24} {data.get('trigger', ''):<11} {move}"
+
+
+def _table(workflow: Workflow) -> Table:
+    table = Table(title=f"workflow {workflow.workflow_id}: {workflow.state}")
+    for column in ("#", "task", "kind", "state", "result"):
+        table.add_column(column)
+    for task in workflow.tasks:
+        result = (task.refresh_result or {}).get("result") or {}
+        shown = " ".join(f"{k}={result[k]}" for k in ("amount", "txid") if result.get(k))
+        table.add_row(str(task.index), task.name, task.kind.value, task.state, shown)
+    return table
+
+
+def _summary(
+    workflow: Workflow,
+    events: list[RecordedEvent],
+    before: dict[str, Any],
+    after: dict[str, Any],
+    totals: list[dict[str, Any]],
+    ok: bool,
+    duration: float,
+    result: dict[str, Any],
+) -> dict[str, Any]:
+    accounts = sorted(set(before) | set(after))
+    balances = []
+    for account in accounts:
+        for currency in sorted(set(before.get(account, {})) | set(after.get(account, {}))):
+            was = Decimal(before.get(account, {}).get(currency, 0))
+            now = Decimal(after.get(account, {}).get(currency, 0))
+            if was != now:
+                balances.append(
+                    {
+                        "account": account,
+                        "currency": currency,
+                        "before": str(was),
+                        "after": str(now),
+                        "change": str(now - was),
+                    }
+                )
+    remainders = [
+        r
+        for t in workflow.tasks
+        for r in ((t.refresh_result or {}).get("extra") or {}).get("remainders", [])
+    ]
+    fees = [b for b in balances if "fee" in b["account"]]
+    return {
+        "workflow_id": workflow.workflow_id,
+        "state": workflow.state,
+        "reason": workflow.reason,
+        "result": result,
+        "duration_seconds": round(duration, 2),
+        "events_appended": len(events),
+        "tasks": [{"name": t.name, "kind": t.kind.value, "state": t.state} for t in workflow.tasks],
+        "balances": balances,
+        "fees": fees,
+        "remainders": remainders,
+        "totals_unchanged": ok,
+        "totals": [{k: str(v) for k, v in t.items()} for t in totals],
+    }
+
+
+def _print_summary(console: Console, summary: dict[str, Any]) -> None:
+    console.print()
+    console.print(
+        f"[bold]workflow {summary['workflow_id']}[/bold]: {summary['state']}"
+        f" ({summary['reason']}) in {summary['duration_seconds']} s,"
+        f" {summary['events_appended']} events appended"
+    )
+    if summary["result"]:
+        console.print("result: " + ", ".join(f"{k} = {v}" for k, v in summary["result"].items()))
+    table = Table(title="balances that changed (sim)")
+    for column in ("account", "currency", "before", "after", "change"):
+        table.add_column(
+            column, justify="right" if column in ("before", "after", "change") else "left"
+        )
+    for row in summary["balances"]:
+        table.add_row(row["account"], row["currency"], row["before"], row["after"], row["change"])
+    console.print(table)
+    if summary["remainders"]:
+        console.print(
+            "left behind: "
+            + ", ".join(
+                f"{r['amount']} {r['currency']} ({r['reason']})" for r in summary["remainders"]
+            )
+        )
+    verdict = "unchanged" if summary["totals_unchanged"] else "CHANGED"
+    console.print(f"per-currency totals across the simulated world: {verdict}")
+    sys.stdout.flush()
