@@ -12,18 +12,14 @@ import os
 import random
 import sys
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
-import psycopg
-
-from events.migrations import migrate
 from events.store import EventStore
 from projections import workflows
 from projections.runner import ProjectionRunner, default_projections
 from rebalancer.machines import TaskKind, task_machine, workflow_machine
+from tests.bench.common import raw_scan, scratch_database, server_version
 from tests.synthetic import make_history
 
 WORKFLOWS = int(os.environ.get("BENCH_WORKFLOWS", "10000"))
@@ -45,19 +41,6 @@ async def seed(store: EventStore) -> int:
     for start in range(0, WORKFLOWS, 200):
         await asyncio.gather(*(one() for _ in range(min(200, WORKFLOWS - start))))
     return events
-
-
-async def raw_scan(url: str) -> int:
-    n = 0
-    async with (
-        await psycopg.AsyncConnection.connect(url) as conn,
-        conn.cursor(name="scan") as cur,
-    ):
-        cur.itersize = 2000
-        await cur.execute("select * from events order by transaction_id, position")
-        async for _ in cur:
-            n += 1
-    return n
 
 
 async def fold_all(store: EventStore) -> int:
@@ -101,46 +84,25 @@ async def timed(fn: Callable[[], Awaitable[int]]) -> tuple[float, int]:
 
 
 async def main() -> int:
-    admin_url = os.environ.get("REBALANCER_DATABASE_URL")
-    home = Path(".rebalancer-bench")
-    started = False
-    if not admin_url:
-        from rebalancer import embedded
-
-        started = not embedded.status(home)["postgresql"]
-        admin_url = embedded.up(home).database_url
-    dbname = f"bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f"create database {dbname}")
-    url = psycopg.conninfo.make_conninfo(admin_url, dbname=dbname)
-    try:
-        await migrate(url)
-        async with await EventStore.open(url, max_size=6) as store:
-            t = time.perf_counter()
-            events = await seed(store)
-            print(f"seeded {WORKFLOWS:,} workflows, {events:,} events in "
-                  f"{time.perf_counter() - t:.1f} s")
-            await raw_scan(url)  # warm the cache for both sides
-            raw, n = await timed(lambda: raw_scan(url))
-            fold, _ = await timed(lambda: fold_all(store))
-            legal, _ = await timed(lambda: legality_all(store))
-            runner = ProjectionRunner(store, default_projections(), batch_size=2000)
-            full, _ = await timed(runner.catch_up)
-            ratio = fold / raw
-            print(f"raw      server-side cursor scan            {raw:>10,.0f} events/s ({n:,})")
-            print(f"fold     read + fold into workflow views    {fold:>10,.0f} events/s"
-                  f"  ratio {ratio:.2f} (goal >= {GOAL}) {'ok' if ratio >= GOAL else 'BELOW'}")
-            print(f"legality read + machine fold (audit path)   {legal:>10,.0f} events/s"
-                  f"  ratio {legal / raw:.2f}")
-            print(f"rebuild  full rebuild, workflows + exposure {full / 2:>10,.0f} events/s"
-                  f"  ratio {full / 2 / raw:.2f} (each event applied to 2 projections)")
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f"drop database if exists {dbname} with (force)")
-        if started:
-            from rebalancer import embedded
-
-            embedded.down(home)
+    async with scratch_database() as url, await EventStore.open(url, max_size=6) as store:
+        t = time.perf_counter()
+        events = await seed(store)
+        print(f"seeded {WORKFLOWS:,} workflows, {events:,} events in "
+              f"{time.perf_counter() - t:.1f} s (PostgreSQL {server_version(url)})")
+        await raw_scan(url)  # warm the cache for both sides
+        raw, n = await timed(lambda: raw_scan(url))
+        fold, _ = await timed(lambda: fold_all(store))
+        legal, _ = await timed(lambda: legality_all(store))
+        runner = ProjectionRunner(store, default_projections(), batch_size=2000)
+        full, _ = await timed(runner.catch_up)
+        ratio = fold / raw
+        print(f"raw      server-side cursor scan            {raw:>10,.0f} events/s ({n:,})")
+        print(f"fold     read + fold into workflow views    {fold:>10,.0f} events/s"
+              f"  ratio {ratio:.2f} (goal >= {GOAL}) {'ok' if ratio >= GOAL else 'BELOW'}")
+        print(f"legality read + machine fold (audit path)   {legal:>10,.0f} events/s"
+              f"  ratio {legal / raw:.2f}")
+        print(f"rebuild  full rebuild, workflows + exposure {full / 2:>10,.0f} events/s"
+              f"  ratio {full / 2 / raw:.2f} (each event applied to 2 projections)")
     return 0
 
 

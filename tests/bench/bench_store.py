@@ -14,12 +14,11 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import psycopg
 
-from events.migrations import migrate
 from events.store import EventStore, NewEvent
+from tests.bench.common import raw_scan, scratch_database, server_version
 
 SINGLE_APPENDS = int(os.environ.get("BENCH_SINGLE_APPENDS", "3000"))
 BATCHES = int(os.environ.get("BENCH_BATCHES", "300"))
@@ -157,16 +156,7 @@ async def bench_read(url: str, store: EventStore) -> tuple[float, float, int]:
         return n
 
     async def raw() -> int:
-        n = 0
-        async with (
-            await psycopg.AsyncConnection.connect(url) as conn,
-            conn.cursor(name="scan") as cur,
-        ):
-            cur.itersize = 2000
-            await cur.execute("select * from events order by transaction_id, position")
-            async for _ in cur:
-                n += 1
-        return n
+        return await raw_scan(url)
 
     count = await ours()  # warm the cache so neither side pays for the first disk read
     return await _timed(ours), await _timed(raw), count
@@ -181,24 +171,10 @@ def _report(name: str, what: str, ours: float, base: float, goal: float, unit: s
 
 
 async def main() -> int:
-    admin_url = os.environ.get("REBALANCER_DATABASE_URL")
-    started = False
-    if not admin_url:
-        from rebalancer import embedded
-
-        home = Path(".rebalancer-bench")
-        started = not embedded.status(home)["postgresql"]
-        admin_url = embedded.up(home).database_url
-    dbname = f"bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f"create database {dbname}")
-        version = conn.execute("show server_version").fetchone()
-    url = psycopg.conninfo.make_conninfo(admin_url, dbname=dbname)
-    try:
-        await migrate(url)
+    async with scratch_database() as url:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("create table bench_raw (like events including all)")
-        print(f"PostgreSQL {version[0] if version else '?'}, {os.cpu_count()} cores; "
+        print(f"PostgreSQL {server_version(url)}, {os.cpu_count()} cores; "
               f"single={SINGLE_APPENDS} batches={BATCHES}x{BATCH_SIZE} "
               f"writer appends={WRITER_APPENDS}")
         results = []
@@ -221,13 +197,6 @@ async def main() -> int:
             results.append(_report("read", f"global-order read of {count:,} events vs raw cursor",
                                    ours, base, GOALS["read"], "events/s"))
         print(f"{sum(results)}/{len(results)} goals met")
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f"drop database if exists {dbname} with (force)")
-        if started:
-            from rebalancer import embedded
-
-            embedded.down(Path(".rebalancer-bench"))
     return 0
 
 
