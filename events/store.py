@@ -405,6 +405,34 @@ class EventStore:
             expected_version = version + 1
         return problems
 
+    async def events_of_command(self, command_id: str) -> list[RecordedEvent]:
+        """Events appended with `metadata.command_id` = `command_id`, in global order."""
+        rows = await self._fetchall(
+            f"select {_COLUMNS} from events where metadata ->> 'command_id' = %s"
+            " and metadata ? 'command_id' order by transaction_id, position",
+            (command_id,),
+        )
+        return [RecordedEvent(*row) for row in rows]
+
+    async def remember_outcome(self, command_id: str, kind: str, reply: Mapping[str, Any]) -> None:
+        """Keep the reply to a refused command (it appended nothing) for a repeat of its id."""
+        try:
+            async with self._pool.connection() as conn:
+                await conn.execute(
+                    "insert into command_outcomes (command_id, kind, reply) values (%s, %s, %s)"
+                    " on conflict (command_id) do nothing",
+                    (command_id, kind, json.dumps(dict(reply), default=str)),
+                )
+        except psycopg.Error as e:
+            raise _translate(e) from e
+
+    async def recall_outcome(self, command_id: str) -> dict[str, Any] | None:
+        """The kept reply to a refused command, None when there is none."""
+        row = await self._fetchone(
+            "select reply from command_outcomes where command_id = %s", (command_id,)
+        )
+        return None if row is None else dict(row[0])
+
     def listen(self) -> Notifications:
         """A dedicated connection LISTENing for appends; use as an async context manager."""
         return Notifications(self._conninfo)

@@ -1,15 +1,23 @@
-"""Command handlers: starting a workflow (more commands arrive with the NATS API)."""
+"""Command handlers: start, cancel, pause, resume, retry and resolve, idempotent by command id.
+
+Every handler returns the reply of DESIGN §5 as a dict: `{"ok": true, ...}` or
+`{"ok": false, "error": {"code", "message", "details"}}`. A repeated command id returns the
+first reply and appends nothing.
+"""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
+from typing import Any
 
-from events.catalogue import WorkflowCreated
+from events.catalogue import TaskStateChanged, WorkflowCreated, WorkflowStateChanged
 from events.errors import ConcurrencyError
-from events.store import EventStore
+from events.store import EventStore, RecordedEvent
 from rebalancer.accounts import Accounts
+from rebalancer.errors import IllegalTransitionError, RebalancerError
+from rebalancer.machines import TaskState, task_machine, workflow_machine
 from rebalancer.specs.models import WorkflowSpec
 from rebalancer.specs.validation import dump_params, resolve_params, validate_spec
 
@@ -56,3 +64,195 @@ async def start_workflow(
     except ConcurrencyError:
         return workflow_id, False
     return workflow_id, True
+
+
+# -- the operator's commands -------------------------------------------------------------------
+
+CONTROL_TRIGGERS = {"cancel": "cancel", "pause": "pause", "resume": "resume", "retry": "retry"}
+RESOLUTIONS = {"resend": "resolve_resend", "done": "resolve_done", "failed": "resolve_failed"}
+IN_FLIGHT = (TaskState.SUBMITTING, TaskState.REQUESTED, TaskState.OPEN, TaskState.PROCESSING)
+Reply = dict[str, Any]
+
+
+class CommandError(RebalancerError):
+    """A command refused with one of DESIGN §5's codes; nothing was appended."""
+
+    def __init__(self, code: str, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.details = details
+
+    def reply(self) -> Reply:
+        return {
+            "ok": False,
+            "error": {"code": self.code, "message": str(self), "details": self.details},
+        }
+
+
+async def control_workflow(
+    store: EventStore,
+    kind: str,
+    command_id: str,
+    workflow_id: str,
+    reason: str | None = None,
+    *,
+    actor: str = "operator",
+) -> Reply:
+    """cancel | pause | resume | retry a workflow; replies with its new state."""
+    trigger = CONTROL_TRIGGERS[kind]
+
+    async def run() -> Reply:
+        workflow = await _load(store, workflow_id)
+        source = workflow.state
+        if not workflow_machine().may(source, trigger):
+            allowed = ", ".join(workflow_machine().allowed(source)) or "none (it has ended)"
+            raise CommandError(
+                "illegal_transition",
+                f"cannot {kind} a workflow that is {source}",
+                state=source,
+                allowed=allowed,
+            )
+        events: list[WorkflowStateChanged | TaskStateChanged] = []
+        if kind == "cancel":
+            task = workflow.current
+            if task is not None and task.state in IN_FLIGHT:
+                # Money may be moving: canceling the workflow would not stop it, only hide it.
+                raise CommandError(
+                    "conflict",
+                    f"task {task.name} is in flight ({task.state}); pause the workflow"
+                    " and let it settle, or resolve the task, before canceling",
+                    task=task.name,
+                    state=task.state,
+                )
+            if task is not None and task_machine(task.kind).may(task.state, "cancel"):
+                events.append(
+                    _task_move(
+                        task, "cancel", error={"code": "canceled", "message": reason or kind}
+                    )
+                )
+        events.append(
+            WorkflowStateChanged(
+                trigger=trigger,
+                source=source,
+                dest=workflow_machine().next_state(source, trigger),
+                reason=reason or f"{kind} by {actor}",
+            )
+        )
+        await store.append(
+            workflow.stream_id,
+            events,
+            workflow.version,
+            metadata={"command_id": command_id, "actor": actor},
+        )
+        return {"ok": True, "workflow_id": workflow_id, "state": events[-1].dest}
+
+    return await _idempotent(store, command_id, kind, run)
+
+
+async def resolve_task(
+    store: EventStore,
+    command_id: str,
+    workflow_id: str,
+    task_name: str,
+    outcome: str,
+    note: str,
+    *,
+    actor: str = "operator",
+) -> Reply:
+    """An operator's decision on a task in needs_attention: resend it, or declare it done or
+    failed. The workflow goes back to running on the worker's next pass."""
+
+    async def run() -> Reply:
+        workflow = await _load(store, workflow_id)
+        task = next((t for t in workflow.tasks if t.name == task_name.lower()), None)
+        if task is None:
+            raise CommandError(
+                "not_found",
+                f"workflow {workflow_id} has no task {task_name!r}",
+                tasks=[t.name for t in workflow.tasks],
+            )
+        trigger = RESOLUTIONS[outcome]
+        if not task_machine(task.kind).may(task.state, trigger):
+            raise CommandError(
+                "illegal_transition",
+                f"task {task.name} is {task.state}, not needs_attention",
+                state=task.state,
+            )
+        carried: dict[str, Any] = {
+            "error": {"code": f"resolved_{outcome}", "message": note, "actor": actor}
+        }
+        if outcome == "done":
+            # What later tasks reference stays as last recorded; the note says who decided.
+            carried["refresh_result"] = {**(task.refresh_result or {}), "resolution": note}
+        event = _task_move(task, trigger, **carried)
+        await store.append(
+            workflow.stream_id,
+            [event],
+            workflow.version,
+            metadata={"command_id": command_id, "actor": actor},
+        )
+        return {"ok": True, "workflow_id": workflow_id, "task": task.name, "state": event.dest}
+
+    return await _idempotent(store, command_id, "resolve", run)
+
+
+def _task_move(task: Any, trigger: str, **carried: Any) -> TaskStateChanged:
+    return TaskStateChanged(
+        task_index=task.index,
+        task_name=task.name,
+        kind=task.kind.value,
+        trigger=trigger,
+        source=task.state,
+        dest=task_machine(task.kind).next_state(task.state, trigger),
+        **carried,
+    )
+
+
+async def _load(store: EventStore, workflow_id: str) -> Any:
+    from rebalancer.workflow import fold
+
+    try:
+        uuid.UUID(workflow_id)
+    except ValueError:
+        raise CommandError("invalid_request", f"{workflow_id!r} is not a workflow id") from None
+    events = await store.read_stream(f"workflow-{workflow_id}")
+    if not events:
+        raise CommandError("not_found", f"no workflow {workflow_id}")
+    return fold(events)
+
+
+async def _idempotent(
+    store: EventStore, command_id: str, kind: str, run: Callable[[], Awaitable[Reply]]
+) -> Reply:
+    """The first reply for `command_id` if there was one; else run (retrying a lost race)."""
+    kept = await store.recall_outcome(command_id)
+    if kept is not None:
+        return kept
+    prior = await store.events_of_command(command_id)
+    if prior:
+        return _reply_from(prior)  # appended, but the reply was not kept (a crash between)
+    for _ in range(3):
+        try:
+            reply = await run()
+        except CommandError as e:
+            reply = e.reply()
+        except IllegalTransitionError as e:
+            reply = CommandError("illegal_transition", str(e)).reply()
+        except ConcurrencyError:
+            continue  # the worker moved it meanwhile: decide again on the new state
+        await store.remember_outcome(command_id, kind, reply)
+        return reply
+    return CommandError("conflict", "the workflow kept moving; try again").reply()
+
+
+def _reply_from(events: list[RecordedEvent]) -> Reply:
+    last = events[-1]
+    reply: Reply = {"ok": True, "workflow_id": last.stream_id.removeprefix("workflow-")}
+    if last.type == "TaskStateChanged":
+        reply.update(task=last.data["task_name"], state=last.data["dest"])
+    elif last.type == "WorkflowStateChanged":
+        reply["state"] = last.data["dest"]
+    return reply
+
+
+__all__ = ["CommandError", "control_workflow", "resolve_task", "start_workflow"]

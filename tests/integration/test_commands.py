@@ -1,0 +1,134 @@
+"""Operator commands on real PostgreSQL: legal moves only, idempotent by command id."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from events.catalogue import TaskStateChanged, WorkflowStateChanged
+from events.store import EventStore
+from rebalancer.accounts import load_accounts
+from rebalancer.commands import control_workflow, resolve_task, start_workflow
+from rebalancer.specs.loading import builtin_specs
+from rebalancer.workflow import decide, fold
+
+PARAMS = {"from_account": "upbit-personal", "to_account": "binance-corp-sub",
+          "from_currency": "KRW", "interim_currency": "ETH", "to_currency": "USDT",
+          "from_amount": "1000000"}
+
+
+async def started(store: EventStore) -> str:
+    spec = builtin_specs()["upbit_to_binance_sub_futures"]
+    workflow_id, _ = await start_workflow(store, spec, PARAMS, load_accounts())
+    return workflow_id
+
+
+async def count(store: EventStore) -> int:
+    async with store.pool.connection() as conn:
+        cur = await conn.execute("select count(*) from events")
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def move_to(store: EventStore, workflow_id: str, *moves: tuple[str, ...]) -> None:
+    """Append hand-made legal moves: ("wf", trigger, source, dest) or (task, trigger, s, d)."""
+    stream = f"workflow-{workflow_id}"
+    for move in moves:
+        version = await store.stream_version(stream)
+        if move[0] == "wf":
+            event = WorkflowStateChanged(trigger=move[1], source=move[2], dest=move[3])
+        else:
+            event = TaskStateChanged(task_index=0, task_name="buy_in_source_spot", kind="trade",
+                                     trigger=move[1], source=move[2], dest=move[3],
+                                     request_params={"client_id": "x"} if move[1] == "submit"
+                                     else None)
+        await store.append(stream, [event], version)
+
+
+async def test_pause_resume_and_cancel_follow_the_workflow_machine(store: EventStore) -> None:
+    workflow_id = await started(store)
+    await move_to(store, workflow_id, ("wf", "start", "created", "running"))
+    reply = await control_workflow(store, "pause", "c1", workflow_id, "ops window")
+    assert reply == {"ok": True, "workflow_id": workflow_id, "state": "paused"}
+    assert decide(fold(await store.read_stream(f"workflow-{workflow_id}"))) is None
+    assert (await control_workflow(store, "resume", "c2", workflow_id))["state"] == "running"
+    reply = await control_workflow(store, "cancel", "c3", workflow_id, "not needed")
+    assert reply["state"] == "canceled"
+    # The current task (not yet sent) was canceled with it.
+    workflow = fold(await store.read_stream(f"workflow-{workflow_id}"))
+    assert workflow.tasks[0].state == "canceled"
+
+
+async def test_an_illegal_move_is_refused_and_appends_nothing(store: EventStore) -> None:
+    workflow_id = await started(store)
+    before = await count(store)
+    reply = await control_workflow(store, "resume", "c1", workflow_id)
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == "illegal_transition"
+    assert "created" in reply["error"]["message"]
+    assert await count(store) == before
+
+
+async def test_a_repeated_command_id_returns_the_first_reply_and_appends_nothing(
+    store: EventStore,
+) -> None:
+    workflow_id = await started(store)
+    await move_to(store, workflow_id, ("wf", "start", "created", "running"))
+    first = await control_workflow(store, "pause", "same-id", workflow_id)
+    after_first = await count(store)
+    # Same id again, even as another command: the first outcome, nothing appended.
+    assert await control_workflow(store, "pause", "same-id", workflow_id) == first
+    assert await control_workflow(store, "cancel", "same-id", workflow_id) == first
+    assert await count(store) == after_first
+    # A refused command's reply is kept too.
+    refused = await control_workflow(store, "retry", "refused-id", workflow_id)
+    assert refused["ok"] is False
+    await control_workflow(store, "resume", "c9", workflow_id)
+    assert await control_workflow(store, "retry", "refused-id", workflow_id) == refused
+
+
+async def test_canceling_while_money_is_in_flight_is_a_conflict(store: EventStore) -> None:
+    workflow_id = await started(store)
+    await move_to(store, workflow_id, ("wf", "start", "created", "running"),
+                  ("task", "submit", "created", "submitting"))
+    before = await count(store)
+    reply = await control_workflow(store, "cancel", "c1", workflow_id)
+    assert reply["error"]["code"] == "conflict"
+    assert "in flight" in reply["error"]["message"]
+    assert await count(store) == before
+
+
+@pytest.mark.parametrize(("outcome", "task_state"),
+                         [("resend", "created"), ("done", "done"), ("failed", "failed")])
+async def test_resolving_a_task_that_needs_attention(
+    store: EventStore, outcome: str, task_state: str
+) -> None:
+    workflow_id = await started(store)
+    await move_to(store, workflow_id, ("wf", "start", "created", "running"),
+                  ("task", "submit", "created", "submitting"),
+                  ("task", "escalate", "submitting", "needs_attention"),
+                  ("wf", "escalate", "running", "needs_attention"))
+    reply = await resolve_task(store, "r1", workflow_id, "BUY_IN_SOURCE_SPOT", outcome,
+                               "checked the exchange by hand")
+    assert reply == {"ok": True, "workflow_id": workflow_id, "task": "buy_in_source_spot",
+                     "state": task_state}
+    workflow = fold(await store.read_stream(f"workflow-{workflow_id}"))
+    assert workflow.tasks[0].error is not None
+    assert workflow.tasks[0].error["message"] == "checked the exchange by hand"
+    # With nothing left needing attention, the worker's next decision resumes the workflow.
+    action = decide(workflow)
+    assert action is not None and getattr(action, "trigger", None) == "retry"
+
+
+async def test_unknown_workflows_tasks_and_bad_ids_are_refused(store: EventStore) -> None:
+    reply = await control_workflow(store, "pause", "c1", str(uuid.uuid4()))
+    assert reply["error"]["code"] == "not_found"
+    reply = await control_workflow(store, "pause", "c2", "not-a-uuid")
+    assert reply["error"]["code"] == "invalid_request"
+    workflow_id = await started(store)
+    reply = await resolve_task(store, "c3", workflow_id, "no_such_task", "done", "x")
+    assert reply["error"]["code"] == "not_found"
+    reply = await resolve_task(store, "c4", workflow_id, "buy_in_source_spot", "done", "x")
+    assert reply["error"]["code"] == "illegal_transition"
