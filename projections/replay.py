@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Literal
 
 import psycopg
 from psycopg import AsyncConnection, sql
-from psycopg.rows import dict_row, tuple_row
+from psycopg.rows import tuple_row
 from psycopg_pool import PoolTimeout
 
 from events.errors import EventStoreError, StoreUnavailableError
 from events.store import ORIGIN, Checkpoint, EventStore
-from projections import workflows
 from projections.runner import Projection, ProjectionRunner, default_projections, reset
 
 LIVE_SCHEMA = "public"
@@ -342,62 +340,6 @@ async def _count(conn: AsyncConnection[Any], schema: str, table: str) -> int:
     return int(row[0]) if row else 0
 
 
-# -- reading the live workflows read model (status) ---------------------------------------------
-# These belong with the read model in projections/workflows.py; kept here for now.
-
-
-@dataclass(frozen=True)
-class WorkflowSummary:
-    """One line of the workflows list."""
-
-    workflow_id: str
-    spec_name: str
-    state: str
-    current_task: int | None
-    current_task_name: str | None
-    updated_at: datetime | None
-    version: int
-
-
-async def read_workflow(store: EventStore, workflow_id: str) -> workflows.WorkflowView | None:
-    """The workflow's row in the live read model, None when the projection has none."""
-    query = sql.SQL("select {} from {} where workflow_id = %s").format(
-        sql.SQL(", ").join(map(sql.Identifier, workflows.COLUMNS)),
-        sql.Identifier(LIVE_SCHEMA, "workflows"),
-    )
-    try:
-        async with store.pool.connection() as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(query, (workflow_id,))
-            row = await cur.fetchone()
-    except psycopg.Error as e:
-        raise _translate(e) from e
-    except PoolTimeout as e:
-        raise StoreUnavailableError("no database connection available") from e
-    return None if row is None else workflows.from_row(row)
-
-
-async def list_workflows(
-    store: EventStore, *, state: str | None = None, limit: int = 20
-) -> list[WorkflowSummary]:
-    """The most recently updated workflows of the live read model, optionally in one state."""
-    query = sql.SQL(
-        "select workflow_id::text, spec_name, state, current_task, current_task_name,"
-        " updated_at, version from {} where (%s::text is null or state = %s)"
-        " order by updated_at desc nulls last, workflow_id limit %s"
-    ).format(sql.Identifier(LIVE_SCHEMA, "workflows"))
-    try:
-        async with store.pool.connection() as conn:
-            cur = conn.cursor(row_factory=tuple_row)
-            await cur.execute(query, (state, state, limit))
-            rows = await cur.fetchall()
-    except psycopg.Error as e:
-        raise _translate(e) from e
-    except PoolTimeout as e:
-        raise StoreUnavailableError("no database connection available") from e
-    return [WorkflowSummary(*row) for row in rows]
-
-
 def _translate(error: psycopg.Error) -> EventStoreError:
     text = " ".join(str(error).split()) or type(error).__name__
     if isinstance(error, psycopg.OperationalError):
@@ -410,10 +352,7 @@ __all__ = [
     "Difference",
     "ReadModelError",
     "Verification",
-    "WorkflowSummary",
     "compare",
-    "list_workflows",
-    "read_workflow",
     "rebuild",
     "verify",
 ]

@@ -7,9 +7,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection, sql
+from psycopg.rows import dict_row, tuple_row
+from psycopg_pool import PoolTimeout
 
-from events.store import RecordedEvent
+from events.errors import EventStoreError, StoreUnavailableError
+from events.store import EventStore, RecordedEvent
 
 ACTIVE_STATES = ("created", "running", "paused", "needs_attention")
 TASK_TERMINAL = ("done", "failed", "canceled")
@@ -233,3 +237,65 @@ class WorkflowsProjection:
             view = from_row(dict(zip(names, row, strict=True)))
             views[view.workflow_id] = view
         return views
+
+
+# -- reading the live read model (status, queries) ------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkflowSummary:
+    """One line of the workflows list."""
+
+    workflow_id: str
+    spec_name: str
+    state: str
+    current_task: int | None
+    current_task_name: str | None
+    updated_at: datetime | None
+    version: int
+
+
+async def read_workflow(store: EventStore, workflow_id: str) -> WorkflowView | None:
+    """The workflow's row in the live read model, None when the projection has none."""
+    query = sql.SQL("select {} from {} where workflow_id = %s").format(
+        sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
+        sql.Identifier("public", "workflows"),
+    )
+    try:
+        async with store.pool.connection() as conn:
+            cur = conn.cursor(row_factory=dict_row)
+            await cur.execute(query, (workflow_id,))
+            row = await cur.fetchone()
+    except psycopg.Error as e:
+        raise _read_error(e) from e
+    except PoolTimeout as e:
+        raise StoreUnavailableError("no database connection available") from e
+    return None if row is None else from_row(row)
+
+
+async def list_workflows(
+    store: EventStore, *, state: str | None = None, limit: int = 20
+) -> list[WorkflowSummary]:
+    """The most recently updated workflows of the live read model, optionally in one state."""
+    query = sql.SQL(
+        "select workflow_id::text, spec_name, state, current_task, current_task_name,"
+        " updated_at, version from {} where (%s::text is null or state = %s)"
+        " order by updated_at desc nulls last, workflow_id limit %s"
+    ).format(sql.Identifier("public", "workflows"))
+    try:
+        async with store.pool.connection() as conn:
+            cur = conn.cursor(row_factory=tuple_row)
+            await cur.execute(query, (state, state, limit))
+            rows = await cur.fetchall()
+    except psycopg.Error as e:
+        raise _read_error(e) from e
+    except PoolTimeout as e:
+        raise StoreUnavailableError("no database connection available") from e
+    return [WorkflowSummary(*row) for row in rows]
+
+
+def _read_error(error: psycopg.Error) -> EventStoreError:
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, psycopg.OperationalError):
+        return StoreUnavailableError(f"PostgreSQL unavailable: {text}")
+    return EventStoreError(text)

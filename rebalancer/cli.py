@@ -465,8 +465,7 @@ async def _load_view(
     store: EventStore, workflow_id: str, at: int | None
 ) -> tuple[WorkflowView, str | None]:
     """The view to show and a note saying where it came from when not the read model."""
-    from projections.replay import read_workflow
-    from projections.workflows import fold
+    from projections.workflows import fold, read_workflow
 
     stream_id = _stream_id(workflow_id)
     version = await store.stream_version(stream_id)
@@ -529,7 +528,7 @@ def _task_row(task: TaskView) -> tuple[object, ...]:
 
 
 def _list_workflows(args: argparse.Namespace) -> int:
-    from projections.replay import list_workflows
+    from projections.workflows import list_workflows
     from rebalancer.machines import WorkflowState
 
     if args.state is not None and args.state not in set(WorkflowState):
