@@ -1,0 +1,197 @@
+"""The NATS request/reply API: strict command bodies in, DESIGN §5 replies out."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from events.store import EventStore
+from projections.workflows import list_workflows, read_workflow
+from rebalancer.accounts import Accounts
+from rebalancer.commands import CommandError, control_workflow, resolve_task, start_workflow
+from rebalancer.errors import SpecError
+from rebalancer.specs.models import WorkflowSpec
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024  # bytes; a spec name and a few params need far less
+COMMANDS = "rebalancer.cmd"
+QUERIES = "rebalancer.query"
+QUEUE = "rebalancer-api"  # several `serve` processes share the requests
+
+Text = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
+Note = Annotated[str, StringConstraints(max_length=2000)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Start(_Body):
+    command_id: Text
+    spec: Text
+    # Strings only: amounts travel as exact decimal text, never as JSON (binary) floats.
+    params: dict[Text, Annotated[str, StringConstraints(max_length=200)]]
+
+
+class Control(_Body):
+    command_id: Text
+    workflow_id: Text
+    reason: Note | None = None
+
+
+class Resolve(_Body):
+    command_id: Text
+    workflow_id: Text
+    task: Text
+    outcome: Literal["resend", "done", "failed"]
+    note: Note
+
+
+class QueryWorkflow(_Body):
+    workflow_id: Text
+
+
+class QueryWorkflows(_Body):
+    state: Text | None = None
+    limit: Annotated[int, Field(ge=1, le=1000)] = 50
+
+
+Reply = dict[str, Any]
+
+
+def error(code: str, message: str, **details: Any) -> Reply:
+    return {"ok": False, "error": {"code": code, "message": message, "details": details}}
+
+
+class Api:
+    """Answers one request at a time; `handle` knows nothing of NATS so it is tested directly."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        accounts: Accounts,
+        specs: Callable[[], Mapping[str, WorkflowSpec]],
+    ) -> None:
+        self.store = store
+        self.accounts = accounts
+        self.specs = specs
+
+    async def handle(self, subject: str, data: bytes) -> Reply:
+        """The reply to one request; never raises for bad input."""
+        if len(data) > MAX_BODY:
+            return error("invalid_request", f"body of {len(data)} bytes exceeds {MAX_BODY}")
+        try:
+            body = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return error("invalid_request", f"body is not JSON: {e}")
+        if not isinstance(body, dict):
+            return error("invalid_request", "body must be a JSON object")
+        route = ROUTES.get(subject)
+        if route is None:
+            return error("invalid_request", f"no such subject {subject!r}",
+                         subjects=sorted(ROUTES))
+        model, action = route
+        try:
+            request = model.model_validate_json(data)
+        except ValidationError as e:
+            problems = [{"field": ".".join(str(p) for p in item["loc"]) or "(body)",
+                         "problem": item["msg"]} for item in e.errors()]
+            return error("invalid_request", "the body does not fit the command", problems=problems)
+        try:
+            reply: Reply = await action(self, request)
+        except CommandError as e:
+            return e.reply()
+        except SpecError as e:
+            return error("invalid_request", str(e))
+        except Exception:
+            log.exception("request on %s failed", subject)
+            return error("internal", "the request failed inside the service; see its log")
+        return reply
+
+    async def start(self, request: Start) -> Reply:
+        spec = self.specs().get(request.spec)
+        if spec is None:
+            return error("unknown_spec", f"no spec named {request.spec!r}",
+                         known=sorted(self.specs()))
+        workflow_id, created = await start_workflow(
+            self.store, spec, dict(request.params), self.accounts,
+            command_id=request.command_id, actor="nats")
+        return {"ok": True, "workflow_id": workflow_id, "created": created}
+
+    async def control(self, kind: str, request: Control) -> Reply:
+        return await control_workflow(self.store, kind, request.command_id,
+                                      request.workflow_id, request.reason, actor="nats")
+
+    async def resolve(self, request: Resolve) -> Reply:
+        return await resolve_task(self.store, request.command_id, request.workflow_id,
+                                  request.task, request.outcome, request.note, actor="nats")
+
+    async def query_workflow(self, request: QueryWorkflow) -> Reply:
+        view = await read_workflow(self.store, request.workflow_id) if _uuid(
+            request.workflow_id) else None
+        if view is None:
+            return error("not_found", f"no workflow {request.workflow_id} in the read model")
+        return {"ok": True, "workflow": _plain(asdict(view))}
+
+    async def query_workflows(self, request: QueryWorkflows) -> Reply:
+        found = await list_workflows(self.store, state=request.state, limit=request.limit)
+        return {"ok": True, "workflows": [_plain(asdict(w)) for w in found]}
+
+
+def _control(kind: str) -> Callable[[Api, Any], Any]:
+    return lambda api, request: api.control(kind, request)
+
+
+ROUTES: dict[str, tuple[type[_Body], Callable[[Api, Any], Any]]] = {
+    f"{COMMANDS}.start": (Start, lambda api, r: api.start(r)),
+    f"{COMMANDS}.cancel": (Control, _control("cancel")),
+    f"{COMMANDS}.pause": (Control, _control("pause")),
+    f"{COMMANDS}.resume": (Control, _control("resume")),
+    f"{COMMANDS}.retry": (Control, _control("retry")),
+    f"{COMMANDS}.resolve": (Resolve, lambda api, r: api.resolve(r)),
+    f"{QUERIES}.workflow": (QueryWorkflow, lambda api, r: api.query_workflow(r)),
+    f"{QUERIES}.workflows": (QueryWorkflows, lambda api, r: api.query_workflows(r)),
+}
+
+
+def _uuid(text: str) -> bool:
+    import uuid
+
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    return value
+
+
+async def serve_api(api: Api, nc: Any) -> list[Any]:
+    """Subscribe the API on a connected NATS client; returns the subscriptions (drain them)."""
+
+    async def on_request(msg: Any) -> None:
+        reply = await api.handle(msg.subject, msg.data)
+        await msg.respond(json.dumps(reply).encode())
+
+    return [
+        await nc.subscribe(f"{COMMANDS}.>", queue=QUEUE, cb=on_request),
+        await nc.subscribe(f"{QUERIES}.>", queue=QUEUE, cb=on_request),
+    ]
