@@ -15,6 +15,7 @@ from psycopg_pool import PoolTimeout
 
 from events.errors import StoreUnavailableError
 from events.store import ORIGIN, Checkpoint, EventStore, RecordedEvent
+from projections.alerts import AlertsProjection
 from projections.exposure import ExposureProjection
 from projections.workflows import WorkflowsProjection
 
@@ -37,7 +38,7 @@ class Projection(Protocol):
 
 def default_projections(schema: str = "public") -> list[Projection]:
     """Every read model of the product, writing into `schema`."""
-    return [WorkflowsProjection(schema), ExposureProjection(schema)]
+    return [WorkflowsProjection(schema), ExposureProjection(schema), AlertsProjection(schema)]
 
 
 @dataclass(frozen=True)

@@ -299,10 +299,11 @@ def test_replay_rebuilds_the_same_rows_and_clears_a_recorded_poison_stop(
     lines = out.strip().splitlines()
     assert lines[0].split()[:3] == ["workflows", str(events), "events"]
     assert lines[1].split()[:3] == ["exposure", str(events), "events"]
-    assert lines[-1].startswith("rebuilt: 2 read models in")
+    assert lines[2].split()[:1] == ["alerts"]
+    assert lines[-1].startswith(f"rebuilt: {len(default_projections())} read models in")
     assert tables(database_url) == before
     assert query(database_url, "select name, error from projection_checkpoints order by name") == [
-        ("exposure", None), ("workflows", None)
+        ("alerts", None), ("exposure", None), ("workflows", None)
     ]
     code, _, _ = run(monkeypatch, capsys, database_url, "replay", "--verify")
     assert code == 0
@@ -316,7 +317,7 @@ async def test_rebuild_returns_the_events_applied_to_every_projection(store: Eve
 
     applied = await rebuild(store)
 
-    assert applied == 2 * sum(len(h.events) for h in histories)
+    assert applied == len(default_projections()) * sum(len(h.events) for h in histories)
     found = await compare(store)
     assert found.ok and found.rows["workflows"] == 10
 

@@ -1,0 +1,101 @@
+"""The `alerts` read model: one row per occurrence of a condition operators must hear about.
+
+A failed workflow and every escalation of a task (stuck past its deadline, or an outcome
+nobody can establish) are occurrences, keyed so that a re-delivered event or a rebuild never
+fires the same alert twice. `relay_lag` rows are written by the service, not from events
+(a rebuild drops them, but their deliveries are kept, so none is sent again).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from psycopg import AsyncConnection, sql
+from psycopg.rows import dict_row
+
+from events.store import EventStore, RecordedEvent
+from projections.workflows import workflow_id_of
+
+
+class AlertsProjection:
+    name = "alerts"
+    tables: tuple[str, ...] = ("alerts",)
+
+    def __init__(self, schema: str = "public") -> None:
+        self.schema = schema
+        self._insert = sql.SQL(
+            "insert into {} (key, kind, workflow_id, task, message, since)"
+            " values (%s, %s, %s, %s, %s, %s) on conflict (key) do nothing"
+        ).format(sql.Identifier(schema, "alerts"))
+
+    async def apply_batch(self, conn: AsyncConnection[Any], events: list[RecordedEvent]) -> None:
+        rows = [row for event in events if (row := alert_for(event)) is not None]
+        if rows:
+            async with conn.cursor() as cur:
+                await cur.executemany(self._insert, rows)
+
+
+def alert_for(event: RecordedEvent) -> tuple[Any, ...] | None:
+    """The alert row an event raises, or None."""
+    data = event.data
+    workflow_id = workflow_id_of(event.stream_id)
+    key = f"{workflow_id}:v{event.version}"
+    if event.type == "WorkflowStateChanged" and data["dest"] == "failed":
+        return (f"workflow_failed:{key}", "workflow_failed", workflow_id, None,
+                data.get("reason") or "workflow failed", event.recorded_at)
+    if event.type == "TaskStateChanged" and data["trigger"] == "escalate":
+        error = data.get("error") or {}
+        kind = "task_stuck" if error.get("code") == "deadline" else "needs_attention"
+        return (f"{kind}:{key}", kind, workflow_id, data["task_name"],
+                error.get("message") or "needs attention", event.recorded_at)
+    return None
+
+
+# -- reading and delivering -------------------------------------------------------------------
+
+_COLUMNS = "a.key, a.kind, a.workflow_id::text, a.task, a.message, a.since"
+
+
+async def pending_alerts(store: EventStore, limit: int = 100) -> list[dict[str, Any]]:
+    """Alerts not yet delivered, oldest first."""
+    async with store.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            f"select {_COLUMNS} from alerts a left join alert_deliveries d on d.key = a.key"
+            " where d.key is null order by a.since, a.key limit %s",
+            (limit,),
+        )
+        return await cur.fetchall()
+
+
+async def mark_delivered(store: EventStore, key: str) -> None:
+    async with store.pool.connection() as conn:
+        await conn.execute(
+            "insert into alert_deliveries (key) values (%s) on conflict (key) do nothing", (key,)
+        )
+
+
+async def raise_alert(
+    store: EventStore, key: str, kind: str, message: str, since: datetime,
+    workflow_id: str | None = None, task: str | None = None,
+) -> bool:
+    """Record an occurrence that no event describes (relay_lag); False if it was known."""
+    async with store.pool.connection() as conn:
+        cur = await conn.execute(
+            "insert into alerts (key, kind, workflow_id, task, message, since)"
+            " values (%s, %s, %s, %s, %s, %s) on conflict (key) do nothing returning key",
+            (key, kind, workflow_id, task, message, since),
+        )
+        return await cur.fetchone() is not None
+
+
+async def list_alerts(store: EventStore, limit: int = 50) -> list[dict[str, Any]]:
+    """The newest alerts with whether each was delivered."""
+    async with store.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(
+            f"select {_COLUMNS}, d.published_at from alerts a"
+            " left join alert_deliveries d on d.key = a.key"
+            " order by a.since desc, a.key limit %s",
+            (limit,),
+        )
+        return await cur.fetchall()
