@@ -2,8 +2,8 @@
 
 A failed workflow and every escalation of a task (stuck past its deadline, or an outcome
 nobody can establish) are occurrences, keyed so that a re-delivered event or a rebuild never
-fires the same alert twice. `relay_lag` rows are written by the service, not from events
-(a rebuild drops them, but their deliveries are kept, so none is sent again).
+fires the same alert twice. `relay_lag` occurrences are raised by the service into
+`service_alerts` (no event describes them, so they are not part of what a rebuild makes).
 """
 
 from __future__ import annotations
@@ -55,13 +55,15 @@ def alert_for(event: RecordedEvent) -> tuple[Any, ...] | None:
 # -- reading and delivering -------------------------------------------------------------------
 
 _COLUMNS = "a.key, a.kind, a.workflow_id::text, a.task, a.message, a.since"
+# Alerts from events and alerts raised by the service itself, read as one list.
+_ALL = "(select * from alerts union all select * from service_alerts) a"
 
 
 async def pending_alerts(store: EventStore, limit: int = 100) -> list[dict[str, Any]]:
     """Alerts not yet delivered, oldest first."""
     async with store.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
-            f"select {_COLUMNS} from alerts a left join alert_deliveries d on d.key = a.key"
+            f"select {_COLUMNS} from {_ALL} left join alert_deliveries d on d.key = a.key"
             " where d.key is null order by a.since, a.key limit %s",
             (limit,),
         )
@@ -82,7 +84,7 @@ async def raise_alert(
     """Record an occurrence that no event describes (relay_lag); False if it was known."""
     async with store.pool.connection() as conn:
         cur = await conn.execute(
-            "insert into alerts (key, kind, workflow_id, task, message, since)"
+            "insert into service_alerts (key, kind, workflow_id, task, message, since)"
             " values (%s, %s, %s, %s, %s, %s) on conflict (key) do nothing returning key",
             (key, kind, workflow_id, task, message, since),
         )
@@ -93,7 +95,7 @@ async def list_alerts(store: EventStore, limit: int = 50) -> list[dict[str, Any]
     """The newest alerts with whether each was delivered."""
     async with store.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
-            f"select {_COLUMNS}, d.published_at from alerts a"
+            f"select {_COLUMNS}, d.published_at from {_ALL}"
             " left join alert_deliveries d on d.key = a.key"
             " order by a.since desc, a.key limit %s",
             (limit,),

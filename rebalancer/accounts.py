@@ -107,3 +107,13 @@ def load_accounts(path: Path | None = None) -> Accounts:
         return Accounts.model_validate({"accounts": data.get("accounts") or {}})
     except ValidationError as e:
         raise SpecError(f"bad accounts in {path or DEFAULT_CONFIG}: {e}") from e
+
+
+def spec_dirs(path: Path | None = None) -> list[Path]:
+    """The configuration's `specs:` directories (relative to the file), besides the built-ins."""
+    data = load_config_file(path)
+    listed = data.get("specs") or []
+    if not isinstance(listed, list):
+        raise SpecError("the configuration's `specs:` must be a list of directories")
+    base = (path or DEFAULT_CONFIG).resolve().parent
+    return [base / str(d) for d in listed]

@@ -16,7 +16,7 @@ from events.store import EventStore
 from projections.workflows import list_workflows, read_workflow
 from rebalancer.accounts import Accounts
 from rebalancer.commands import CommandError, control_workflow, resolve_task, start_workflow
-from rebalancer.errors import SpecError
+from rebalancer.errors import RebalancerError, SpecError
 from rebalancer.specs.models import WorkflowSpec
 
 log = logging.getLogger(__name__)
@@ -195,3 +195,77 @@ async def serve_api(api: Api, nc: Any) -> list[Any]:
         await nc.subscribe(f"{COMMANDS}.>", queue=QUEUE, cb=on_request),
         await nc.subscribe(f"{QUERIES}.>", queue=QUEUE, cb=on_request),
     ]
+
+
+# -- the NATS side of a process: connecting, and the command line's client calls ------------------
+
+
+class NatsUnavailableError(RebalancerError):
+    """NATS cannot be reached (or refused us); the command did not go out."""
+
+
+async def connect(url: str, *, name: str, timeout: float = 5.0) -> Any:
+    """A NATS connection that reconnects forever once it has connected the first time."""
+    import nats
+
+    try:
+        return await nats.connect(url, name=name, connect_timeout=timeout,
+                                  max_reconnect_attempts=-1, reconnect_time_wait=1.0,
+                                  allow_reconnect=True)
+    except Exception as e:  # nats-py raises several unrelated types for "not there"
+        raise NatsUnavailableError(f"cannot reach NATS at {_where(url)}: {e or type(e).__name__}"
+                                   ) from e
+
+
+async def request(url: str, subject: str, payload: Mapping[str, Any],
+                  timeout: float = 10.0) -> Reply:
+    """One request to a running `rebalancer serve`; raises NatsUnavailableError."""
+    import nats.errors
+
+    nc = await _connect_once(url, timeout)
+    try:
+        msg = await nc.request(subject, json.dumps(payload).encode(), timeout=timeout)
+    except nats.errors.NoRespondersError as e:
+        raise NatsUnavailableError(
+            f"nothing answers {subject} at {_where(url)}: is `rebalancer serve` running?") from e
+    except nats.errors.TimeoutError as e:
+        raise NatsUnavailableError(f"no reply to {subject} within {timeout:g} s") from e
+    finally:
+        await nc.close()
+    reply: Reply = json.loads(msg.data)
+    return reply
+
+
+async def follow(url: str, workflow_id: str, on_event: Callable[[Any], bool],
+                 timeout: float | None = None) -> None:
+    """Feed a workflow's relayed events, from its first, to `on_event` until it returns True."""
+    from events.relay import Subscriber
+
+    nc = await _connect_once(url, 5.0)
+    try:
+        subject = f"rebalancer.events.{workflow_id}.>" if workflow_id else "rebalancer.events.>"
+        async with Subscriber(nc, subject) as events:
+            while True:
+                if on_event(await events.next(timeout=timeout)):
+                    return
+    finally:
+        await nc.close()
+
+
+async def _connect_once(url: str, timeout: float) -> Any:
+    import nats
+
+    try:
+        return await nats.connect(url, name="rebalancer-cli", connect_timeout=timeout,
+                                  max_reconnect_attempts=0, allow_reconnect=False)
+    except Exception as e:
+        raise NatsUnavailableError(f"cannot reach NATS at {_where(url)}: {e or type(e).__name__}"
+                                   ) from e
+
+
+def _where(url: str) -> str:
+    """host:port of a NATS URL, never its credentials."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    return f"{parts.hostname}:{parts.port or 4222}"

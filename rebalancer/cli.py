@@ -116,9 +116,10 @@ def streams_audit(args: argparse.Namespace) -> int:
 
 
 def specs_list(args: argparse.Namespace) -> int:
+    from rebalancer.accounts import spec_dirs
     from rebalancer.specs.loading import list_specs
 
-    found = list_specs(_spec_dirs())
+    found = list_specs(spec_dirs(Settings().config))
     if args.json:
         print(json.dumps([{"name": n, "description": d, "tasks": t} for n, d, t in found]))
     else:
@@ -142,73 +143,136 @@ def specs_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _spec_dirs() -> list[Path]:
-    """Spec directories named by the configuration's `specs:` list (besides the built-ins)."""
-    from rebalancer.accounts import load_config_file
-
-    settings = Settings()
-    data = load_config_file(settings.config)
-    base = (settings.config or Path(".")).resolve().parent
-    listed = data.get("specs") or []
-    if not isinstance(listed, list):
-        raise UsageError("the configuration's `specs:` must be a list of directories")
-    return [base / str(d) for d in listed]
-
-
 # --------------------------------------------------------------------------- the worker
 
 
 def worker_serve(args: argparse.Namespace) -> int:
     import logging
 
+    from events.migrations import migrate
     from rebalancer.service import serve
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    url = _database_url()
-    from events.migrations import migrate
-
-    asyncio.run(migrate(url))
-    asyncio.run(serve(Settings(), url, tick=args.tick))
+    settings = Settings()
+    if settings.database_url and not settings.nats_url:
+        # A worker-only deployment: money moves, nothing is relayed or served over NATS.
+        logging.getLogger("rebalancer").warning(
+            "REBALANCER_NATS_URL is not set: running without relay, command API and alerts")
+        database_url, nats_url = settings.database_url, None
+    else:
+        database_url, nats_url = embedded.ensure_urls(settings)
+    asyncio.run(migrate(database_url))
+    asyncio.run(serve(settings, database_url, nats_url, tick=args.tick))
     return EXIT_OK
 
 
 def workflow_start(args: argparse.Namespace) -> int:
     from rebalancer.accounts import load_accounts
-    from rebalancer.commands import start_workflow
+    from rebalancer.service import configured_specs
+    from rebalancer.specs.validation import resolve_params, validate_spec
 
     settings = Settings()
     accounts = load_accounts(settings.config)
-    spec = _find_spec(args.spec, accounts)
+    specs = configured_specs(settings, accounts)
+    if args.spec not in specs:
+        raise UsageError(f"unknown spec {args.spec!r} (known: {', '.join(sorted(specs))})")
     params = _parse_params(args.param)
-
-    async def run(store: EventStore) -> tuple[str, bool, str | None]:
-        workflow_id, created = await start_workflow(
-            store, spec, params, accounts, command_id=args.command_id, actor="cli"
-        )
-        final = await _wait(store, workflow_id, args.json) if args.wait else None
-        return workflow_id, created, final
-
-    workflow_id, created, final = _with_store(run)
+    # Checked here first, so a typo is named at once even when no `serve` is running.
+    validate_spec(specs[args.spec], accounts)
+    resolve_params(specs[args.spec], params, accounts)
+    command_id = args.command_id or f"cli-{uuid.uuid4()}"
+    reply = _request("start", {"command_id": command_id, "spec": args.spec, "params": params})
+    workflow_id = reply["workflow_id"]
+    final = _follow(workflow_id, quiet=args.json) if args.wait else None
     if args.json:
-        print(json.dumps({"workflow_id": workflow_id, "created": created, "state": final}))
+        print(json.dumps({"workflow_id": workflow_id, "created": reply.get("created"),
+                          "state": final}))
     elif not args.wait:
-        print(workflow_id if created else f"{workflow_id} (already started by that command id)")
+        print(workflow_id if reply.get("created")
+              else f"{workflow_id} (already started by that command id)")
     if final is not None and final != "done":
         return EXIT_CHECK_FAILED
     return EXIT_OK
 
 
-def _find_spec(name_or_file: str, accounts: Any) -> Any:
-    from rebalancer.specs.loading import available_specs, validate_file
+def workflow_control(args: argparse.Namespace) -> int:
+    body = {"command_id": args.command_id or f"cli-{uuid.uuid4()}",
+            "workflow_id": args.workflow_id, "reason": args.reason}
+    reply = _request(args.command, body)
+    print(json.dumps(reply) if args.json else f"{reply['workflow_id']}: {reply['state']}")
+    return EXIT_OK
 
-    if name_or_file.endswith((".yaml", ".yml")) or Path(name_or_file).is_file():
-        return validate_file(Path(name_or_file), accounts)
-    specs = available_specs(_spec_dirs(), accounts)
-    if name_or_file not in specs:
-        raise UsageError(f"unknown spec {name_or_file!r} (known: {', '.join(sorted(specs))})")
-    return specs[name_or_file]
+
+def task_resolve(args: argparse.Namespace) -> int:
+    body = {"command_id": args.command_id or f"cli-{uuid.uuid4()}",
+            "workflow_id": args.workflow_id, "task": args.task, "outcome": args.outcome,
+            "note": args.note}
+    reply = _request("resolve", body)
+    print(json.dumps(reply) if args.json
+          else f"{reply['workflow_id']} {reply['task']}: {reply['state']}")
+    return EXIT_OK
+
+
+def events_watch(args: argparse.Namespace) -> int:
+    from rebalancer.api import follow
+
+    def show(event: Any) -> bool:
+        if args.json:
+            print(json.dumps({"subject": event.subject, "stream_id": event.stream_id,
+                              "version": event.version, "type": event.type, "data": event.data,
+                              "recorded_at": event.recorded_at.isoformat()}), flush=True)
+        else:
+            print(_progress_line(event), flush=True)
+        return False
+
+    asyncio.run(follow(_nats_url(), args.workflow_id or "", show))
+    return EXIT_OK
+
+
+def _request(command: str, body: dict[str, Any]) -> dict[str, Any]:
+    from rebalancer.api import request
+
+    reply = asyncio.run(request(_nats_url(), f"rebalancer.cmd.{command}", body))
+    if not reply.get("ok"):
+        problem = reply.get("error") or {}
+        raise UsageError(f"{problem.get('code', 'error')}: {problem.get('message', reply)}")
+    return reply
+
+
+def _follow(workflow_id: str, quiet: bool) -> str:
+    """Print the workflow's progress from NATS until it ends; returns its final state."""
+    from rebalancer.api import follow
+
+    final: list[str] = []
+
+    def show(event: Any) -> bool:
+        if not quiet:
+            print(_progress_line(event), flush=True)
+        data = event.data
+        if event.type == "WorkflowStateChanged" and data["dest"] in (
+            "done", "failed", "canceled", "needs_attention"
+        ):
+            final.append(data["dest"])
+            return True
+        return False
+
+    asyncio.run(follow(_nats_url(), workflow_id, show))
+    return final[0]
+
+
+def _progress_line(event: Any) -> str:
+    data = event.data
+    what = data.get("task_name") or "workflow"
+    move = f"{data['source']} -> {data['dest']}" if "dest" in data else "created"
+    return (f"{event.recorded_at:%H:%M:%S} {event.stream_id.removeprefix('workflow-')[:8]}"
+            f" v{event.version:<3} {what:<24} {data.get('trigger', ''):<11} {move}")
+
+
+def _nats_url() -> str:
+    settings = Settings()
+    return settings.nats_url or embedded.ensure_urls(settings)[1]
 
 
 def _parse_params(pairs: list[str]) -> dict[str, str]:
@@ -221,29 +285,6 @@ def _parse_params(pairs: list[str]) -> dict[str, str]:
             raise UsageError(f"--param {key} given twice")
         params[key] = value
     return params
-
-
-async def _wait(store: EventStore, workflow_id: str, quiet: bool) -> str:
-    """Follow the workflow's events until it ends (a worker must be running to drive it)."""
-    from rebalancer.workflow import fold
-
-    stream, seen = f"workflow-{workflow_id}", 0
-    if not quiet:
-        print(f"{workflow_id}: waiting for a worker (`rebalancer serve`) to drive it",
-              file=sys.stderr)
-    while True:
-        events = await store.read_stream(stream, after_version=seen)
-        for event in events:
-            data = event.data
-            if not quiet and "dest" in data:
-                what = data.get("task_name") or "workflow"
-                print(f"{event.recorded_at:%H:%M:%S} {what:<24} {data['trigger']:<11}"
-                      f" {data['source']} -> {data['dest']}")
-        seen += len(events)
-        state = fold(await store.read_stream(stream)).state
-        if state in ("done", "failed", "canceled", "needs_attention"):
-            return state
-        await asyncio.sleep(0.5)
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
@@ -717,13 +758,39 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=worker_serve)
 
     start = commands.add_parser("start", help="start a workflow from a spec")
-    start.add_argument("spec", metavar="SPEC", help="a spec name or a spec file")
+    start.add_argument("spec", metavar="SPEC", help="a spec name (see `specs list`)")
     start.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     start.add_argument("--command-id", help="idempotency key: a repeat starts nothing new")
     start.add_argument("--wait", action="store_true",
                        help="follow it to the end; exit 1 unless it ends done")
     start.add_argument("--json", action="store_true")
     start.set_defaults(handler=workflow_start)
+
+    for name, text in (("cancel", "cancel a workflow (refused while money is in flight)"),
+                       ("pause", "pause a running workflow"),
+                       ("resume", "resume a paused workflow"),
+                       ("retry", "put a workflow that needed attention back to running")):
+        control = commands.add_parser(name, help=text)
+        control.add_argument("workflow_id", metavar="WORKFLOW_ID")
+        control.add_argument("--reason")
+        control.add_argument("--command-id")
+        control.add_argument("--json", action="store_true")
+        control.set_defaults(handler=workflow_control)
+
+    resolve = commands.add_parser("resolve", help="an operator's decision on a task that "
+                                  "needs attention")
+    resolve.add_argument("workflow_id", metavar="WORKFLOW_ID")
+    resolve.add_argument("task", metavar="TASK")
+    resolve.add_argument("--outcome", required=True, choices=["resend", "done", "failed"])
+    resolve.add_argument("--note", required=True, help="what was checked, for the record")
+    resolve.add_argument("--command-id")
+    resolve.add_argument("--json", action="store_true")
+    resolve.set_defaults(handler=task_resolve)
+
+    watch = commands.add_parser("watch", help="live events from NATS")
+    watch.add_argument("workflow_id", nargs="?", metavar="WORKFLOW_ID")
+    watch.add_argument("--json", action="store_true")
+    watch.set_defaults(handler=events_watch)
 
     demo = commands.add_parser("demo", help="the seed path end to end on the simulated world")
     demo.add_argument("--amount", type=Decimal, default=Decimal(1_000_000),

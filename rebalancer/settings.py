@@ -21,3 +21,5 @@ class Settings(BaseSettings):
     # read by the world itself.
     exchanges: str = "simulated"
     sim_world: Path | None = None
+    # A relay this far behind the store raises a `relay_lag` alert.
+    relay_lag_seconds: float = 30.0

@@ -11,6 +11,9 @@ create table if not exists alerts (
 );
 create index if not exists alerts_since on alerts (since);
 
+-- Occurrences that no event describes (relay_lag): not part of the rebuildable read model.
+create table if not exists service_alerts (like alerts including all);
+
 create table if not exists alert_deliveries (
     key           text primary key,
     published_at  timestamptz not null default now()
