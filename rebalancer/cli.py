@@ -275,6 +275,23 @@ def _nats_url() -> str:
     return settings.nats_url or embedded.ensure_urls(settings)[1]
 
 
+def _list_alerts(args: argparse.Namespace) -> int:
+    from projections.alerts import list_alerts
+
+    found = _with_store(lambda store: list_alerts(store, limit=args.limit))
+    if args.json:
+        print(json.dumps(found, default=json_default))
+        return EXIT_OK
+    if not found:
+        print("no alerts")
+    for alert in found:
+        sent = "sent" if alert["published_at"] else "pending"
+        where = " ".join(str(x) for x in (alert["workflow_id"], alert["task"]) if x)
+        print(f"{alert['since']:%Y-%m-%d %H:%M:%S} {alert['kind']:<16} {sent:<7} {where}:"
+              f" {alert['message']}")
+    return EXIT_OK
+
+
 def _parse_params(pairs: list[str]) -> dict[str, str]:
     params: dict[str, str] = {}
     for pair in pairs:
@@ -483,6 +500,8 @@ def _event_row(event: RecordedEvent) -> tuple[object, ...]:
 
 
 def workflow_status(args: argparse.Namespace) -> int:
+    if args.alerts:
+        return _list_alerts(args)
     if args.workflow_id is None:
         if args.at is not None:
             raise UsageError("--at needs a WORKFLOW_ID")
@@ -729,6 +748,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--state", help="list only workflows in this state")
     status.add_argument("--limit", type=_positive_int, default=20,
                         help="list at most this many, newest first (default 20)")
+    status.add_argument("--alerts", action="store_true",
+                        help="the alerts raised (newest first) and whether each was sent")
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=workflow_status)
 
