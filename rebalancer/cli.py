@@ -307,7 +307,13 @@ def _parse_params(pairs: list[str]) -> dict[str, str]:
 def run_demo_command(args: argparse.Namespace) -> int:
     from rebalancer.demo import run_demo
 
-    return asyncio.run(run_demo(Settings(), _database_url(), amount=args.amount,
+    settings = Settings()
+    database_url, nats_url = (
+        (settings.database_url, settings.nats_url)
+        if settings.database_url and settings.nats_url
+        else embedded.ensure_urls(settings)
+    )
+    return asyncio.run(run_demo(settings, database_url, nats_url, amount=args.amount,
                                 as_json=args.json))
 
 

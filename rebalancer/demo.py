@@ -16,7 +16,9 @@ from rich.live import Live
 from rich.table import Table
 
 from events.migrations import migrate
+from events.relay import PublishedEvent, Relay
 from events.store import RecordedEvent
+from rebalancer.api import follow
 from rebalancer.commands import start_workflow
 from rebalancer.engine import Engine
 from rebalancer.exchanges.simulated import SimulatedWorld
@@ -40,7 +42,13 @@ TERMINAL = ("done", "failed", "canceled", "needs_attention")
 
 
 async def run_demo(
-    settings: Settings, database_url: str, *, amount: Decimal, as_json: bool, timeout: float = 120.0
+    settings: Settings,
+    database_url: str,
+    nats_url: str,
+    *,
+    amount: Decimal,
+    as_json: bool,
+    timeout: float = 120.0,
 ) -> int:
     """Returns 0 when the workflow ended done and every currency's total held, else 1."""
     os.environ.setdefault("REBALANCER_SIM_TIME_SCALE", DEMO_TIME_SCALE)
@@ -63,13 +71,18 @@ async def run_demo(
             actor="demo",
         )
         engine = Engine(rt.store, world, rt.accounts, owner="demo")
+        relay = Relay(rt.store, nats_url)
         stop = asyncio.Event()
-        driver = asyncio.create_task(engine.run(stop, tick=0.1))
+        driver = asyncio.gather(engine.run(stop, tick=0.1), relay.run(stop))
         try:
-            workflow, events = await _watch(rt.store, workflow_id, console, as_json, timeout)
+            await asyncio.wait_for(_watch(nats_url, workflow_id, console, as_json), timeout)
         finally:
             stop.set()
             await driver
+            await relay.close()
+        # The summary is exact: it folds the stored stream, not what NATS delivered.
+        events = await rt.store.read_stream(f"workflow-{workflow_id}")
+        workflow = fold(events)
         duration = time.monotonic() - started
         after = await world.balances()
         ok, totals = await world.check()
@@ -85,30 +98,31 @@ async def run_demo(
     return 0 if workflow.state == "done" and ok else 1
 
 
-async def _watch(
-    store: Any, workflow_id: str, console: Console, as_json: bool, timeout: float
-) -> tuple[Workflow, list[RecordedEvent]]:
-    """Follow the stream until the workflow ends: a live table on a terminal, lines otherwise."""
-    stream = f"workflow-{workflow_id}"
-    deadline = time.monotonic() + timeout
+async def _watch(nats_url: str, workflow_id: str, console: Console, as_json: bool) -> None:
+    """Show the workflow's progress as NATS delivers its events (relayed from the store), until
+    it ends: a live table on a terminal, a line per move otherwise."""
     start = time.monotonic()
-    seen = 0
+    received: list[RecordedEvent] = []
     live = Live(console=console, refresh_per_second=8) if console.is_terminal else None
+
+    def show(published: PublishedEvent) -> bool:
+        event = RecordedEvent(
+            published.position, 0, published.stream_id, published.version, published.type,
+            published.schema_version, published.data, published.metadata,
+            published.recorded_at, b"",
+        )
+        received.append(event)
+        workflow = fold(received)
+        if live is not None:
+            live.update(_table(workflow))
+        elif not as_json:
+            console.print(_line(event, time.monotonic() - start), highlight=False)
+        return workflow.state in TERMINAL
+
     if live is not None:
         live.start()
     try:
-        while True:
-            events = await store.read_stream(stream)
-            workflow = fold(events)
-            if live is not None:
-                live.update(_table(workflow))
-            elif not as_json:
-                for event in events[seen:]:
-                    console.print(_line(event, time.monotonic() - start), highlight=False)
-            seen = len(events)
-            if workflow.state in TERMINAL or time.monotonic() > deadline:
-                return workflow, events
-            await asyncio.sleep(0.1)
+        await follow(nats_url, workflow_id, show)
     finally:
         if live is not None:
             live.stop()
