@@ -98,12 +98,17 @@ class MasterTransferRequest:
 
 @dataclass(frozen=True)
 class HistoryMatch:
-    """How to find our operation in an exchange's history when it takes no client id."""
+    """How to find our operation in an exchange's history when it takes no client id.
+
+    `exchange_id` is the exchange's own id once it acknowledged the request: it settles which
+    of several identical operations (same amount, same address) is ours.
+    """
 
     currency: str
     amount: Decimal
     since: datetime
     address: str | None = None
+    exchange_id: str | None = None
 
 
 # -- results ----------------------------------------------------------------------------------

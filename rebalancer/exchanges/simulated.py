@@ -1069,9 +1069,10 @@ class SimulatedExchange:
             rows = await _all(conn, """
                 select * from sim.operations where account = %s and kind = 'withdraw'
                 and currency = %s and amount = %s and created_at >= %s
-                and (%s::text is null or address = %s) order by id""",
+                and (%s::text is null or address = %s)
+                and (%s::text is null or id::text = %s) order by id""",
                 (self.account, match.currency, match.amount, match.since, match.address,
-                 match.address))
+                 match.address, match.exchange_id, match.exchange_id))
             return _withdrawal(_single(rows, "withdrawal", match)) if rows else None
         return await self._read("fetch_withdrawal", run)
 
@@ -1117,8 +1118,10 @@ class SimulatedExchange:
         async def run(conn: Conn) -> Transfer | None:
             rows = await _all(conn, """
                 select * from sim.operations where account = %s and kind = 'transfer'
-                and currency = %s and amount = %s and created_at >= %s order by id""",
-                (self.account, match.currency, match.amount, match.since))
+                and currency = %s and amount = %s and created_at >= %s
+                and (%s::text is null or id::text = %s) order by id""",
+                (self.account, match.currency, match.amount, match.since, match.exchange_id,
+                 match.exchange_id))
             return _transfer(_single(rows, "transfer", match)) if rows else None
         return await self._read("fetch_transfer", run)
 

@@ -82,8 +82,16 @@ class TaskContext:
     def history_match(
         self, currency: str, amount: Decimal, address: str | None = None
     ) -> HistoryMatch:
+        """What identifies this task's operation in the history. Once the exchange acknowledged
+        the current intent (past `submitting`), its id is known and narrows the match to that
+        operation, so identical operations of other workflows do not make it ambiguous. While
+        `submitting`, a request_result can only be an older intent's: it is not used."""
         since = (self.task.intent_at or self.now) - HISTORY_SLACK
-        return HistoryMatch(currency=currency, amount=amount, since=since, address=address)
+        acknowledged = self.task.state not in (TaskState.CREATED, TaskState.SUBMITTING)
+        exchange_id = (self.task.request_result or {}).get("id") if acknowledged else None
+        return HistoryMatch(
+            currency=currency, amount=amount, since=since, address=address, exchange_id=exchange_id
+        )
 
     @property
     def deadline_passed(self) -> bool:
