@@ -113,6 +113,13 @@ async def control_workflow(
                 allowed=allowed,
             )
         events: list[WorkflowStateChanged | TaskStateChanged] = []
+        if kind == "retry":
+            waiting = [t.name for t in workflow.tasks if t.state == TaskState.NEEDS_ATTENTION]
+            if waiting:
+                # The worker would escalate it again at once: the operator's answer is resolve.
+                raise CommandError(
+                    "conflict", f"task {waiting[0]} still needs attention; resolve it (resend,"
+                    " done or failed) and the workflow resumes", tasks=waiting)
         if kind == "cancel":
             task = workflow.current
             if task is not None and task.state in IN_FLIGHT:
