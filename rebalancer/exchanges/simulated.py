@@ -727,12 +727,13 @@ class SimulatedWorld:
                 fill, cost, fee, "closed" if done else "open",
                 _raw(order["exchange"], "order_closed" if done else "order_partial"),
                 None if done else order["last_fill_at"], order["id"]))
-        # Sent withdrawals get their txid (on-chain only); their deposits show it too.
+        # Sent withdrawals get their txid and their deposits show it too. An internal one gets
+        # what Binance reports ("Internal transfer <id>") in the port's normalised form, <id>.
         await conn.execute("""
             with sent as (
                 update sim.operations set status = 'ok',
                     raw_status = coalesce(%s::jsonb ->> exchange, 'ok'),
-                    txid = case when internal then null else encode(sha256(convert_to(
+                    txid = case when internal then id::text else encode(sha256(convert_to(
                         'sim-withdrawal:' || exchange || ':' || id, 'UTF8')), 'hex') end,
                     updated_at = now()
                 where kind = 'withdraw' and status = 'pending' and complete_at <= now()
