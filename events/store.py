@@ -433,6 +433,19 @@ class EventStore:
         )
         return None if row is None else dict(row[0])
 
+    async def claimed_exchange_ids(
+        self, kind: str, since: datetime, other_than: str
+    ) -> frozenset[str]:
+        """Exchange ids that tasks of `kind` recorded (request_result.id) since `since`, in
+        streams other than `other_than`: operations that are somebody else's."""
+        rows = await self._fetchall(
+            "select distinct data -> 'request_result' ->> 'id' from events"
+            " where type = 'TaskStateChanged' and recorded_at >= %s and stream_id <> %s"
+            " and data ->> 'kind' = %s and data -> 'request_result' ->> 'id' is not null",
+            (since, other_than, kind),
+        )
+        return frozenset(str(row[0]) for row in rows)
+
     def listen(self) -> Notifications:
         """A dedicated connection LISTENing for appends; use as an async context manager."""
         return Notifications(self._conninfo)

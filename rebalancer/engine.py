@@ -204,6 +204,9 @@ class Engine:
                 now=self.clock(),
                 append=lambda evs: self._append(workflow, list(evs)),
                 resolve=self._resolve,
+                claimed=lambda kind, since: self.store.claimed_exchange_ids(
+                    kind, since, workflow.stream_id
+                ),
                 deadlines=self.deadlines,
             )
             await PROCESSORS[task.kind].step(ctx)

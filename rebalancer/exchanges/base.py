@@ -101,7 +101,9 @@ class HistoryMatch:
     """How to find our operation in an exchange's history when it takes no client id.
 
     `exchange_id` is the exchange's own id once it acknowledged the request: it settles which
-    of several identical operations (same amount, same address) is ours.
+    of several identical operations (same amount, same address) is ours. Before that,
+    `exclude_ids` names operations other tasks have already recorded as theirs, so that only
+    unclaimed ones are candidates.
     """
 
     currency: str
@@ -109,6 +111,7 @@ class HistoryMatch:
     since: datetime
     address: str | None = None
     exchange_id: str | None = None
+    exclude_ids: frozenset[str] = frozenset()
 
 
 # -- results ----------------------------------------------------------------------------------

@@ -1071,9 +1071,10 @@ class SimulatedExchange:
                 select * from sim.operations where account = %s and kind = 'withdraw'
                 and currency = %s and amount = %s and created_at >= %s
                 and (%s::text is null or address = %s)
-                and (%s::text is null or id::text = %s) order by id""",
+                and (%s::text is null or id::text = %s)
+                and id::text <> all(%s::text[]) order by id""",
                 (self.account, match.currency, match.amount, match.since, match.address,
-                 match.address, match.exchange_id, match.exchange_id))
+                 match.address, match.exchange_id, match.exchange_id, sorted(match.exclude_ids)))
             return _withdrawal(_single(rows, "withdrawal", match)) if rows else None
         return await self._read("fetch_withdrawal", run)
 
@@ -1120,9 +1121,10 @@ class SimulatedExchange:
             rows = await _all(conn, """
                 select * from sim.operations where account = %s and kind = 'transfer'
                 and currency = %s and amount = %s and created_at >= %s
-                and (%s::text is null or id::text = %s) order by id""",
+                and (%s::text is null or id::text = %s)
+                and id::text <> all(%s::text[]) order by id""",
                 (self.account, match.currency, match.amount, match.since, match.exchange_id,
-                 match.exchange_id))
+                 match.exchange_id, sorted(match.exclude_ids)))
             return _transfer(_single(rows, "transfer", match)) if rows else None
         return await self._read("fetch_transfer", run)
 

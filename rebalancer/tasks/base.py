@@ -50,6 +50,8 @@ class TaskContext:
     now: datetime
     append: Callable[[list[TaskStateChanged]], Awaitable[None]]
     resolve: Callable[[Workflow, int], Any]
+    # Exchange ids other workflows' tasks of a kind recorded since a time (see history_match).
+    claimed: Callable[[str, datetime], Awaitable[frozenset[str]]] | None = None
     deadlines: dict[TaskKind, float] = field(default_factory=lambda: dict(DEFAULT_DEADLINES))
 
     async def move(self, trigger: str, **carried: Any) -> None:
@@ -79,18 +81,23 @@ class TaskContext:
     def exchange(self, account: str) -> Exchange:
         return self.exchanges.for_account(account)
 
-    def history_match(
+    async def history_match(
         self, currency: str, amount: Decimal, address: str | None = None
     ) -> HistoryMatch:
         """What identifies this task's operation in the history. Once the exchange acknowledged
         the current intent (past `submitting`), its id is known and narrows the match to that
         operation, so identical operations of other workflows do not make it ambiguous. While
-        `submitting`, a request_result can only be an older intent's: it is not used."""
+        `submitting`, a request_result can only be an older intent's: it is not used; instead
+        the operations other workflows already recorded as theirs are left out."""
         since = (self.task.intent_at or self.now) - HISTORY_SLACK
         acknowledged = self.task.state not in (TaskState.CREATED, TaskState.SUBMITTING)
         exchange_id = (self.task.request_result or {}).get("id") if acknowledged else None
+        exclude: frozenset[str] = frozenset()
+        if not acknowledged and self.claimed is not None:
+            exclude = await self.claimed(self.task.kind.value, since)
         return HistoryMatch(
-            currency=currency, amount=amount, since=since, address=address, exchange_id=exchange_id
+            currency=currency, amount=amount, since=since, address=address,
+            exchange_id=exchange_id, exclude_ids=exclude,
         )
 
     @property

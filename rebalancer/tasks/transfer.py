@@ -58,7 +58,7 @@ class TransferProcessor(Processor):
     async def lookup(self, ctx: TaskContext) -> Transfer | None:
         params = ctx.task.request_params or {}
         exchange = ctx.exchange(params["account"])
-        match = ctx.history_match(params["currency"], Decimal(params["amount"]))
+        match = await ctx.history_match(params["currency"], Decimal(params["amount"]))
         return await exchange.fetch_transfer(params["client_id"], match)
 
 
@@ -97,7 +97,7 @@ class MasterTransferProcessor(TransferProcessor):
     async def lookup(self, ctx: TaskContext) -> Transfer | None:
         params = ctx.task.request_params or {}
         exchange = ctx.exchange(params["account"])
-        match = ctx.history_match(params["currency"], Decimal(params["amount"]))
+        match = await ctx.history_match(params["currency"], Decimal(params["amount"]))
         return await exchange.fetch_master_transfer(params["client_id"], match)
 
 

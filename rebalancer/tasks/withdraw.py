@@ -139,7 +139,9 @@ class WithdrawProcessor(Processor):
     async def _lookup(self, ctx: TaskContext) -> Withdrawal | None:
         params = ctx.task.request_params or {}
         exchange = ctx.exchange(params["from_account"])
-        match = ctx.history_match(params["currency"], Decimal(params["amount"]), params["address"])
+        match = await ctx.history_match(
+            params["currency"], Decimal(params["amount"]), params["address"]
+        )
         return await exchange.fetch_withdrawal(params["client_id"], match)
 
 

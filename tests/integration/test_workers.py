@@ -8,6 +8,8 @@ the task stays `submitting`, and the next step asks the exchange before sending 
 
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 import time
 from collections import Counter
@@ -260,3 +262,44 @@ async def test_withdraw_that_never_landed_is_sent_again_with_a_new_client_id(
         assert len(await operations(database_url, "withdraw")) == 1
         ok, totals = await healthy.world.check()
         assert ok, totals
+
+
+async def test_an_identical_withdrawal_of_another_workflow_is_not_taken_for_ours(
+    database_url: str, store: EventStore, world_file: Path
+) -> None:
+    # Upbit keeps no client id: only the history (currency, amount, address, time) tells.
+    source, dest, funding = ROUTES["upbit_by_history"]
+    async with Worker(database_url, world=world_file, time_scale=SCALE, owner="healthy") as healthy:
+        # Enough ETH for two withdrawals.
+        await healthy.world.for_account(source).create_order(funding)
+        await healthy.world.for_account(source).create_order(
+            dataclasses.replace(funding, client_id="funding-2"))
+        params = {"from_account": source, "to_account": dest, "amount": "0.2"}
+        spec = withdraw_once(healthy.accounts)
+        first, _ = await start_workflow(store, spec, params, healthy.accounts, command_id="a")
+        while (flow := await load(store, first)).state == "running" or flow.state == "created":
+            await healthy.step_until_moved(first)
+        [theirs] = await operations(database_url, "withdraw")
+
+        second, _ = await start_workflow(store, spec, params, healthy.accounts, command_id="b")
+        assert await healthy.step(second) == "moved"  # the workflow starts
+        probability = 0.5
+        seed = _seed_timing_out_only_the_second_call(
+            await _fault_counter(database_url), probability
+        )
+        async with Worker(database_url, world=world_file, time_scale=SCALE, owner="timing-out",
+                          faults=f"timeout={probability}", seed=seed) as timing_out:
+            # Our intent is stored; our withdraw never reaches the exchange.
+            assert await timing_out.step(second) == "retry"
+        assert [op["id"] for op in await operations(database_url, "withdraw")] == [theirs["id"]]
+
+        # The history holds an identical withdrawal, but the first workflow recorded it as its
+        # own: it is no candidate, so ours never landed and is sent again (not adopted).
+        events = await healthy.step_until_moved(second)
+        assert [(e.data["trigger"], e.data["dest"]) for e in events] == [("reset", "created")]
+        while (flow := await load(store, second)).state == "running":
+            await healthy.step_until_moved(second)
+        assert flow.state == "done"
+        ours = [op for op in await operations(database_url, "withdraw") if op["id"] != theirs["id"]]
+        assert len(ours) == 1
+        assert (flow.tasks[0].request_result or {})["id"] == str(ours[0]["id"])
