@@ -8,9 +8,8 @@ the task stays `submitting`, and the next step asks the exchange before sending 
 
 from __future__ import annotations
 
-import dataclasses
-
 import asyncio
+import dataclasses
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
