@@ -687,11 +687,20 @@ class Subscriber:
                 idle_heartbeat=self.idle_heartbeat,
             )
         else:
-            self._sub = await js.subscribe(
-                self.subject, stream=STREAM, durable=self.durable, manual_ack=True,
-                idle_heartbeat=self.idle_heartbeat,
-                config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30.0),
-            )
+            # A durable just released (by us or a previous run) can still count as bound for a
+            # moment while the server processes the unsubscribe: try again briefly.
+            for attempt in range(20):
+                try:
+                    self._sub = await js.subscribe(
+                        self.subject, stream=STREAM, durable=self.durable, manual_ack=True,
+                        idle_heartbeat=self.idle_heartbeat,
+                        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30.0),
+                    )
+                    break
+                except nats.js.errors.Error as e:
+                    if "already bound" not in str(e) or attempt == 19:
+                        raise
+                    await asyncio.sleep(0.05)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -699,6 +708,7 @@ class Subscriber:
         if sub is not None and not self.nc.is_closed:
             await self._ack_pending()
             await sub.unsubscribe()
+            await self.nc.flush()  # the server has the unsubscribe before we return
 
     @property
     def last_versions(self) -> dict[str, int]:

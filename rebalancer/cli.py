@@ -51,7 +51,7 @@ def infra_up(args: argparse.Namespace) -> int:
     nats = "already running" if was["nats"] else "started"
     print(f"PostgreSQL {pg}: {info.database_url}")
     print(f"  data {info.pg_data_dir}, binaries {info.pg_bin_dir}")
-    print(f"NATS {nats}: {info.nats_url}")
+    print(f"NATS {nats}: {info.nats_address} (users operator and subscriber; `infra env`)")
     print(f"  store {info.home / 'nats' / 'store'}")
     print(f"state in {info.home}; `rebalancer infra env` prints the export lines")
     return EXIT_OK

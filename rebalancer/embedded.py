@@ -11,6 +11,7 @@ import json
 import os
 import pwd
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -20,9 +21,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import psycopg
 
@@ -38,6 +39,48 @@ STATE_FILE = "infra.json"
 PG_CONF_INCLUDE = "rebalancer.conf"
 _PG_PROGRAMS = ("initdb", "pg_ctl", "postgres")
 
+# --------------------------------------------------------------------------- NATS users
+#
+# DESIGN.md §5: the operator (the user `rebalancer serve` runs as) may do everything; the
+# subscriber may read events and alerts and nothing else. These lists are the one source of both
+# the embedded server's users and the `authorization` block of infra/nats/rebalancer.conf
+# (tests/integration/test_nats_access.py checks that the file still says the same).
+
+NATS_OPERATOR = "operator"
+NATS_SUBSCRIBER = "subscriber"
+# The reference config reads the passwords from these environment variables.
+NATS_PASSWORD_VARIABLES: Final = {
+    NATS_OPERATOR: "REBALANCER_NATS_OPERATOR_PASSWORD",
+    NATS_SUBSCRIBER: "REBALANCER_NATS_SUBSCRIBER_PASSWORD",
+}
+# events.relay.STREAM and rebalancer.alerts.STREAM, spelled out so that this module (imported by
+# every command) does not import nats.
+READABLE_STREAMS: Final = ("REBALANCER_EVENTS", "REBALANCER_ALERTS")
+# What a JetStream consumer of one stream publishes, as nats-py 2.16 and nats-server 2.10 spell it.
+_STREAM_READER: Final = (
+    "$JS.API.STREAM.INFO.{stream}",
+    "$JS.API.CONSUMER.CREATE.{stream}",  # ephemeral, old form: nats-py's ordered consumer
+    "$JS.API.CONSUMER.CREATE.{stream}.>",  # named, <name>[.<filter>] (server 2.9+): pull_subscribe
+    "$JS.API.CONSUMER.DURABLE.CREATE.{stream}.>",  # durable, old form: nats-py's durable push
+    "$JS.API.CONSUMER.INFO.{stream}.>",  # a durable is looked up before it is created
+    "$JS.API.CONSUMER.MSG.NEXT.{stream}.>",  # pull consumers fetch
+    "$JS.API.CONSUMER.DELETE.{stream}.>",  # a reader removes its own durable
+    "$JS.ACK.{stream}.>",  # $JS.ACK.<stream>.<consumer>...: acks of a durable consumer
+    "$JS.FC.{stream}.>",  # $JS.FC.<stream>.<consumer>.<id>: flow control, ordered consumers
+)
+NATS_PERMISSIONS: Final[dict[str, dict[str, list[str]]]] = {
+    NATS_OPERATOR: {"publish": [">"], "subscribe": [">"]},
+    NATS_SUBSCRIBER: {
+        "publish": [
+            "$JS.API.INFO",
+            "$JS.API.STREAM.NAMES",  # finding the stream of a subject
+            *(row.format(stream=name) for name in READABLE_STREAMS for row in _STREAM_READER),
+        ],
+        # _INBOX.>: JetStream API replies and push consumers' deliver subjects.
+        "subscribe": ["rebalancer.events.>", "rebalancer.alerts.>", "_INBOX.>"],
+    },
+}
+
 # nats-server processes this interpreter started and has not reaped yet. `down` waits on them so
 # that a stopped server does not linger as a zombie of a long-lived caller (a test session).
 _children: dict[int, subprocess.Popen[bytes]] = {}
@@ -49,25 +92,33 @@ class InfraInfo:
 
     home: Path
     database_url: str
-    nats_url: str
+    nats_url: str = field(repr=False)  # as the operator, password included
+    nats_subscriber_url: str = field(repr=False)  # as the subscriber, password included
     pg_port: int
     nats_port: int
     pg_bin_dir: Path
     pg_data_dir: Path
 
+    @property
+    def nats_address(self) -> str:
+        """The NATS URL without credentials, for display."""
+        return f"nats://{HOST}:{self.nats_port}"
+
     def exports(self) -> str:
-        """Two shell lines that point the rebalancer at these servers."""
+        """Three shell lines that point the rebalancer (and a read-only reader) at these servers."""
         return (
             f"export REBALANCER_DATABASE_URL={shlex.quote(self.database_url)}\n"
-            f"export REBALANCER_NATS_URL={shlex.quote(self.nats_url)}"
+            f"export REBALANCER_NATS_URL={shlex.quote(self.nats_url)}\n"
+            f"export REBALANCER_NATS_SUBSCRIBER_URL={shlex.quote(self.nats_subscriber_url)}"
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The same fields with paths as strings."""
+        """The same fields with paths as strings (the NATS URLs carry their passwords)."""
         return {
             "home": str(self.home),
             "database_url": self.database_url,
             "nats_url": self.nats_url,
+            "nats_subscriber_url": self.nats_subscriber_url,
             "pg_port": self.pg_port,
             "nats_port": self.nats_port,
             "pg_bin_dir": str(self.pg_bin_dir),
@@ -84,6 +135,9 @@ class _State:
     pg_bin_dir: Path
     pg_dir: Path  # holds `data/` and `log`: home/pg, or a /var/tmp directory (see _pg_dir_for)
     pg_user: str | None  # the unprivileged user PostgreSQL runs as when we are root
+    # NATS passwords by user (NATS_OPERATOR, NATS_SUBSCRIBER); empty in a home made before NATS
+    # had users, until the next `up` adds them.
+    nats_passwords: dict[str, str] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -92,6 +146,7 @@ class _State:
             "pg_bin_dir": str(self.pg_bin_dir),
             "pg_dir": str(self.pg_dir),
             "pg_user": self.pg_user,
+            "nats_passwords": self.nats_passwords,
         }
 
     @classmethod
@@ -102,6 +157,7 @@ class _State:
             pg_bin_dir=Path(data["pg_bin_dir"]),
             pg_dir=Path(data["pg_dir"]),
             pg_user=data.get("pg_user"),
+            nats_passwords={str(k): str(v) for k, v in data.get("nats_passwords", {}).items()},
         )
 
 
@@ -202,12 +258,17 @@ def up(home: Path) -> InfraInfo:
     paths = _Paths(home.expanduser().resolve())
     paths.home.mkdir(parents=True, exist_ok=True)
     with _locked(paths):
-        state = _read_state(paths) or _new_state(paths)
+        state = _with_nats_passwords(_read_state(paths) or _new_state(paths))
         _write_state(paths, state)
         if _postmaster_pid(state) is None:
             state = _start_postgres(paths, state)
+        conf = _nats_conf(paths, state)
+        if _nats_pid(paths) is not None and _read_text(paths.nats_conf) != conf:
+            # Started by an older version (no users) or with other permissions: a config reload
+            # can fail half-way and leave the old users in place, a restart cannot.
+            _stop_nats(paths)
         nats_log_from = _log_size(paths.nats_log)
-        started = _start_nats(paths, state) if _nats_pid(paths) is None else None
+        started = _start_nats(paths, state, conf) if _nats_pid(paths) is None else None
         _wait_postgres(state)
         _wait_nats(paths, state, started, nats_log_from)
         _ensure_database(state)
@@ -255,6 +316,34 @@ def nats_config(port: int, store_dir: Path, pid_file: Path, log_file: Path, extr
     return "\n".join(lines) + "\n"
 
 
+def nats_authorization(passwords: dict[str, str]) -> str:
+    """The `authorization` block with the users of NATS_PERMISSIONS.
+
+    `passwords` maps each user to its password as the config spells it: a quoted string, or a
+    `$VARIABLE` that nats-server resolves from the environment (and refuses to start without).
+    """
+    lines = ["authorization {", "  users = ["]
+    for user, permissions in NATS_PERMISSIONS.items():
+        lines += [
+            "    {",
+            f"      user: {json.dumps(user)}",
+            f"      password: {passwords[user]}",
+            "      permissions {",
+        ]
+        for direction, subjects in permissions.items():
+            lines.append(f"        {direction}: [")
+            lines += [f"          {json.dumps(subject)}" for subject in subjects]
+            lines.append("        ]")
+        lines += ["      }", "    }"]
+    lines += ["  ]", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def reference_nats_authorization() -> str:
+    """The `authorization` block of infra/nats/rebalancer.conf: passwords from the environment."""
+    return nats_authorization({user: f"${name}" for user, name in NATS_PASSWORD_VARIABLES.items()})
+
+
 # --------------------------------------------------------------------------- state
 
 
@@ -270,9 +359,24 @@ def _read_state(paths: _Paths) -> _State | None:
 
 
 def _write_state(paths: _Paths, state: _State) -> None:
-    tmp = paths.state.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state.to_json(), indent=2) + "\n")
-    tmp.replace(paths.state)
+    _write_private(paths.state, json.dumps(state.to_json(), indent=2) + "\n")
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Replace `path` with `text`, readable by its owner only (it holds the NATS passwords)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # a leftover tmp file keeps its old mode otherwise
+        f.write(text)
+    tmp.replace(path)
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def _new_state(paths: _Paths) -> _State:
@@ -287,11 +391,30 @@ def _new_state(paths: _Paths) -> _State:
     )
 
 
+def _with_nats_passwords(state: _State) -> _State:
+    """`state` with a password for every NATS user (new homes, and homes from before users)."""
+    missing = [user for user in NATS_PERMISSIONS if not state.nats_passwords.get(user)]
+    if not missing:
+        return state
+    # URL-safe characters only, so the password needs no quoting in a URL or in nats.conf.
+    added = {user: secrets.token_urlsafe(24) for user in missing}
+    return dataclasses.replace(state, nats_passwords={**state.nats_passwords, **added})
+
+
+def _nats_url(state: _State, user: str) -> str:
+    password = state.nats_passwords.get(user)
+    if password is None:
+        # A home from before NATS had users, not `up` since: its server takes anyone.
+        return f"nats://{HOST}:{state.nats_port}"
+    return f"nats://{user}:{password}@{HOST}:{state.nats_port}"
+
+
 def _info(paths: _Paths, state: _State) -> InfraInfo:
     return InfraInfo(
         home=paths.home,
         database_url=f"postgresql://{DB_USER}@{HOST}:{state.pg_port}/{DB_NAME}",
-        nats_url=f"nats://{HOST}:{state.nats_port}",
+        nats_url=_nats_url(state, NATS_OPERATOR),
+        nats_subscriber_url=_nats_url(state, NATS_SUBSCRIBER),
         pg_port=state.pg_port,
         nats_port=state.nats_port,
         pg_bin_dir=state.pg_bin_dir,
@@ -645,14 +768,20 @@ def _nats_pid(paths: _Paths) -> int | None:
     return pid if pid is not None and _pid_alive(pid, "nats-server") else None
 
 
-def _start_nats(paths: _Paths, state: _State) -> subprocess.Popen[bytes]:
+def _nats_conf(paths: _Paths, state: _State) -> str:
+    passwords = {user: json.dumps(password) for user, password in state.nats_passwords.items()}
+    return nats_config(
+        state.nats_port, paths.nats_store, paths.nats_pid, paths.nats_log,
+        extra=nats_authorization(passwords),
+    )
+
+
+def _start_nats(paths: _Paths, state: _State, conf: str) -> subprocess.Popen[bytes]:
     _check_port_free(state.nats_port, "NATS", paths)
     binary = _nats_binary()
     paths.nats_store.mkdir(parents=True, exist_ok=True)
     paths.nats_pid.unlink(missing_ok=True)  # stale: the process is gone
-    paths.nats_conf.write_text(
-        nats_config(state.nats_port, paths.nats_store, paths.nats_pid, paths.nats_log)
-    )
+    _write_private(paths.nats_conf, conf)
     with paths.nats_log.open("ab") as log:
         # A new session and no inherited stdio: the server outlives this process, ignores the
         # terminal's Ctrl-C, and a caller reading our output through a pipe
@@ -678,7 +807,14 @@ def _wait_nats(
         try:
             with socket.create_connection((HOST, state.nats_port), timeout=2) as s:
                 banner = s.makefile("rb").readline()
-            if banner.startswith(b"INFO "):
+            server = _server_info(banner)
+            if server is not None:
+                # The greeting needs no login; it says whether the server asks for one.
+                if not server.get("auth_required"):
+                    raise InfraError(
+                        f"NATS on {HOST}:{state.nats_port} lets anyone in; run `rebalancer infra "
+                        "down`, then `rebalancer infra up` to restart it with its users"
+                    )
                 return
             last = InfraError(f"unexpected greeting {banner[:40]!r}")
         except OSError as e:
@@ -691,6 +827,17 @@ def _wait_nats(
         f"NATS on {HOST}:{state.nats_port} does not answer ({last})\n"
         + _log_tail(paths.nats_log, log_from)
     )
+
+
+def _server_info(banner: bytes) -> dict[str, Any] | None:
+    """The JSON of a NATS `INFO {...}` greeting; None for anything else."""
+    if not banner.startswith(b"INFO "):
+        return None
+    try:
+        info = json.loads(banner[5:])
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) else None
 
 
 def _stop_nats(paths: _Paths) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import uuid
 from datetime import timedelta
 
 import nats
@@ -18,7 +19,9 @@ from tests.synthetic import make_history
 
 
 async def one_history(store: EventStore, seed: int) -> str:
-    history = make_history(random.Random(seed))
+    # Fresh stream ids each run: alert keys name the workflow, and the session's JetStream
+    # remembers keys it has seen (its dedupe window) across test runs.
+    history = make_history(random.Random(f"{seed}-{uuid.uuid4()}"))
     version = 0
     # Only its creation and start: the test appends the moves that raise alerts itself.
     await store.append(history.stream_id, history.appends[0], version)

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import os
+import re
 import shutil
+import signal
 import socket
+import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import nats
+import nats.errors
 import psycopg
 import pytest
 
@@ -58,6 +67,34 @@ def _cli(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]
     )
 
 
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _nats_greeting(port: int) -> dict[str, object]:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        line = s.makefile("rb").readline()
+    assert line.startswith(b"INFO ")
+    greeting = json.loads(line[5:])
+    assert isinstance(greeting, dict)
+    return greeting
+
+
+async def _nats_round_trip(url: str) -> bytes:
+    nc = await nats.connect(url, allow_reconnect=False, connect_timeout=5)
+    try:
+        sub = await nc.subscribe("rebalancer.cmd.ping")
+        await nc.publish("rebalancer.cmd.ping", b"pong")
+        return (await sub.next_msg(timeout=5)).data
+    finally:
+        await nc.close()
+
+
+async def _nats_refuses(url: str) -> None:
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await nats.connect(url, allow_reconnect=False, connect_timeout=5)
+
+
 def _select_one(url: str) -> int:
     with psycopg.connect(url, connect_timeout=5) as conn:
         row = conn.execute("select 1").fetchone()
@@ -85,10 +122,15 @@ def test_up_starts_both_and_a_second_up_is_a_no_op(home: Path) -> None:
     first = embedded.up(home)
     assert embedded.status(home) == {"postgresql": True, "nats": True}
     assert first.database_url == f"postgresql://rebalancer@127.0.0.1:{first.pg_port}/rebalancer"
-    assert first.nats_url == f"nats://127.0.0.1:{first.nats_port}"
+    # NATS answers its greeting to anyone, but asks for a user; the URLs carry one each.
+    assert _nats_greeting(first.nats_port)["auth_required"] is True
+    assert re.fullmatch(rf"nats://operator:[\w-]{{32}}@127\.0\.0\.1:{first.nats_port}",
+                        first.nats_url)
+    assert re.fullmatch(rf"nats://subscriber:[\w-]{{32}}@127\.0\.0\.1:{first.nats_port}",
+                        first.nats_subscriber_url)
+    assert first.nats_address == f"nats://127.0.0.1:{first.nats_port}"
     assert _select_one(first.database_url) == 1
-    with socket.create_connection(("127.0.0.1", first.nats_port), timeout=5) as s:
-        assert s.makefile("rb").readline().startswith(b"INFO ")
+    assert asyncio.run(_nats_round_trip(first.nats_url)) == b"pong"
     pids = _pids(first)
     # Second up: same ports, same processes, nothing restarted.
     second = embedded.up(home)
@@ -97,7 +139,7 @@ def test_up_starts_both_and_a_second_up_is_a_no_op(home: Path) -> None:
     assert embedded.load_info(home) == first
 
 
-def test_infra_env_prints_export_lines_whose_database_url_answers(home: Path) -> None:
+def test_infra_env_prints_export_lines_whose_urls_answer(home: Path) -> None:
     # `infra up` through a pipe must return: the servers hold none of its file descriptors.
     started = _cli(home, "infra", "up")
     assert started.returncode == 0, started.stderr
@@ -105,11 +147,87 @@ def test_infra_env_prints_export_lines_whose_database_url_answers(home: Path) ->
     result = _cli(home, "infra", "env")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 3
     assert lines[0].startswith("export REBALANCER_DATABASE_URL=postgresql://rebalancer@127.0.0.1:")
-    assert lines[1].startswith("export REBALANCER_NATS_URL=nats://127.0.0.1:")
-    database_url = lines[0].split("=", 1)[1]
+    assert lines[1].startswith("export REBALANCER_NATS_URL=nats://operator:")
+    assert lines[2].startswith("export REBALANCER_NATS_SUBSCRIBER_URL=nats://subscriber:")
+    database_url, operator_url, subscriber_url = (line.split("=", 1)[1] for line in lines)
     assert _select_one(database_url) == 1
+    assert asyncio.run(_nats_round_trip(operator_url)) == b"pong"
+    info = embedded.load_info(home)
+    assert info is not None
+    assert (operator_url, subscriber_url) == (info.nats_url, info.nats_subscriber_url)
+
+
+def test_nats_passwords_stay_out_of_human_output_and_other_users_files(home: Path) -> None:
+    started = _cli(home, "infra", "up")
+    assert started.returncode == 0, started.stderr
+    info = embedded.load_info(home)
+    assert info is not None
+    urls = (info.nats_url, info.nats_subscriber_url)
+    passwords = [url.split(":")[2].split("@")[0] for url in urls]
+    assert all(len(password) == 32 for password in passwords)
+    # Not on the terminal, nor in a repr that a log line or a failed assertion would show.
+    for password in passwords:
+        assert password not in started.stdout + started.stderr
+        assert password not in repr(info)
+    assert f"NATS started: {info.nats_address}" in started.stdout
+    # Only the files that must hold them do, readable by their owner alone.
+    assert _mode(home / "infra.json") == 0o600
+    assert _mode(home / "nats" / "nats.conf") == 0o600
+    assert all(password not in (home / "nats" / "nats.log").read_text() for password in passwords)
+
+
+def test_up_gives_a_home_from_before_nats_users_its_users_and_restarts_nats(home: Path) -> None:
+    info = embedded.up(home)
+    # Make it look like an older version made the home: no passwords stored, and a NATS that
+    # was started from a config without users.
+    state_file = home / "infra.json"
+    old_state = json.loads(state_file.read_text())
+    del old_state["nats_passwords"]
+    state_file.write_text(json.dumps(old_state))
+    state_file.chmod(0o644)
+    os.kill(_pids(info)[1], signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while embedded.status(home)["nats"]:
+        assert time.monotonic() < deadline, "nats-server did not stop"
+        time.sleep(0.05)
+    conf = home / "nats" / "nats.conf"
+    conf.write_text(embedded.nats_config(info.nats_port, home / "nats" / "store",
+                                         home / "nats" / "nats.pid", home / "nats" / "nats.log"))
+    old = subprocess.Popen([str(embedded._nats_binary()), "-c", str(conf)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    deadline = time.monotonic() + 10
+    try:
+        while True:
+            with contextlib.suppress(OSError):
+                if not _nats_greeting(info.nats_port).get("auth_required"):
+                    break
+            assert old.poll() is None and time.monotonic() < deadline, "old NATS did not start"
+            time.sleep(0.05)
+        assert embedded.status(home)["nats"]
+        # Before the next `up`, the home describes the server as it is: open to anyone.
+        before = embedded.load_info(home)
+        assert before is not None and before.nats_url == before.nats_address
+        # The next `up` adds the users, writes them down privately and restarts NATS with them.
+        upgraded = embedded.up(home)
+        assert old.wait(timeout=10) == 0
+        assert re.match(r"nats://operator:[\w-]{32}@", upgraded.nats_url)
+        assert upgraded.nats_url != info.nats_url  # new passwords
+        assert _mode(state_file) == 0o600
+        assert "nats_passwords" in json.loads(state_file.read_text())
+        assert _nats_greeting(info.nats_port)["auth_required"] is True
+        asyncio.run(_nats_refuses(upgraded.nats_address))
+        assert asyncio.run(_nats_round_trip(upgraded.nats_url)) == b"pong"
+        # And from then on nothing restarts.
+        pid = _pids(upgraded)[1]
+        assert embedded.up(home) == upgraded
+        assert _pids(upgraded)[1] == pid
+    finally:
+        if old.poll() is None:
+            old.kill()
+        old.wait()
 
 
 def test_down_leaves_no_process_behind(home: Path) -> None:
