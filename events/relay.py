@@ -7,7 +7,7 @@ import json
 import logging
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -29,6 +29,7 @@ from nats.js.api import (
 )
 from psycopg.rows import tuple_row
 
+from events.concurrency import first_of
 from events.errors import EventStoreError, StoreUnavailableError
 from events.store import ORIGIN, SESSION_OPTIONS, Checkpoint, EventStore, RecordedEvent
 
@@ -502,7 +503,7 @@ class Relay:
                                 self._nats_back.clear()
                                 # Appends keep NOTIFYing during an outage: sleep through them,
                                 # but wake when the client reports NATS is back.
-                                await _first_of(asyncio.sleep(delay), self._nats_back.wait(),
+                                await first_of(asyncio.sleep(delay), self._nats_back.wait(),
                                                 stop.wait())
                                 continue
                             if failures:
@@ -510,14 +511,14 @@ class Relay:
                                 failures = 0
                             if published:
                                 log.debug("relay %s: published %d", self._name, published)
-                            await _first_of(notifications.wait(self._poll_interval),
+                            await first_of(notifications.wait(self._poll_interval),
                                             stop.wait())
                 except (StoreUnavailableError, psycopg.OperationalError) as e:
                     failures += 1
                     delay = self._backoff(failures)
                     log.warning("relay %s: database unavailable (%s); retrying in %.1fs",
                                 self._name, e, delay)
-                    await _first_of(asyncio.sleep(delay), stop.wait())
+                    await first_of(asyncio.sleep(delay), stop.wait())
         finally:
             await self.close()
 
@@ -588,17 +589,6 @@ async def _settle(future: asyncio.Future[PubAck], deadline: float,
 
 def _broken_chain(error: BaseException) -> bool:
     return isinstance(error, nats.js.errors.APIError) and error.err_code == WRONG_LAST_MSG_ID
-
-
-async def _first_of(*waits: Coroutine[Any, Any, Any]) -> None:
-    """Return when the first of `waits` finishes; the others are cancelled and awaited."""
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _describe(error: BaseException) -> str:

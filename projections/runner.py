@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -13,6 +13,7 @@ from psycopg import AsyncConnection, sql
 from psycopg.rows import tuple_row
 from psycopg_pool import PoolTimeout
 
+from events.concurrency import first_of
 from events.errors import StoreUnavailableError
 from events.store import ORIGIN, Checkpoint, EventStore, RecordedEvent
 from projections.alerts import AlertsProjection
@@ -119,7 +120,7 @@ class ProjectionRunner:
                 async with self._store.listen() as notifications:
                     while not stop.is_set():
                         await self.catch_up()
-                        await _first_of(notifications.wait(self._poll_interval), stop.wait())
+                        await first_of(notifications.wait(self._poll_interval), stop.wait())
             except (StoreUnavailableError, psycopg.OperationalError) as e:
                 log.warning("projection runner lost the database (%s); retrying", e)
                 await asyncio.sleep(self._poll_interval)
@@ -222,17 +223,6 @@ class ProjectionRunner:
                 ).format(sql.Identifier(projection.schema, "projection_checkpoints")),
                 (str(error), error.position, projection.name),
             )
-
-
-async def _first_of(*waits: Coroutine[Any, Any, Any]) -> None:
-    """Return when the first of `waits` finishes; the others are cancelled and awaited."""
-    tasks = [asyncio.ensure_future(w) for w in waits]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _checkpoint_row(conn: AsyncConnection[Any], projection: Projection) -> tuple[Any, ...]:
