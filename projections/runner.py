@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -49,6 +51,32 @@ class ProjectionStatus:
     events_applied: int
     error: str | None
     error_position: int | None
+
+
+_gc_depth = [0]
+_gc_saved: list[int] = []
+
+
+@contextlib.contextmanager
+def fewer_collections(threshold: int = 50_000) -> Iterator[None]:
+    """Run the cyclic GC less often while folding many events.
+
+    A rebuild allocates millions of small dicts and views that live on; with the default
+    young-generation threshold (700) the collector rescans the growing heap over and over, which
+    cost a third of the fold's time on 10,000 workflows. Nothing here makes reference cycles
+    that need collecting promptly, so the threshold is raised for the duration and restored.
+    """
+    # Runners overlap (the engine's and serve's own): the outermost one sets and restores.
+    if _gc_depth[0] == 0:
+        _gc_saved[:] = gc.get_threshold()
+        gc.set_threshold(max(threshold, _gc_saved[0]), *_gc_saved[1:])
+    _gc_depth[0] += 1
+    try:
+        yield
+    finally:
+        _gc_depth[0] -= 1
+        if _gc_depth[0] == 0:
+            gc.set_threshold(*_gc_saved)
 
 
 class _Moved(Exception):
@@ -102,6 +130,12 @@ class ProjectionRunner:
 
     async def catch_up(self) -> int:
         """Apply everything readable now to every projection; returns the events applied."""
+        total = 0
+        with fewer_collections():
+            total = await self._catch_up_all()
+        return total
+
+    async def _catch_up_all(self) -> int:
         total = 0
         for projection in self._projections:
             if projection.name in self.stopped:

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from events.store import EventStore
 from projections import workflows
-from projections.runner import ProjectionRunner, default_projections
+from projections.runner import ProjectionRunner, default_projections, fewer_collections
 from rebalancer.machines import TaskKind, task_machine, workflow_machine
 from tests.bench.common import raw_scan, scratch_database, server_version
 from tests.synthetic import make_history
@@ -44,11 +44,13 @@ async def seed(store: EventStore) -> int:
 
 
 async def fold_all(store: EventStore) -> int:
+    """The fold alone, with the same GC setting the projection runner uses."""
     views: dict[str, workflows.WorkflowView | None] = defaultdict(lambda: None)
     n = 0
-    async for event in store.iter_all(batch=2000):
-        views[event.stream_id] = workflows.apply(views[event.stream_id], event)
-        n += 1
+    with fewer_collections():
+        async for event in store.iter_all(batch=2000):
+            views[event.stream_id] = workflows.apply(views[event.stream_id], event)
+            n += 1
     assert len(views) == WORKFLOWS
     return n
 
