@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable, Mapping
@@ -239,15 +240,22 @@ async def request(url: str, subject: str, payload: Mapping[str, Any],
 async def follow(url: str, workflow_id: str, on_event: Callable[[Any], bool],
                  timeout: float | None = None) -> None:
     """Feed a workflow's relayed events, from its first, to `on_event` until it returns True."""
+    import nats.js.errors
+
     from events.relay import Subscriber
 
     nc = await _connect_once(url, 5.0)
     try:
         subject = f"rebalancer.events.{workflow_id}.>" if workflow_id else "rebalancer.events.>"
-        async with Subscriber(nc, subject) as events:
-            while True:
-                if on_event(await events.next(timeout=timeout)):
-                    return
+        while True:
+            try:
+                async with Subscriber(nc, subject) as events:
+                    while True:
+                        if on_event(await events.next(timeout=timeout)):
+                            return
+            except nats.js.errors.NotFoundError:
+                # No stream yet: a `serve` that has never relayed creates it on its first pass.
+                await asyncio.sleep(0.5)
     finally:
         await nc.close()
 

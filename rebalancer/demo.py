@@ -72,6 +72,8 @@ async def run_demo(
         )
         engine = Engine(rt.store, world, rt.accounts, owner="demo")
         relay = Relay(rt.store, nats_url)
+        # The stream must exist before the live view subscribes to it (a fresh NATS has none).
+        await relay.ensure_stream()
         stop = asyncio.Event()
         driver = asyncio.gather(engine.run(stop, tick=0.1), relay.run(stop))
         try:
