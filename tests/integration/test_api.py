@@ -195,3 +195,43 @@ async def test_requests_over_a_real_nats(store: EventStore, nats_url: str) -> No
             await sub.unsubscribe()
     finally:
         await nc.drain()
+
+
+async def _cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    import os
+    import sys
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "rebalancer", *args, env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_the_command_line_speaks_to_the_api_over_nats(
+    store: EventStore, database_url: str, nats_url: str
+) -> None:
+    nc = await nats.connect(nats_url)
+    env = {"REBALANCER_DATABASE_URL": database_url, "REBALANCER_NATS_URL": nats_url}
+    try:
+        await serve_api(api_for(store), nc)
+        params = [arg for key, value in PARAMS.items() for arg in ("--param", f"{key}={value}")]
+        code, out, err = await _cli(env, "start", SPEC, *params, "--command-id", "cli-1",
+                                    "--json")
+        assert code == 0, err
+        workflow_id = json.loads(out)["workflow_id"]
+        # A repeat of the command id starts nothing new.
+        code, out, _ = await _cli(env, "start", SPEC, *params, "--command-id", "cli-1",
+                                  "--json")
+        assert json.loads(out) == {"workflow_id": workflow_id, "created": False, "state": None}
+        # An illegal move is refused with its code, in one line, exit 2.
+        code, _, err = await _cli(env, "resume", workflow_id)
+        assert code == 2 and err.count("\n") == 1 and "illegal_transition" in err
+        code, out, _ = await _cli(env, "cancel", workflow_id, "--reason", "test")
+        assert code == 0 and out.strip() == f"{workflow_id}: canceled"
+    finally:
+        await nc.drain()
+    # With nothing answering, the command line says so instead of hanging.
+    code, _, err = await _cli(env, "pause", workflow_id)
+    assert code == 2 and "serve" in err

@@ -83,6 +83,9 @@ async def test_pause_resume_and_resolve_on_a_running_world(database_url: str,
         reply = await ask(api, "resolve", command_id="v1", workflow_id=stuck_id,
                           task="await_ghost", outcome="failed", note="never sent, checked")
         assert reply["state"] == "failed"
+        # Nothing needs attention now: the operator's retry puts the workflow back to running.
+        reply = await ask(api, "retry", command_id="x2", workflow_id=stuck_id)
+        assert reply == {"ok": True, "workflow_id": stuck_id, "state": "running"}
         ended = await drive(engine, store, stuck_id, {"failed", "done"})
         assert ended.state == "failed"
         assert world is not None and (await world.check())[0]
