@@ -227,8 +227,22 @@ def events_watch(args: argparse.Namespace) -> int:
             print(_progress_line(event), flush=True)
         return False
 
-    asyncio.run(follow(_nats_url(), args.workflow_id or "", show))
+    asyncio.run(follow(_reader_url(), args.workflow_id or "", show))
     return EXIT_OK
+
+
+def _reader_url() -> str:
+    """NATS for reading only: as the subscriber user where one is configured (or embedded)."""
+    settings = Settings()
+    if settings.nats_subscriber_url:
+        return settings.nats_subscriber_url
+    if settings.nats_url:
+        return settings.nats_url
+    embedded.ensure_urls(settings)
+    info = embedded.load_info(settings.home)
+    if info is None:
+        raise UsageError(f"no embedded servers under {settings.home}")
+    return info.nats_subscriber_url
 
 
 def _request(command: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,8 @@ class Settings(BaseSettings):
     # None means: start (or reuse) the embedded servers under `home`.
     database_url: str | None = None
     nats_url: str | None = None
+    # Read-only consumers (`rebalancer watch`) connect as the subscriber user when it is set.
+    nats_subscriber_url: str | None = None
     home: Path = Field(default=Path(".rebalancer"))
     config: Path | None = None
     # Which exchanges the worker talks to; "simulated" is the default (and, for now, the only
