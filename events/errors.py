@@ -21,9 +21,5 @@ class DuplicateRegistrationError(EventStoreError):
     """An event type name or an upcaster was registered twice."""
 
 
-class IntegrityError(EventStoreError):
-    """A stored stream breaks its hash chain or its version sequence."""
-
-
 class StoreUnavailableError(EventStoreError):
     """PostgreSQL cannot be reached or refused the connection; retry later."""

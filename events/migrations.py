@@ -9,6 +9,7 @@ from pathlib import Path
 import psycopg
 
 from events.errors import EventStoreError, StoreUnavailableError
+from events.store import first_line
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "infra" / "migrations"
 _NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
@@ -48,7 +49,7 @@ async def migrate(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
     try:
         conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True, connect_timeout=10)
     except psycopg.OperationalError as e:
-        raise StoreUnavailableError(f"cannot reach PostgreSQL: {_first_line(e)}") from e
+        raise StoreUnavailableError(f"cannot reach PostgreSQL: {first_line(e)}") from e
     applied_now: list[str] = []
     async with conn:
         await conn.execute("select pg_advisory_lock(%s)", (_ADVISORY_LOCK_KEY,))
@@ -73,14 +74,10 @@ async def migrate(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
                         )
                 except psycopg.Error as e:
                     raise EventStoreError(
-                        f"migration {migration.name} failed: {_first_line(e)}"
+                        f"migration {migration.name} failed: {first_line(e)}"
                     ) from e
                 applied_now.append(migration.name)
         finally:
             await conn.execute("select pg_advisory_unlock(%s)", (_ADVISORY_LOCK_KEY,))
     return applied_now
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

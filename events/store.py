@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg.adapt import Loader
-from psycopg.rows import tuple_row
+from psycopg.rows import dict_row, tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from events.catalogue import Catalogue, Event
@@ -255,7 +255,7 @@ class EventStore:
                 raise ConcurrencyError(
                     f"stream {stream_id} is no longer at version {expected_version}"
                 ) from e
-            raise _translate(e) from e
+            raise translate_error(e) from e
         except PoolTimeout as e:
             raise StoreUnavailableError("no database connection available") from e
         self._wake_followers()
@@ -424,7 +424,7 @@ class EventStore:
                     (command_id, kind, json.dumps(dict(reply), default=str)),
                 )
         except psycopg.Error as e:
-            raise _translate(e) from e
+            raise translate_error(e) from e
 
     async def recall_outcome(self, command_id: str) -> dict[str, Any] | None:
         """The kept reply to a refused command, None when there is none."""
@@ -450,16 +450,24 @@ class EventStore:
         """A dedicated connection LISTENing for appends; use as an async context manager."""
         return Notifications(self._conninfo)
 
+    async def fetch_dicts(self, query: Any, params: Sequence[Any]) -> list[dict[str, Any]]:
+        """Rows of a read-only query as dicts, database errors translated; for read models."""
+        try:
+            async with self._pool.connection() as conn:
+                cur = conn.cursor(row_factory=dict_row)
+                await cur.execute(query, params)
+                return await cur.fetchall()
+        except (psycopg.Error, PoolTimeout) as e:
+            raise translate_error(e) from e
+
     async def _fetchall(self, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
         try:
             async with self._pool.connection() as conn:
                 cur = conn.cursor(row_factory=tuple_row)
                 await cur.execute(query, params)
                 return await cur.fetchall()
-        except psycopg.Error as e:
-            raise _translate(e) from e
-        except PoolTimeout as e:
-            raise StoreUnavailableError("no database connection available") from e
+        except (psycopg.Error, PoolTimeout) as e:
+            raise translate_error(e) from e
 
     async def _fetchone(self, query: str, params: Sequence[Any]) -> tuple[Any, ...] | None:
         rows = await self._fetchall(query, params)
@@ -479,7 +487,7 @@ class Notifications:
                 self._conninfo, autocommit=True, options=SESSION_OPTIONS
             )
         except psycopg.OperationalError as e:
-            raise _translate(e) from e
+            raise translate_error(e) from e
         await self._conn.execute(f"listen {NOTIFY_CHANNEL}")
         return self
 
@@ -504,7 +512,7 @@ async def check_reachable(conninfo: str, timeout: float = 10.0) -> None:
         )
     except psycopg.OperationalError as e:
         raise StoreUnavailableError(
-            f"cannot reach PostgreSQL at {_where(conninfo)}: {_first_line(e)}"
+            f"cannot reach PostgreSQL at {_where(conninfo)}: {first_line(e)}"
         ) from e
     await conn.close()
 
@@ -521,10 +529,15 @@ def _refuse_secrets(encoded: str, where: str) -> None:
         raise InvalidEventError(f"{where}: key {found.group(1)!r} looks like a secret; not stored")
 
 
-def _translate(error: psycopg.Error) -> EventStoreError:
+def translate_error(
+    error: psycopg.Error | PoolTimeout, other: type[EventStoreError] = EventStoreError
+) -> EventStoreError:
+    """A database error as ours: unreachable -> StoreUnavailableError, anything else -> `other`."""
+    if isinstance(error, PoolTimeout):
+        return StoreUnavailableError("no database connection available")
     if isinstance(error, psycopg.OperationalError):
-        return StoreUnavailableError(f"PostgreSQL unavailable: {_first_line(error)}")
-    return EventStoreError(_first_line(error))
+        return StoreUnavailableError(f"PostgreSQL unavailable: {first_line(error)}")
+    return other(first_line(error))
 
 
 def _where(conninfo: str) -> str:
@@ -536,6 +549,7 @@ def _where(conninfo: str) -> str:
     return f"{parts.get('host', 'localhost')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an error's text (database errors carry multi-line details)."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__

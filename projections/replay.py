@@ -12,7 +12,7 @@ from psycopg.rows import tuple_row
 from psycopg_pool import PoolTimeout
 
 from events.errors import EventStoreError, StoreUnavailableError
-from events.store import ORIGIN, Checkpoint, EventStore
+from events.store import ORIGIN, Checkpoint, EventStore, translate_error
 from projections.runner import Projection, ProjectionRunner, default_projections, reset
 
 LIVE_SCHEMA = "public"
@@ -341,10 +341,7 @@ async def _count(conn: AsyncConnection[Any], schema: str, table: str) -> int:
 
 
 def _translate(error: psycopg.Error) -> EventStoreError:
-    text = " ".join(str(error).split()) or type(error).__name__
-    if isinstance(error, psycopg.OperationalError):
-        return StoreUnavailableError(f"PostgreSQL unavailable: {text}")
-    return ReadModelError(text)
+    return translate_error(error, ReadModelError)
 
 
 __all__ = [

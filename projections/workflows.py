@@ -7,12 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import psycopg
 from psycopg import AsyncConnection, sql
-from psycopg.rows import dict_row, tuple_row
-from psycopg_pool import PoolTimeout
 
-from events.errors import EventStoreError, StoreUnavailableError
 from events.store import EventStore, RecordedEvent
 
 ACTIVE_STATES = ("created", "running", "paused", "needs_attention")
@@ -261,16 +257,8 @@ async def read_workflow(store: EventStore, workflow_id: str) -> WorkflowView | N
         sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
         sql.Identifier("public", "workflows"),
     )
-    try:
-        async with store.pool.connection() as conn:
-            cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(query, (workflow_id,))
-            row = await cur.fetchone()
-    except psycopg.Error as e:
-        raise _read_error(e) from e
-    except PoolTimeout as e:
-        raise StoreUnavailableError("no database connection available") from e
-    return None if row is None else from_row(row)
+    rows = await store.fetch_dicts(query, (workflow_id,))
+    return from_row(rows[0]) if rows else None
 
 
 async def list_workflows(
@@ -282,20 +270,5 @@ async def list_workflows(
         " updated_at, version from {} where (%s::text is null or state = %s)"
         " order by updated_at desc nulls last, workflow_id limit %s"
     ).format(sql.Identifier("public", "workflows"))
-    try:
-        async with store.pool.connection() as conn:
-            cur = conn.cursor(row_factory=tuple_row)
-            await cur.execute(query, (state, state, limit))
-            rows = await cur.fetchall()
-    except psycopg.Error as e:
-        raise _read_error(e) from e
-    except PoolTimeout as e:
-        raise StoreUnavailableError("no database connection available") from e
-    return [WorkflowSummary(*row) for row in rows]
-
-
-def _read_error(error: psycopg.Error) -> EventStoreError:
-    text = " ".join(str(error).split()) or type(error).__name__
-    if isinstance(error, psycopg.OperationalError):
-        return StoreUnavailableError(f"PostgreSQL unavailable: {text}")
-    return EventStoreError(text)
+    rows = await store.fetch_dicts(query, (state, state, limit))
+    return [WorkflowSummary(**row) for row in rows]

@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 STREAM = "REBALANCER_ALERTS"
 SUBJECTS = "rebalancer.alerts.>"
-KINDS = ("workflow_failed", "task_stuck", "needs_attention", "relay_lag")
 
 
 def alert_stream() -> StreamConfig:

@@ -59,11 +59,21 @@ async def start_workflow(
             f"workflow-{workflow_id}",
             [event],
             0,
-            metadata={"command_id": command_id, "actor": actor},
+            metadata=command_metadata(command_id, workflow_id, actor),
         )
     except ConcurrencyError:
         return workflow_id, False
     return workflow_id, True
+
+
+def command_metadata(command_id: str, workflow_id: str, actor: str) -> dict[str, str]:
+    """DESIGN §3 metadata of a command's events: caused by the command, correlated by workflow."""
+    return {
+        "command_id": command_id,
+        "actor": actor,
+        "correlation_id": workflow_id,
+        "causation_id": command_id,
+    }
 
 
 # -- the operator's commands -------------------------------------------------------------------
@@ -118,8 +128,11 @@ async def control_workflow(
             if waiting:
                 # The worker would escalate it again at once: the operator's answer is resolve.
                 raise CommandError(
-                    "conflict", f"task {waiting[0]} still needs attention; resolve it (resend,"
-                    " done or failed) and the workflow resumes", tasks=waiting)
+                    "conflict",
+                    f"task {waiting[0]} still needs attention; resolve it (resend,"
+                    " done or failed) and the workflow resumes",
+                    tasks=waiting,
+                )
         if kind == "cancel":
             task = workflow.current
             if task is not None and task.state in IN_FLIGHT:
@@ -149,7 +162,7 @@ async def control_workflow(
             workflow.stream_id,
             events,
             workflow.version,
-            metadata={"command_id": command_id, "actor": actor},
+            metadata=command_metadata(command_id, workflow_id, actor),
         )
         return {"ok": True, "workflow_id": workflow_id, "state": events[-1].dest}
 
@@ -196,7 +209,7 @@ async def resolve_task(
             workflow.stream_id,
             [event],
             workflow.version,
-            metadata={"command_id": command_id, "actor": actor},
+            metadata=command_metadata(command_id, workflow_id, actor),
         )
         return {"ok": True, "workflow_id": workflow_id, "task": task.name, "state": event.dest}
 

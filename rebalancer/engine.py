@@ -144,6 +144,7 @@ class Engine:
         rate_per_exchange: float = 20.0,
         deadlines: Mapping[TaskKind, float] | None = None,
         clock: Callable[[], datetime] | None = None,
+        follow_projections: bool = True,
     ) -> None:
         self.store = store
         self.exchanges = ThrottledExchanges(exchanges, rate_per_exchange)
@@ -153,7 +154,9 @@ class Engine:
         self.deadlines = dict(deadlines or DEFAULT_DEADLINES)
         self.clock = clock or (lambda: datetime.now(UTC))
         self.backoff = Backoff()
-        self.runner = ProjectionRunner(store, default_projections())
+        # Standalone (demo, tests) the engine keeps the read models current itself; under
+        # `serve` a ProjectionRunner already follows every append, so it would only repeat it.
+        self.runner = ProjectionRunner(store, default_projections()) if follow_projections else None
         self._semaphore = asyncio.Semaphore(concurrency)
         self.broken: dict[str, str] = {}  # workflow id -> why its stream cannot be folded
 
@@ -215,7 +218,10 @@ class Engine:
         self, workflow: Workflow, events: list[TaskStateChanged] | list[WorkflowStateChanged]
     ) -> None:
         result = await self.store.append(
-            workflow.stream_id, events, workflow.version, metadata={"actor": self.owner}
+            workflow.stream_id,
+            events,
+            workflow.version,
+            metadata=step_metadata(workflow, self.owner),
         )
         for recorded in await self.store.read_stream(
             workflow.stream_id, after_version=workflow.version, up_to_version=result.version
@@ -230,7 +236,8 @@ class Engine:
 
     async def active(self) -> list[str]:
         """Workflows that may need a step, from the `workflows` read model."""
-        await self.runner.catch_up()
+        if self.runner is not None:
+            await self.runner.catch_up()
         async with self.store.pool.connection() as conn:
             cur = await conn.execute(
                 "select workflow_id::text from workflows where state = any(%s) order by updated_at",
@@ -290,3 +297,13 @@ class Engine:
                 "delete from workflow_leases where workflow_id = %s and owner = %s",
                 (workflow_id, self.owner),
             )
+
+
+def step_metadata(workflow: Workflow, actor: str) -> dict[str, str]:
+    """DESIGN §3 metadata of a worker's events: every event of a workflow shares its
+    correlation id; the cause of a step is the last event it was decided from."""
+    return {
+        "actor": actor,
+        "correlation_id": workflow.workflow_id,
+        "causation_id": f"{workflow.stream_id}:{workflow.version}",
+    }

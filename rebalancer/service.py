@@ -79,7 +79,7 @@ async def serve(settings: Settings, database_url: str, nats_url: str | None, *,
     stop = asyncio.Event()
     stop_on_signals(stop)
     async with runtime(settings, database_url) as rt:
-        engine = Engine(rt.store, rt.exchanges, rt.accounts)
+        engine = Engine(rt.store, rt.exchanges, rt.accounts, follow_projections=False)
         runner = ProjectionRunner(rt.store, default_projections())
         log.info("serving as %s", engine.owner)
         if nats_url is None:

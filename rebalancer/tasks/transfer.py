@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from decimal import Decimal
 from typing import Any
 
 from rebalancer.exchanges.base import (
+    Exchange,
+    HistoryMatch,
     MasterTransferRequest,
     Transfer,
     TransferRequest,
@@ -24,26 +28,15 @@ class TransferProcessor(Processor):
 
     async def request(self, ctx: TaskContext) -> None:
         config = ctx.config(TransferConfig)
-        exchange = ctx.exchange(config.account)
-        client_id = ctx.next_client_id()
-        params = {
-            "account": config.account,
-            "currency": config.currency,
-            "amount": str(config.amount),
-            "from_wallet": config.from_wallet,
-            "to_wallet": config.to_wallet,
-            "client_id": client_id,
-        }
         request = TransferRequest(
-            client_id=client_id,
+            client_id=ctx.next_client_id(),
             currency=config.currency,
             amount=config.amount,
             from_wallet=Wallet(config.from_wallet),
             to_wallet=Wallet(config.to_wallet),
         )
-        transfer = await send(ctx, "submit", params, lambda: exchange.transfer(request))
-        if transfer is not None:
-            await ctx.move("accept", request_result=_request_result(transfer))
+        exchange = ctx.exchange(config.account)
+        await _send(ctx, config.account, request, lambda: exchange.transfer(request))
 
     async def reconcile(self, ctx: TaskContext) -> None:
         found = await reconcile_lookup(ctx, lambda: self.lookup(ctx))
@@ -59,7 +52,12 @@ class TransferProcessor(Processor):
         params = ctx.task.request_params or {}
         exchange = ctx.exchange(params["account"])
         match = await ctx.history_match(params["currency"], Decimal(params["amount"]))
-        return await exchange.fetch_transfer(params["client_id"], match)
+        return await self._fetch(exchange, params["client_id"], match)
+
+    async def _fetch(
+        self, exchange: Exchange, client_id: str, match: HistoryMatch
+    ) -> Transfer | None:
+        return await exchange.fetch_transfer(client_id, match)
 
 
 class MasterTransferProcessor(TransferProcessor):
@@ -69,20 +67,8 @@ class MasterTransferProcessor(TransferProcessor):
 
     async def request(self, ctx: TaskContext) -> None:
         config = ctx.config(MasterTransferConfig)
-        exchange = ctx.exchange(config.master_account)
-        client_id = ctx.next_client_id()
-        params = {
-            "account": config.master_account,
-            "from_account": config.from_account,
-            "to_account": config.to_account,
-            "currency": config.currency,
-            "amount": str(config.amount),
-            "from_wallet": config.from_wallet,
-            "to_wallet": config.to_wallet,
-            "client_id": client_id,
-        }
         request = MasterTransferRequest(
-            client_id=client_id,
+            client_id=ctx.next_client_id(),
             currency=config.currency,
             amount=config.amount,
             from_account=config.from_account,
@@ -90,15 +76,32 @@ class MasterTransferProcessor(TransferProcessor):
             from_wallet=Wallet(config.from_wallet),
             to_wallet=Wallet(config.to_wallet),
         )
-        transfer = await send(ctx, "submit", params, lambda: exchange.master_transfer(request))
-        if transfer is not None:
-            await ctx.move("accept", request_result=_request_result(transfer))
+        exchange = ctx.exchange(config.master_account)
+        await _send(ctx, config.master_account, request, lambda: exchange.master_transfer(request))
 
-    async def lookup(self, ctx: TaskContext) -> Transfer | None:
-        params = ctx.task.request_params or {}
-        exchange = ctx.exchange(params["account"])
-        match = await ctx.history_match(params["currency"], Decimal(params["amount"]))
-        return await exchange.fetch_master_transfer(params["client_id"], match)
+    async def _fetch(
+        self, exchange: Exchange, client_id: str, match: HistoryMatch
+    ) -> Transfer | None:
+        return await exchange.fetch_master_transfer(client_id, match)
+
+
+async def _send(
+    ctx: TaskContext,
+    account: str,
+    request: TransferRequest | MasterTransferRequest,
+    call: Callable[[], Awaitable[Transfer]],
+) -> None:
+    """The intent (the request itself, money as strings) stored, then the one call."""
+    params = {
+        "account": account,
+        **{
+            key: str(value) if isinstance(value, Decimal | Wallet) else value
+            for key, value in asdict(request).items()
+        },
+    }
+    transfer = await send(ctx, "submit", params, call)
+    if transfer is not None:
+        await ctx.move("accept", request_result=_request_result(transfer))
 
 
 async def follow(ctx: TaskContext, transfer: Transfer) -> None:
