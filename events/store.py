@@ -452,18 +452,15 @@ class EventStore:
 
     async def fetch_dicts(self, query: Any, params: Sequence[Any]) -> list[dict[str, Any]]:
         """Rows of a read-only query as dicts, database errors translated; for read models."""
-        try:
-            async with self._pool.connection() as conn:
-                cur = conn.cursor(row_factory=dict_row)
-                await cur.execute(query, params)
-                return await cur.fetchall()
-        except (psycopg.Error, PoolTimeout) as e:
-            raise translate_error(e) from e
+        return await self._fetch(query, params, dict_row)
 
     async def _fetchall(self, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        return await self._fetch(query, params, tuple_row)
+
+    async def _fetch(self, query: Any, params: Sequence[Any], factory: Any) -> list[Any]:
         try:
             async with self._pool.connection() as conn:
-                cur = conn.cursor(row_factory=tuple_row)
+                cur = conn.cursor(row_factory=factory)
                 await cur.execute(query, params)
                 return await cur.fetchall()
         except (psycopg.Error, PoolTimeout) as e:
