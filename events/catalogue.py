@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from events.errors import DuplicateRegistrationError, InvalidEventError, UnknownEventTypeError
+from events.vocabulary import (
+    ERROR_CLEARING_TRIGGERS,
+    TaskKind,
+    TaskState,
+    TaskTrigger,
+    WorkflowState,
+    WorkflowTrigger,
+)
 
 JsonObject = dict[str, Any]
 Upcaster = Callable[[JsonObject], JsonObject]
@@ -119,7 +127,13 @@ def _one_line(error: ValidationError) -> str:
 
 catalogue = Catalogue()
 
-TaskKindName = Literal["trade", "withdraw", "deposit", "transfer", "master_transfer"]
+# The vocabulary's members, taken from their stored values too: strict models would refuse a plain
+# "submit", though it is exactly the stored form; a value outside the vocabulary is still refused.
+Kind = Annotated[TaskKind, Field(strict=False)]
+TaskStateName = Annotated[TaskState, Field(strict=False)]
+TaskTriggerName = Annotated[TaskTrigger, Field(strict=False)]
+WorkflowStateName = Annotated[WorkflowState, Field(strict=False)]
+WorkflowTriggerName = Annotated[WorkflowTrigger, Field(strict=False)]
 
 
 @catalogue.register
@@ -140,10 +154,20 @@ class WorkflowStateChanged(Event):
 
     type_name: ClassVar[str] = "WorkflowStateChanged"
 
-    trigger: str
-    source: str
-    dest: str
+    trigger: WorkflowTriggerName
+    source: WorkflowStateName
+    dest: WorkflowStateName
     reason: str | None = None
+
+
+class TaskFields(Protocol):
+    """What every fold of a task keeps: its state, what the exchange reported, its last error."""
+
+    state: TaskState
+    request_params: JsonObject | None
+    request_result: JsonObject | None
+    refresh_result: JsonObject | None
+    error: JsonObject | None
 
 
 @catalogue.register
@@ -154,10 +178,10 @@ class TaskStateChanged(Event):
 
     task_index: int
     task_name: str
-    kind: TaskKindName
-    trigger: str
-    source: str
-    dest: str
+    kind: Kind
+    trigger: TaskTriggerName
+    source: TaskStateName
+    dest: TaskStateName
     request_params: JsonObject | None = None
     request_result: JsonObject | None = None
     refresh_result: JsonObject | None = None
@@ -176,3 +200,21 @@ class TaskStateChanged(Event):
         if value < 0:
             raise ValueError("task_index must be >= 0")
         return value
+
+    def merge_into(self, task: TaskFields) -> None:
+        """Apply this move's carried facts to `task`: the one merge every fold of a task uses.
+
+        A result the move does not carry keeps its earlier value; the last error stays until a
+        move carries a new one or sends the task back to be sent afresh (reset, resolve_resend).
+        """
+        task.state = self.dest
+        if self.request_params is not None:
+            task.request_params = self.request_params
+        if self.request_result is not None:
+            task.request_result = self.request_result
+        if self.refresh_result is not None:
+            task.refresh_result = self.refresh_result
+        if self.error is not None:
+            task.error = self.error
+        elif self.trigger in ERROR_CLEARING_TRIGGERS:
+            task.error = None

@@ -14,7 +14,9 @@ from typing import Any
 from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
 
+from events.catalogue import TaskStateChanged, WorkflowStateChanged
 from events.store import EventStore, RecordedEvent
+from events.vocabulary import TaskTrigger, WorkflowState
 from projections.workflows import workflow_id_of
 
 
@@ -41,10 +43,10 @@ def alert_for(event: RecordedEvent) -> tuple[Any, ...] | None:
     data = event.data
     workflow_id = workflow_id_of(event.stream_id)
     key = f"{workflow_id}:v{event.version}"
-    if event.type == "WorkflowStateChanged" and data["dest"] == "failed":
+    if event.type == WorkflowStateChanged.type_name and data["dest"] == WorkflowState.FAILED:
         return (f"workflow_failed:{key}", "workflow_failed", workflow_id, None,
                 data.get("reason") or "workflow failed", event.recorded_at)
-    if event.type == "TaskStateChanged" and data["trigger"] == "escalate":
+    if event.type == TaskStateChanged.type_name and data["trigger"] == TaskTrigger.ESCALATE:
         error = data.get("error") or {}
         kind = "task_stuck" if error.get("code") == "deadline" else "needs_attention"
         return (f"{kind}:{key}", kind, workflow_id, data["task_name"],

@@ -14,13 +14,21 @@ from typing import Any
 
 from psycopg import AsyncConnection, sql
 
+from events.catalogue import TaskStateChanged
 from events.store import RecordedEvent
+from events.vocabulary import TASK_TERMINAL, TaskKind, TaskState, TaskTrigger
 from projections.workflows import ProjectionError, workflow_id_of
 
-MOVING_KINDS = ("withdraw", "transfer", "master_transfer")
-# Moves after which the task's money is certainly not (or no longer) on its way.
-CLOSING = {"withdraw": ("failed", "canceled"), "transfer": ("done", "failed", "canceled"),
-           "master_transfer": ("done", "failed", "canceled")}
+K, S = TaskKind, TaskState
+# Moves after which the task's money is certainly not (or no longer) on its way: a withdrawal
+# that is done is still on its way until its deposit arrives; a transfer that is done has landed.
+CLOSING: dict[str, frozenset[TaskState]] = {
+    K.WITHDRAW: frozenset({S.FAILED, S.CANCELED}),
+    K.TRANSFER: TASK_TERMINAL,
+    K.MASTER_TRANSFER: TASK_TERMINAL,
+}
+# Where the money of a moving task is on its way (or may be): the row follows the task's state.
+IN_TRANSIT = frozenset({S.REQUESTED, S.PROCESSING, S.NEEDS_ATTENTION, S.DONE})
 
 
 class ExposureProjection:
@@ -43,15 +51,15 @@ class ExposureProjection:
             "delete from {} where workflow_id = %s and task_index = %s"
         ).format(table)
         self._watched = sql.SQL(
-            "delete from {} where workflow_id = %s and task_index = %s and kind = 'deposit'"
+            "delete from {} where workflow_id = %s and task_index = %s and kind = %s"
         ).format(table)
         # The oldest withdrawal of the workflow to the watched account and currency arrived.
         self._arrived = sql.SQL(
             "delete from {t} where ctid = (select w.ctid from {t} w join {t} d"
             " on d.workflow_id = w.workflow_id and d.to_account = w.to_account"
             " and d.currency = w.currency"
-            " where d.workflow_id = %s and d.task_index = %s and d.kind = 'deposit'"
-            " and w.kind = 'withdraw' order by w.task_index limit 1)"
+            " where d.workflow_id = %s and d.task_index = %s and d.kind = %s"
+            " and w.kind = %s order by w.task_index limit 1)"
         ).format(t=table)
 
     async def apply_batch(self, conn: AsyncConnection[Any], events: list[RecordedEvent]) -> None:
@@ -59,20 +67,20 @@ class ExposureProjection:
         # without waiting for a round trip per event.
         async with conn.pipeline(), conn.cursor() as cur:
             for event in events:
-                if event.type != "TaskStateChanged":
+                if event.type != TaskStateChanged.type_name:
                     continue
                 data = event.data
                 kind, dest = data["kind"], data["dest"]
                 workflow_id = workflow_id_of(event.stream_id)
-                if kind == "deposit":
+                if kind == K.DEPOSIT:
                     await self._deposit(cur, event, workflow_id)
                     continue
-                if kind not in MOVING_KINDS:
+                if kind not in CLOSING:
                     continue
                 index = data["task_index"]
-                if dest in CLOSING[kind] or data["trigger"] == "reset":
+                if dest in CLOSING[kind] or data["trigger"] == TaskTrigger.RESET:
                     await cur.execute(self._close, (workflow_id, index))
-                elif dest == "submitting":
+                elif dest == S.SUBMITTING:
                     params = data.get("request_params") or {}
                     await cur.execute(
                         self._open,
@@ -80,7 +88,7 @@ class ExposureProjection:
                          params.get("to_account"), params.get("currency"),
                          _amount(params, event), dest, event.recorded_at, event.version),
                     )
-                elif dest in ("requested", "processing", "needs_attention", "done"):
+                elif dest in IN_TRANSIT:
                     # The status follows the task; amounts stay as they were requested.
                     await cur.execute(
                         sql.SQL(
@@ -96,18 +104,18 @@ class ExposureProjection:
         # do not repeat them, so the watch is kept as a zero-amount row until it ends.
         data = event.data
         index = data["task_index"]
-        if data["dest"] == "requested" and data["trigger"] == "watch":
+        if data["dest"] == S.REQUESTED and data["trigger"] == TaskTrigger.WATCH:
             params = data.get("request_params") or {}
             await cur.execute(
                 self._open,
-                (workflow_id, index, "deposit", None, params.get("account"),
+                (workflow_id, index, K.DEPOSIT, None, params.get("account"),
                  params.get("currency"), Decimal(0), "watching", event.recorded_at,
                  event.version),
             )
-        elif data["dest"] in ("done", "failed", "canceled"):
-            if data["dest"] == "done":
-                await cur.execute(self._arrived, (workflow_id, index))
-            await cur.execute(self._watched, (workflow_id, index))
+        elif data["dest"] in TASK_TERMINAL:
+            if data["dest"] == S.DONE:
+                await cur.execute(self._arrived, (workflow_id, index, K.DEPOSIT, K.WITHDRAW))
+            await cur.execute(self._watched, (workflow_id, index, K.DEPOSIT))
 
 
 def _amount(params: dict[str, Any], event: RecordedEvent) -> Decimal:

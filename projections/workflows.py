@@ -9,10 +9,9 @@ from typing import Any
 
 from psycopg import AsyncConnection, sql
 
+from events.catalogue import TaskStateChanged, WorkflowCreated, WorkflowStateChanged
 from events.store import EventStore, RecordedEvent
-
-ACTIVE_STATES = ("created", "running", "paused", "needs_attention")
-TASK_TERMINAL = ("done", "failed", "canceled")
+from events.vocabulary import TaskState, WorkflowState
 
 
 @dataclass
@@ -22,7 +21,7 @@ class TaskView:
     index: int
     name: str
     kind: str
-    state: str = "created"
+    state: TaskState = TaskState.CREATED
     trigger: str | None = None
     request_params: dict[str, Any] | None = None
     request_result: dict[str, Any] | None = None
@@ -41,7 +40,7 @@ class WorkflowView:
     spec: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     command_id: str = ""
-    state: str = "created"
+    state: WorkflowState = WorkflowState.CREATED
     reason: str | None = None
     tasks: list[TaskView] = field(default_factory=list)
     error: dict[str, Any] | None = None
@@ -53,7 +52,7 @@ class WorkflowView:
     @property
     def current_task(self) -> TaskView | None:
         """The first task not done yet; None once every task is done (or there are none)."""
-        return next((t for t in self.tasks if t.state != "done"), None)
+        return next((t for t in self.tasks if t.state != TaskState.DONE), None)
 
     def task(self, index: int, name: str, kind: str) -> TaskView:
         while len(self.tasks) <= index:
@@ -81,7 +80,7 @@ def apply(view: WorkflowView | None, event: RecordedEvent) -> WorkflowView:
     if view is not None and event.version <= view.version:
         return view  # re-delivered: already applied
     data = event.data
-    if event.type == "WorkflowCreated":
+    if event.type == WorkflowCreated.type_name:
         if view is not None:
             raise ProjectionError(f"{_where(event)}: WorkflowCreated for an existing workflow")
         view = WorkflowView(
@@ -99,22 +98,17 @@ def apply(view: WorkflowView | None, event: RecordedEvent) -> WorkflowView:
             )
     elif view is None:
         raise ProjectionError(f"{_where(event)}: {event.type} before WorkflowCreated")
-    elif event.type == "WorkflowStateChanged":
-        view.state = data["dest"]
+    elif event.type == WorkflowStateChanged.type_name:
+        view.state = WorkflowState(data["dest"])
         view.reason = data.get("reason")
-    elif event.type == "TaskStateChanged":
-        task = view.task(data["task_index"], data["task_name"], data["kind"])
-        task.state = data["dest"]
-        task.trigger = data["trigger"]
+    elif event.type == TaskStateChanged.type_name:
+        moved = _decode(event, TaskStateChanged)
+        task = view.task(moved.task_index, moved.task_name, moved.kind)
+        moved.merge_into(task)  # the aggregate's merge: the two folds cannot drift apart
+        task.trigger = moved.trigger
         task.updated_at = event.recorded_at.isoformat()
-        for key in ("request_params", "request_result", "refresh_result"):
-            if data.get(key) is not None:
-                setattr(task, key, data[key])
-        if data.get("error") is not None:
-            task.error = data["error"]
-            view.error = {"task": task.name, **data["error"]}
-        elif data["trigger"] in ("resolve_resend", "reset"):
-            task.error = None
+        if moved.error is not None:
+            view.error = {"task": task.name, **moved.error}
     else:
         raise ProjectionError(f"{_where(event)}: unknown event type {event.type!r}")
     view.version = event.version
@@ -129,6 +123,15 @@ def fold(events: list[RecordedEvent]) -> WorkflowView | None:
     for event in events:
         view = apply(view, event)
     return view
+
+
+def _decode(event: RecordedEvent, expected: type[TaskStateChanged]) -> TaskStateChanged:
+    try:
+        decoded = event.decode()
+    except Exception as e:  # an upcaster may fail in any way on bad stored data
+        raise ProjectionError(f"{_where(event)}: {e}") from e
+    assert isinstance(decoded, expected)
+    return decoded
 
 
 def _where(event: RecordedEvent) -> str:
@@ -149,7 +152,7 @@ def to_row(view: WorkflowView) -> tuple[Any, ...]:
     current = view.current_task
     last = view.tasks[-1] if view.tasks else None
     to_amount = None
-    if view.state == "done" and last is not None and last.refresh_result:
+    if view.state == WorkflowState.DONE and last is not None and last.refresh_result:
         result = last.refresh_result.get("result") or {}
         to_amount = result.get("amount")
     return (
@@ -175,15 +178,19 @@ def from_row(row: dict[str, Any]) -> WorkflowView:
         spec=row["spec"],
         params=row["params"],
         command_id=row["command_id"],
-        state=row["state"],
+        state=WorkflowState(row["state"]),
         reason=row["reason"],
-        tasks=[TaskView(**t) for t in row["tasks"]],
+        tasks=[_task_view(t) for t in row["tasks"]],
         error=row["error"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         version=row["version"],
         last_position=row["last_position"],
     )
+
+
+def _task_view(stored: dict[str, Any]) -> TaskView:
+    return TaskView(**{**stored, "state": TaskState(stored["state"])})
 
 
 class WorkflowsProjection:

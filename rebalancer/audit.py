@@ -23,8 +23,9 @@ from events.catalogue import (
 from events.catalogue import catalogue as default_catalogue
 from events.errors import EventStoreError, StoreUnavailableError
 from events.store import STREAM_ID_PATTERN, EventStore, RecordedEvent, StreamProblem
-from rebalancer.errors import IllegalTransitionError, RebalancerError
-from rebalancer.machines import StateMachine, TaskKind, task_machine, workflow_machine
+from events.vocabulary import TaskKind
+from rebalancer.errors import RebalancerError
+from rebalancer.workflow import StreamFold, TaskRecord
 
 # The kinds of finding, in the order a stream's findings at one version are listed.
 CHECKS: Final = ("versions", "hash_chain", "schema", "legality", "missing_tail")
@@ -215,48 +216,48 @@ def _order(finding: Finding) -> tuple[bool, int, int]:
     return (finding.version is None, finding.version or 0, CHECKS.index(finding.check))
 
 
-@dataclass
-class _Task:
-    """What the replay knows of one task: the kind whose machine it follows and its state."""
-
-    kind: TaskKind
-    first_kind: str
-    first_name: str
-    first_version: int
-    state: str
-
-
 class _Replay:
-    """Folds one stream's events through the catalogue and the machines, collecting findings."""
+    """Feeds one stream's events through the catalogue and the aggregate's fold in collect mode.
+
+    The legality of every move is the fold's (`StreamFold`, the same code the worker folds
+    with); what only an audit asks (does the stream begin right, does the spec read, does each
+    event decode) is checked here.
+    """
 
     def __init__(self, stream_id: str, catalogue: Catalogue) -> None:
         self.stream_id = stream_id
         self.catalogue = catalogue
         self.findings: list[Finding] = []
         self.created_version: int | None = None
-        self.spec_kinds: list[str | None] | None = None  # None: the spec lists no tasks
-        self.workflow_state = workflow_machine().initial
-        self.tasks: dict[int, _Task] = {}
+        self.event: RecordedEvent | None = None  # the event being fed, for the findings
         self.started = False
+        self.fold = self._new_fold([], None)
 
     def feed(self, event: RecordedEvent) -> None:
+        self.event = event
         self._check_creation(event)
         try:
             decoded = event.decode(self.catalogue)
         except Exception as e:  # an upcaster may fail in any way on bad stored data
             self._add(event, "schema", f"{event.type} does not decode: {e}")
-            self._follow_raw(event)
-            return
-        if isinstance(decoded, WorkflowCreated):
-            if self.spec_kinds is None and event.version == self.created_version:
-                self._read_spec(event, decoded.spec)
-        elif isinstance(decoded, WorkflowStateChanged):
-            self.workflow_state = self._move(
-                event, workflow_machine(), "workflow", self.workflow_state,
-                decoded.source, decoded.trigger, decoded.dest,
-            )
-        elif isinstance(decoded, TaskStateChanged):
-            self._task_move(event, decoded)
+            self.fold.follow_raw(event.type, event.data if isinstance(event.data, dict) else {})
+        else:
+            if isinstance(decoded, WorkflowCreated):
+                if event.version == self.created_version:
+                    self._read_spec(event, decoded.spec)
+            elif isinstance(decoded, WorkflowStateChanged):
+                self.fold.move_workflow(decoded)
+            elif isinstance(decoded, TaskStateChanged):
+                self.fold.move_task(decoded, event.recorded_at)
+        self.fold.version = event.version
+
+    def _new_fold(self, tasks: list[TaskRecord], spec_tasks: int | None) -> StreamFold:
+        return StreamFold(stream_id=self.stream_id, tasks=tasks, spec_tasks=spec_tasks,
+                          report=self._legality)
+
+    def _legality(self, message: str) -> None:
+        assert self.event is not None
+        self._add(self.event, "legality", message)
 
     def _check_creation(self, event: RecordedEvent) -> None:
         is_created = event.type == WorkflowCreated.type_name
@@ -278,94 +279,18 @@ class _Replay:
         if not isinstance(tasks, list):
             self._add(event, "schema", "spec.tasks is not a list")
             return
-        kinds: list[str | None] = []
+        records: list[TaskRecord] = []
         for index, task in enumerate(tasks):
             kind = task.get("kind") if isinstance(task, dict) else None
-            if kind not in _KINDS:
+            name = task.get("name") if isinstance(task, dict) else None
+            name = name.lower() if isinstance(name, str) else ""
+            if kind in _KINDS:
+                records.append(TaskRecord(index, name, TaskKind(kind)))
+            else:
                 self._add(event, "schema", f"spec task {index} has no known kind ({kind!r})")
-                kind = None
-            kinds.append(kind)
-        self.spec_kinds = kinds
-
-    def _task_move(self, event: RecordedEvent, moved: TaskStateChanged) -> None:
-        index = moved.task_index
-        spec_kind = self._spec_kind(index)
-        if self.spec_kinds is not None and index >= len(self.spec_kinds):
-            self._add(event, "legality",
-                      f"task_index {index} is beyond the spec's {len(self.spec_kinds)} tasks")
-        if spec_kind is not None and moved.kind != spec_kind:
-            self._add(event, "legality", f"task {index} is a {spec_kind!r} task in the spec,"
-                      f" this event says {moved.kind!r}")
-        task = self.tasks.get(index)
-        if task is None:
-            # The spec decides which machine a task follows; the first event only without one.
-            kind = TaskKind(spec_kind or moved.kind)
-            task = _Task(kind, moved.kind, moved.task_name, event.version,
-                         task_machine(kind).initial)
-            self.tasks[index] = task
-        elif moved.task_name != task.first_name or (
-            spec_kind is None and moved.kind != task.first_kind  # else the spec check said it
-        ):
-            self._add(event, "legality", f"task {index} was {task.first_kind} {task.first_name!r}"
-                      f" at v{task.first_version}, this event says {moved.kind}"
-                      f" {moved.task_name!r}")
-        task.state = self._move(
-            event, task_machine(task.kind), f"task {index} ({task.first_name})", task.state,
-            moved.source, moved.trigger, moved.dest,
-        )
-
-    def _spec_kind(self, index: int) -> str | None:
-        """The kind the spec gives task `index`; None without a spec list or beyond it."""
-        if self.spec_kinds is None or not 0 <= index < len(self.spec_kinds):
-            return None
-        return self.spec_kinds[index]
-
-    def _move(
-        self,
-        event: RecordedEvent,
-        machine: StateMachine,
-        what: str,
-        current: str,
-        source: str,
-        trigger: str,
-        dest: str,
-    ) -> str:
-        """Check one stored move against the state so far and the table; return its dest."""
-        stored = f"{source!r} --{trigger}--> {dest!r}"
-        if source != current:
-            noun = "workflow" if machine is workflow_machine() else "task"
-            self._add(event, "legality", f"{what}: {stored} but the {noun} is in {current!r}")
-        try:
-            expected = machine.next_state(source, trigger)
-        except IllegalTransitionError as e:
-            self._add(event, "legality", f"{what}: {stored} is not a move of the table ({e})")
-        else:
-            if expected != dest:
-                self._add(event, "legality",
-                          f"{what}: stored {stored} but the table says {expected!r}")
-        return dest
-
-    def _follow_raw(self, event: RecordedEvent) -> None:
-        # An undecodable state change still says where it went; following it keeps one bad
-        # payload from turning every later move of the same machine into a finding.
-        data = event.data if isinstance(event.data, dict) else {}
-        dest = data.get("dest")
-        if not isinstance(dest, str):
-            return
-        if event.type == WorkflowStateChanged.type_name:
-            self.workflow_state = dest
-        elif event.type == TaskStateChanged.type_name:
-            index, kind, name = data.get("task_index"), data.get("kind"), data.get("task_name")
-            if not isinstance(index, int) or isinstance(index, bool):
-                return
-            task = self.tasks.get(index)
-            if task is None:
-                known = self._spec_kind(index) or (kind if kind in _KINDS else None)
-                if known is None:
-                    return
-                task = _Task(TaskKind(known), str(kind), str(name), event.version, dest)
-                self.tasks[index] = task
-            task.state = dest
+                # Its first event names its kind, as for a spec without a task list.
+                records.append(TaskRecord(index, "", TaskKind.TRADE, listed=False))
+        self.fold = self._new_fold(records, len(records))
 
     def _add(self, event: RecordedEvent, check: str, message: str) -> None:
         self.findings.append(Finding(self.stream_id, event.version, event.position, check, message))

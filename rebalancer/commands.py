@@ -15,11 +15,13 @@ from typing import Any
 from events.catalogue import TaskStateChanged, WorkflowCreated, WorkflowStateChanged
 from events.errors import ConcurrencyError
 from events.store import EventStore, RecordedEvent
+from events.vocabulary import RESOLUTIONS, TaskState, TaskTrigger, WorkflowTrigger
 from rebalancer.accounts import Accounts
 from rebalancer.errors import IllegalTransitionError, RebalancerError
-from rebalancer.machines import TaskState, task_machine, workflow_machine
+from rebalancer.machines import task_machine, workflow_machine
 from rebalancer.specs.models import WorkflowSpec
 from rebalancer.specs.validation import dump_params, resolve_params, validate_spec
+from rebalancer.workflow import TaskRecord, Workflow, fold
 
 # Workflow ids are derived from command ids, so a repeated start command finds its workflow
 # instead of starting a second one.
@@ -78,8 +80,12 @@ def command_metadata(command_id: str, workflow_id: str, actor: str) -> dict[str,
 
 # -- the operator's commands -------------------------------------------------------------------
 
-CONTROL_TRIGGERS = {"cancel": "cancel", "pause": "pause", "resume": "resume", "retry": "retry"}
-RESOLUTIONS = {"resend": "resolve_resend", "done": "resolve_done", "failed": "resolve_failed"}
+CONTROL_TRIGGERS = {
+    "cancel": WorkflowTrigger.CANCEL,
+    "pause": WorkflowTrigger.PAUSE,
+    "resume": WorkflowTrigger.RESUME,
+    "retry": WorkflowTrigger.RETRY,
+}
 IN_FLIGHT = (TaskState.SUBMITTING, TaskState.REQUESTED, TaskState.OPEN, TaskState.PROCESSING)
 Reply = dict[str, Any]
 
@@ -123,7 +129,7 @@ async def control_workflow(
                 allowed=allowed,
             )
         events: list[WorkflowStateChanged | TaskStateChanged] = []
-        if kind == "retry":
+        if trigger == WorkflowTrigger.RETRY:
             waiting = [t.name for t in workflow.tasks if t.state == TaskState.NEEDS_ATTENTION]
             if waiting:
                 # The worker would escalate it again at once: the operator's answer is resolve.
@@ -133,7 +139,7 @@ async def control_workflow(
                     " done or failed) and the workflow resumes",
                     tasks=waiting,
                 )
-        if kind == "cancel":
+        if trigger == WorkflowTrigger.CANCEL:
             task = workflow.current
             if task is not None and task.state in IN_FLIGHT:
                 # Money may be moving: canceling the workflow would not stop it, only hide it.
@@ -144,10 +150,12 @@ async def control_workflow(
                     task=task.name,
                     state=task.state,
                 )
-            if task is not None and task_machine(task.kind).may(task.state, "cancel"):
+            if task is not None and task_machine(task.kind).may(task.state, TaskTrigger.CANCEL):
                 events.append(
                     _task_move(
-                        task, "cancel", error={"code": "canceled", "message": reason or kind}
+                        task,
+                        TaskTrigger.CANCEL,
+                        error={"code": "canceled", "message": reason or kind},
                     )
                 )
         events.append(
@@ -201,7 +209,7 @@ async def resolve_task(
         carried: dict[str, Any] = {
             "error": {"code": f"resolved_{outcome}", "message": note, "actor": actor}
         }
-        if outcome == "done":
+        if trigger == TaskTrigger.RESOLVE_DONE:
             # What later tasks reference stays as last recorded; the note says who decided.
             carried["refresh_result"] = {**(task.refresh_result or {}), "resolution": note}
         event = _task_move(task, trigger, **carried)
@@ -216,11 +224,11 @@ async def resolve_task(
     return await _idempotent(store, command_id, "resolve", run)
 
 
-def _task_move(task: Any, trigger: str, **carried: Any) -> TaskStateChanged:
+def _task_move(task: TaskRecord, trigger: TaskTrigger, **carried: Any) -> TaskStateChanged:
     return TaskStateChanged(
         task_index=task.index,
         task_name=task.name,
-        kind=task.kind.value,
+        kind=task.kind,
         trigger=trigger,
         source=task.state,
         dest=task_machine(task.kind).next_state(task.state, trigger),
@@ -228,9 +236,7 @@ def _task_move(task: Any, trigger: str, **carried: Any) -> TaskStateChanged:
     )
 
 
-async def _load(store: EventStore, workflow_id: str) -> Any:
-    from rebalancer.workflow import fold
-
+async def _load(store: EventStore, workflow_id: str) -> Workflow:
     try:
         uuid.UUID(workflow_id)
     except ValueError:
@@ -268,9 +274,9 @@ async def _idempotent(
 def _reply_from(events: list[RecordedEvent]) -> Reply:
     last = events[-1]
     reply: Reply = {"ok": True, "workflow_id": last.stream_id.removeprefix("workflow-")}
-    if last.type == "TaskStateChanged":
+    if last.type == TaskStateChanged.type_name:
         reply.update(task=last.data["task_name"], state=last.data["dest"])
-    elif last.type == "WorkflowStateChanged":
+    elif last.type == WorkflowStateChanged.type_name:
         reply["state"] = last.data["dest"]
     return reply
 

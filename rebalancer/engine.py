@@ -11,16 +11,18 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from events.catalogue import TaskStateChanged, WorkflowStateChanged
 from events.errors import ConcurrencyError, StoreUnavailableError
 from events.store import EventStore
+from events.vocabulary import WORKFLOW_DRIVEN, TaskKind
 from projections.runner import ProjectionRunner, default_projections
 from rebalancer.accounts import Accounts
 from rebalancer.errors import IllegalTransitionError, RetryableError, UnknownOutcomeError
 from rebalancer.exchanges.base import Exchange, Exchanges
-from rebalancer.machines import TaskKind, workflow_machine
+from rebalancer.machines import workflow_machine
 from rebalancer.specs.validation import resolve_config, resolve_params
 from rebalancer.tasks.base import DEFAULT_DEADLINES, Processor, TaskContext
 from rebalancer.tasks.deposit import DepositProcessor
@@ -41,7 +43,16 @@ PROCESSORS: Mapping[TaskKind, Processor] = {
         MasterTransferProcessor(),
     )
 }
-ACTIVE_STATES = ("created", "running", "needs_attention")
+
+
+class StepOutcome(StrEnum):
+    """What one step of one workflow came to."""
+
+    MOVED = "moved"
+    IDLE = "idle"  # nothing to do yet (waiting on the exchange or on time)
+    CONFLICT = "conflict"  # another driver moved it first; the next pass decides again
+    RETRY = "retry"  # a retryable error: backing off
+    BROKEN = "broken"  # its stream cannot be folded; skipped until someone looks
 
 
 class RateLimiter:
@@ -162,8 +173,8 @@ class Engine:
 
     # -- one workflow ------------------------------------------------------------------------
 
-    async def step(self, workflow_id: str) -> str:
-        """Advance one workflow by at most one step: "moved", "idle", "conflict" or "retry"."""
+    async def step(self, workflow_id: str) -> StepOutcome:
+        """Advance one workflow by at most one step."""
         stream_id = f"workflow-{workflow_id}"
         events = await self.store.read_stream(stream_id)
         try:
@@ -171,18 +182,18 @@ class Engine:
         except IllegalTransitionError as e:
             self.broken[workflow_id] = str(e)
             log.error("workflow %s cannot be folded, skipping it: %s", workflow_id, e)
-            return "broken"
+            return StepOutcome.BROKEN
         before = workflow.version
         try:
             await self._act(workflow)
         except ConcurrencyError:
-            return "conflict"  # another driver moved it first; the next pass decides again
+            return StepOutcome.CONFLICT
         except (RetryableError, UnknownOutcomeError) as e:
             delay = self.backoff.failed(workflow_id)
             log.info("workflow %s: %s; retrying in %.1f s", workflow_id, e, delay)
-            return "retry"
+            return StepOutcome.RETRY
         self.backoff.succeeded(workflow_id)
-        return "moved" if workflow.version > before else "idle"
+        return StepOutcome.MOVED if workflow.version > before else StepOutcome.IDLE
 
     async def _act(self, workflow: Workflow) -> None:
         action = decide(workflow)
@@ -241,7 +252,7 @@ class Engine:
         async with self.store.pool.connection() as conn:
             cur = await conn.execute(
                 "select workflow_id::text from workflows where state = any(%s) order by updated_at",
-                (list(ACTIVE_STATES),),
+                (sorted(WORKFLOW_DRIVEN),),
             )
             return [row[0] for row in await cur.fetchall() if row[0] not in self.broken]
 
@@ -273,7 +284,7 @@ class Engine:
                 log.warning("database unavailable (%s); retrying", e)
                 outcomes = {}
             # Idle: wait for a tick (or stop); busy: go again at once.
-            if not outcomes.get("moved"):
+            if not outcomes.get(StepOutcome.MOVED):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=tick)
 

@@ -7,57 +7,28 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Final, TypedDict
+from typing import Final, Generic, TypedDict, TypeVar
 
 import transitions
 
+from events.vocabulary import (
+    TASK_TERMINAL,
+    WORKFLOW_TERMINAL,
+    TaskKind,
+    TaskState,
+    TaskTrigger,
+    WorkflowState,
+    WorkflowTrigger,
+)
 from rebalancer.errors import IllegalTransitionError
 
-
-class TaskState(StrEnum):
-    """The states a task of any kind can be in; a kind's machine uses a subset."""
-
-    CREATED = "created"
-    SUBMITTING = "submitting"
-    REQUESTED = "requested"
-    OPEN = "open"
-    PROCESSING = "processing"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELED = "canceled"
-    NEEDS_ATTENTION = "needs_attention"
-
-
-class WorkflowState(StrEnum):
-    """The states of a workflow."""
-
-    CREATED = "created"
-    RUNNING = "running"
-    PAUSED = "paused"
-    NEEDS_ATTENTION = "needs_attention"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELED = "canceled"
-
-
-class TaskKind(StrEnum):
-    """The kinds of task; each has its own table."""
-
-    TRADE = "trade"
-    WITHDRAW = "withdraw"
-    DEPOSIT = "deposit"
-    TRANSFER = "transfer"
-    MASTER_TRANSFER = "master_transfer"
-
-
-TASK_TERMINAL: Final = frozenset({TaskState.DONE, TaskState.FAILED, TaskState.CANCELED})
-WORKFLOW_TERMINAL: Final = frozenset(
-    {WorkflowState.DONE, WorkflowState.FAILED, WorkflowState.CANCELED}
-)
+# Short names keep the tables readable as tables.
+S, T = TaskState, TaskTrigger
+W, WT = WorkflowState, WorkflowTrigger
 
 
 class TransitionRow(TypedDict):
-    """One row of a table, in the `transitions` library's dict format."""
+    """One row of a table, in the `transitions` library's dict format (members of one StrEnum)."""
 
     trigger: str
     source: str | list[str]
@@ -73,62 +44,62 @@ class TransitionRow(TypedDict):
 
 # What an operator may do with a task in needs_attention.
 _RESOLUTION: Final[list[TransitionRow]] = [
-    {"trigger": "cancel", "source": "needs_attention", "dest": "canceled"},
-    {"trigger": "resolve_resend", "source": "needs_attention", "dest": "created"},  # send again
-    {"trigger": "resolve_done", "source": "needs_attention", "dest": "done"},  # it landed
-    {"trigger": "resolve_failed", "source": "needs_attention", "dest": "failed"},  # it did not
+    {"trigger": T.CANCEL, "source": S.NEEDS_ATTENTION, "dest": S.CANCELED},
+    {"trigger": T.RESOLVE_RESEND, "source": S.NEEDS_ATTENTION, "dest": S.CREATED},  # send again
+    {"trigger": T.RESOLVE_DONE, "source": S.NEEDS_ATTENTION, "dest": S.DONE},  # it landed
+    {"trigger": T.RESOLVE_FAILED, "source": S.NEEDS_ATTENTION, "dest": S.FAILED},  # it did not
 ]
 
 # Kinds that send one request to an exchange: trade, withdraw, transfer, master_transfer.
 _SUBMITTING: Final[list[TransitionRow]] = [
-    {"trigger": "submit", "source": "created", "dest": "submitting"},  # stored before the call
-    {"trigger": "accept", "source": "submitting", "dest": "requested"},
-    {"trigger": "reset", "source": "submitting", "dest": "created"},  # never landed: new client id
-    {"trigger": "complete", "source": "requested", "dest": "done"},
-    {"trigger": "complete", "source": "submitting", "dest": "done"},  # found done on reconcile
-    {"trigger": "fail", "source": ["created", "submitting", "requested"], "dest": "failed"},
-    {"trigger": "cancel", "source": ["created", "submitting", "requested"], "dest": "canceled"},
+    {"trigger": T.SUBMIT, "source": S.CREATED, "dest": S.SUBMITTING},  # stored before the call
+    {"trigger": T.ACCEPT, "source": S.SUBMITTING, "dest": S.REQUESTED},
+    {"trigger": T.RESET, "source": S.SUBMITTING, "dest": S.CREATED},  # never landed: new client id
+    {"trigger": T.COMPLETE, "source": S.REQUESTED, "dest": S.DONE},
+    {"trigger": T.COMPLETE, "source": S.SUBMITTING, "dest": S.DONE},  # found done on reconcile
+    {"trigger": T.FAIL, "source": [S.CREATED, S.SUBMITTING, S.REQUESTED], "dest": S.FAILED},
+    {"trigger": T.CANCEL, "source": [S.CREATED, S.SUBMITTING, S.REQUESTED], "dest": S.CANCELED},
     {
-        "trigger": "escalate",
-        "source": ["created", "submitting", "requested"],
-        "dest": "needs_attention",
+        "trigger": T.ESCALATE,
+        "source": [S.CREATED, S.SUBMITTING, S.REQUESTED],
+        "dest": S.NEEDS_ATTENTION,
     },
     *_RESOLUTION,
 ]
 
 # The ways out of `processing`, for every kind that has it.
 _PROCESSING_EXITS: Final[list[TransitionRow]] = [
-    {"trigger": "complete", "source": "processing", "dest": "done"},
-    {"trigger": "fail", "source": "processing", "dest": "failed"},
-    {"trigger": "cancel", "source": "processing", "dest": "canceled"},
-    {"trigger": "escalate", "source": "processing", "dest": "needs_attention"},
+    {"trigger": T.COMPLETE, "source": S.PROCESSING, "dest": S.DONE},
+    {"trigger": T.FAIL, "source": S.PROCESSING, "dest": S.FAILED},
+    {"trigger": T.CANCEL, "source": S.PROCESSING, "dest": S.CANCELED},
+    {"trigger": T.ESCALATE, "source": S.PROCESSING, "dest": S.NEEDS_ATTENTION},
 ]
 
 TRADE: Final[list[TransitionRow]] = [
     *_SUBMITTING,
-    {"trigger": "open", "source": "requested", "dest": "open"},
-    {"trigger": "open", "source": "submitting", "dest": "open"},  # found open on reconcile
-    {"trigger": "fill", "source": "open", "dest": "open"},  # partial fill: records new amounts
+    {"trigger": T.OPEN, "source": S.REQUESTED, "dest": S.OPEN},
+    {"trigger": T.OPEN, "source": S.SUBMITTING, "dest": S.OPEN},  # found open on reconcile
+    {"trigger": T.FILL, "source": S.OPEN, "dest": S.OPEN},  # partial fill: records new amounts
     # TWAP: the next slice's intent (new client id) once the previous slice has ended; from
     # submitting when that slice was refused or never landed, so one bad slice drops no others.
-    {"trigger": "next_slice", "source": ["submitting", "requested", "open"], "dest": "submitting"},
-    {"trigger": "complete", "source": "open", "dest": "done"},
-    {"trigger": "fail", "source": "open", "dest": "failed"},
-    {"trigger": "cancel", "source": "open", "dest": "canceled"},
-    {"trigger": "escalate", "source": "open", "dest": "needs_attention"},
+    {"trigger": T.NEXT_SLICE, "source": [S.SUBMITTING, S.REQUESTED, S.OPEN], "dest": S.SUBMITTING},
+    {"trigger": T.COMPLETE, "source": S.OPEN, "dest": S.DONE},
+    {"trigger": T.FAIL, "source": S.OPEN, "dest": S.FAILED},
+    {"trigger": T.CANCEL, "source": S.OPEN, "dest": S.CANCELED},
+    {"trigger": T.ESCALATE, "source": S.OPEN, "dest": S.NEEDS_ATTENTION},
 ]
 
 WITHDRAW: Final[list[TransitionRow]] = [
     *_SUBMITTING,
-    {"trigger": "progress", "source": "requested", "dest": "processing"},
-    {"trigger": "progress", "source": "submitting", "dest": "processing"},  # found on reconcile
-    {"trigger": "update", "source": "processing", "dest": "processing"},  # txid/confirmations seen
+    {"trigger": T.PROGRESS, "source": S.REQUESTED, "dest": S.PROCESSING},
+    {"trigger": T.PROGRESS, "source": S.SUBMITTING, "dest": S.PROCESSING},  # found on reconcile
+    {"trigger": T.UPDATE, "source": S.PROCESSING, "dest": S.PROCESSING},  # txid/confirmations seen
     *_PROCESSING_EXITS,
 ]
 
 TRANSFER: Final[list[TransitionRow]] = [
     *_SUBMITTING,
-    {"trigger": "progress", "source": "requested", "dest": "processing"},
+    {"trigger": T.PROGRESS, "source": S.REQUESTED, "dest": S.PROCESSING},
     *_PROCESSING_EXITS,
 ]
 
@@ -137,13 +108,13 @@ MASTER_TRANSFER: Final[list[TransitionRow]] = [*TRANSFER]
 
 # A deposit sends nothing, so it has no submitting/submit/accept/reset: it only watches.
 DEPOSIT: Final[list[TransitionRow]] = [
-    {"trigger": "watch", "source": "created", "dest": "requested"},  # start awaiting the arrival
-    {"trigger": "progress", "source": "requested", "dest": "processing"},  # seen, confirming
-    {"trigger": "update", "source": "processing", "dest": "processing"},  # txid/confirmations seen
-    {"trigger": "complete", "source": "requested", "dest": "done"},  # arrived already confirmed
-    {"trigger": "fail", "source": ["created", "requested"], "dest": "failed"},
-    {"trigger": "cancel", "source": ["created", "requested"], "dest": "canceled"},
-    {"trigger": "escalate", "source": ["created", "requested"], "dest": "needs_attention"},
+    {"trigger": T.WATCH, "source": S.CREATED, "dest": S.REQUESTED},  # start awaiting the arrival
+    {"trigger": T.PROGRESS, "source": S.REQUESTED, "dest": S.PROCESSING},  # seen, confirming
+    {"trigger": T.UPDATE, "source": S.PROCESSING, "dest": S.PROCESSING},  # txid/confirmations seen
+    {"trigger": T.COMPLETE, "source": S.REQUESTED, "dest": S.DONE},  # arrived already confirmed
+    {"trigger": T.FAIL, "source": [S.CREATED, S.REQUESTED], "dest": S.FAILED},
+    {"trigger": T.CANCEL, "source": [S.CREATED, S.REQUESTED], "dest": S.CANCELED},
+    {"trigger": T.ESCALATE, "source": [S.CREATED, S.REQUESTED], "dest": S.NEEDS_ATTENTION},
     *_PROCESSING_EXITS,
     *_RESOLUTION,
 ]
@@ -161,18 +132,18 @@ TASK_TABLES: Final[Mapping[TaskKind, list[TransitionRow]]] = MappingProxyType(
 # --- workflow table ----------------------------------------------------------------------------
 
 WORKFLOW: Final[list[TransitionRow]] = [
-    {"trigger": "start", "source": "created", "dest": "running"},
-    {"trigger": "complete", "source": "running", "dest": "done"},
-    {"trigger": "fail", "source": ["created", "running", "needs_attention"], "dest": "failed"},
+    {"trigger": WT.START, "source": W.CREATED, "dest": W.RUNNING},
+    {"trigger": WT.COMPLETE, "source": W.RUNNING, "dest": W.DONE},
+    {"trigger": WT.FAIL, "source": [W.CREATED, W.RUNNING, W.NEEDS_ATTENTION], "dest": W.FAILED},
     {
-        "trigger": "cancel",
-        "source": ["created", "running", "paused", "needs_attention"],
-        "dest": "canceled",
+        "trigger": WT.CANCEL,
+        "source": [W.CREATED, W.RUNNING, W.PAUSED, W.NEEDS_ATTENTION],
+        "dest": W.CANCELED,
     },
-    {"trigger": "pause", "source": "running", "dest": "paused"},
-    {"trigger": "resume", "source": "paused", "dest": "running"},
-    {"trigger": "escalate", "source": "running", "dest": "needs_attention"},  # a task is stuck
-    {"trigger": "retry", "source": "needs_attention", "dest": "running"},  # operator resolved it
+    {"trigger": WT.PAUSE, "source": W.RUNNING, "dest": W.PAUSED},
+    {"trigger": WT.RESUME, "source": W.PAUSED, "dest": W.RUNNING},
+    {"trigger": WT.ESCALATE, "source": W.RUNNING, "dest": W.NEEDS_ATTENTION},  # a task is stuck
+    {"trigger": WT.RETRY, "source": W.NEEDS_ATTENTION, "dest": W.RUNNING},  # operator resolved it
 ]
 
 
@@ -184,8 +155,27 @@ def _sources(row: TransitionRow) -> list[str]:
     return [source] if isinstance(source, str) else list(source)
 
 
+def _q(value: str) -> str:
+    # A vocabulary member's repr is <TaskState.DONE: 'done'>; messages quote the stored value.
+    return repr(str(value))
+
+
+def _plain(row: TransitionRow) -> TransitionRow:
+    # transitions names an Enum state by its member *name* (CREATED), not its value: hand it the
+    # values as plain strings, so the states it reports are the ones events store.
+    source = row["source"]
+    return {
+        "trigger": str(row["trigger"]),
+        "source": str(source) if isinstance(source, str) else [str(s) for s in source],
+        "dest": str(row["dest"]),
+    }
+
+
+State = TypeVar("State", bound=StrEnum)
+
+
 @dataclass(frozen=True, slots=True, eq=False)
-class StateMachine:
+class StateMachine(Generic[State]):
     """One table turned into a `transitions.Machine`, plus a flat (source, trigger) -> dest map.
 
     The Machine is the source of truth; `moves` is derived from it once, so that folding thousands
@@ -194,12 +184,12 @@ class StateMachine:
     """
 
     name: str
-    states: frozenset[str]
-    initial: str
-    terminal: frozenset[str]
+    states: frozenset[State]
+    initial: State
+    terminal: frozenset[State]
     triggers: frozenset[str]
     machine: transitions.Machine
-    moves: Mapping[tuple[str, str], str]
+    moves: Mapping[tuple[str, str], State]  # (source, trigger) -> dest, a vocabulary member
 
     @classmethod
     def from_table(
@@ -207,23 +197,26 @@ class StateMachine:
         name: str,
         table: Sequence[TransitionRow],
         *,
-        vocabulary: type[StrEnum],
+        vocabulary: type[State],
+        trigger_vocabulary: type[StrEnum],
         initial: str,
         terminal: Collection[str],
-    ) -> StateMachine:
+    ) -> StateMachine[State]:
         """Build a machine whose states are those `table` names, in `vocabulary` order.
 
-        Raises ValueError when the table names a state outside `vocabulary`, leaves a terminal
-        state, does not name `initial`, or maps one (source, trigger) to two different dests.
+        Raises ValueError when the table names a state outside `vocabulary` or a trigger outside
+        `trigger_vocabulary`, leaves a terminal state, does not name `initial`, or maps one
+        (source, trigger) to two different dests.
         """
+        table = [_plain(row) for row in table]
         named = {state for row in table for state in (*_sources(row), row["dest"])}
-        if enums := sorted(repr(state) for state in named if type(state) is not str):
-            # transitions names an Enum state by its member name, not its value
-            raise ValueError(f"{name}: table states must be plain strings, not {enums}")
         initial = str(initial)
         known = {member.value for member in vocabulary}
         if unknown := named - known:
             raise ValueError(f"{name}: table names unknown states {sorted(unknown)}")
+        triggers = {member.value for member in trigger_vocabulary}
+        if unknown := {row["trigger"] for row in table} - triggers:
+            raise ValueError(f"{name}: table names unknown triggers {sorted(unknown)}")
         if initial not in named:
             raise ValueError(f"{name}: initial state {initial!r} is not in the table")
         ordered = [member.value for member in vocabulary if member.value in named]
@@ -237,7 +230,7 @@ class StateMachine:
             send_event=False,
             name=name,
         )
-        moves: dict[tuple[str, str], str] = {}
+        moves: dict[tuple[str, str], State] = {}
         for trigger, event in machine.events.items():
             # .items(), not [source]: event.transitions is a defaultdict and a lookup would add keys
             for source, found in event.transitions.items():
@@ -245,17 +238,17 @@ class StateMachine:
                     dest = transition.dest
                     if dest is None:
                         raise ValueError(f"{name}: {trigger!r} from {source!r} has no dest")
-                    seen = moves.setdefault((source, trigger), dest)
+                    seen = moves.setdefault((source, trigger), vocabulary(dest))
                     if seen != dest:
-                        both = f"{seen!r} and {dest!r}"
+                        both = f"{str(seen)!r} and {dest!r}"
                         raise ValueError(f"{name}: {trigger!r} from {source!r} goes to both {both}")
-        final = frozenset(str(state) for state in terminal) & frozenset(ordered)
+        final = frozenset(vocabulary(state) for state in terminal if state in ordered)
         if leaving := sorted(f"{s} --{t}-->" for (s, t) in moves if s in final):
             raise ValueError(f"{name}: terminal states have moves: {leaving}")
         return cls(
             name=name,
-            states=frozenset(ordered),
-            initial=initial,
+            states=frozenset(vocabulary(state) for state in ordered),
+            initial=vocabulary(initial),
             terminal=final,
             triggers=frozenset(machine.events),
             machine=machine,
@@ -270,7 +263,7 @@ class StateMachine:
         """The triggers allowed from `source`, sorted; empty for a terminal or unknown state."""
         return tuple(sorted(t for (s, t) in self.moves if s == source))
 
-    def next_state(self, source: str, trigger: str) -> str:
+    def next_state(self, source: str, trigger: str) -> State:
         """The dest of `trigger` from `source`; raises IllegalTransitionError if not allowed."""
         try:
             return self.moves[(source, trigger)]
@@ -288,16 +281,16 @@ class StateMachine:
         for index, (source, trigger, dest) in enumerate(moves):
             if source != state:
                 raise IllegalTransitionError(
-                    f"{self.name}: move #{index} ({source!r} --{trigger}--> {dest!r}) starts at"
-                    f" {source!r} but the machine is in {state!r}"
+                    f"{self.name}: move #{index} ({_q(source)} --{trigger}--> {_q(dest)})"
+                    f" starts at {_q(source)} but the machine is in {_q(state)}"
                 )
             expected = table.get((source, trigger))
             if expected is None:
                 raise IllegalTransitionError(f"move #{index}: {self._refusal(source, trigger)}")
             if expected != dest:
                 raise IllegalTransitionError(
-                    f"{self.name}: move #{index} stored {source!r} --{trigger}--> {dest!r} but the"
-                    f" table says {expected!r}"
+                    f"{self.name}: move #{index} stored {_q(source)} --{trigger}--> {_q(dest)}"
+                    f" but the table says {_q(expected)}"
                 )
             state = dest
         return state
@@ -310,11 +303,11 @@ class StateMachine:
         """
         at = self.initial if state is None else state
         if at not in self.states:
-            raise ValueError(f"{self.name}: {at!r} is not a state of this machine")
+            raise ValueError(f"{self.name}: {_q(at)} is not a state of this machine")
         if any(attached is model for attached in self.machine.models):
             # transitions would silently keep the old state
             raise ValueError(f"{self.name}: model is already attached")
-        self.machine.add_model(model, initial=at)
+        self.machine.add_model(model, initial=str(at))  # its value, not its member name
 
     def detach(self, model: object) -> None:
         """Unregister `model` from the Machine; raises ValueError if it is not attached."""
@@ -322,13 +315,14 @@ class StateMachine:
 
     def _refusal(self, source: str, trigger: str) -> str:
         if source not in self.states:
-            return f"{self.name}: {source!r} is not a state of this machine (trigger {trigger!r})"
+            return (f"{self.name}: {_q(source)} is not a state of this machine"
+                    f" (trigger {_q(trigger)})")
         allowed = ", ".join(self.allowed(source)) or "none (terminal)"
-        return f"{self.name}: cannot {trigger!r} from {source!r}; allowed from there: {allowed}"
+        return f"{self.name}: cannot {_q(trigger)} from {_q(source)}; allowed from there: {allowed}"
 
 
 @functools.cache
-def task_machine(kind: TaskKind) -> StateMachine:
+def task_machine(kind: TaskKind) -> StateMachine[TaskState]:
     """The machine for one task kind, built once; raises ValueError for an unknown kind."""
     if type(kind) is not TaskKind:
         # the cache keys a plain "withdraw" apart from TaskKind.WITHDRAW: share one machine
@@ -337,18 +331,20 @@ def task_machine(kind: TaskKind) -> StateMachine:
         kind.value,
         TASK_TABLES[kind],
         vocabulary=TaskState,
+        trigger_vocabulary=TaskTrigger,
         initial=TaskState.CREATED,
         terminal=TASK_TERMINAL,
     )
 
 
 @functools.cache
-def workflow_machine() -> StateMachine:
+def workflow_machine() -> StateMachine[WorkflowState]:
     """The workflow machine, built once."""
     return StateMachine.from_table(
         "workflow",
         WORKFLOW,
         vocabulary=WorkflowState,
+        trigger_vocabulary=WorkflowTrigger,
         initial=WorkflowState.CREATED,
         terminal=WORKFLOW_TERMINAL,
     )
@@ -367,8 +363,10 @@ __all__ = [
     "StateMachine",
     "TaskKind",
     "TaskState",
+    "TaskTrigger",
     "TransitionRow",
     "WorkflowState",
+    "WorkflowTrigger",
     "task_machine",
     "workflow_machine",
 ]

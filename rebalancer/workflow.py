@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from events.catalogue import TaskStateChanged, WorkflowCreated, WorkflowStateChanged
 from events.store import RecordedEvent
+from events.vocabulary import (
+    INTENT_TRIGGERS,
+    TaskKind,
+    TaskState,
+    WorkflowState,
+    WorkflowTrigger,
+)
 from rebalancer.errors import IllegalTransitionError
-from rebalancer.machines import TaskKind, TaskState, WorkflowState, task_machine, workflow_machine
+from rebalancer.machines import StateMachine, task_machine, workflow_machine
 from rebalancer.specs.models import WorkflowSpec
 
 RESULT_KEYS = ("request_params", "request_result", "refresh_result")
+
+# Where a fold in collect mode sends what it finds wrong; None: the fold raises instead.
+Report = Callable[[str], None]
 
 
 @dataclass
@@ -23,7 +34,7 @@ class TaskRecord:
     index: int
     name: str
     kind: TaskKind
-    state: str = TaskState.CREATED
+    state: TaskState = TaskState.CREATED
     intents: int = 0  # intents stored so far (submit/next_slice): numbers the client ids
     request_params: dict[str, Any] | None = None
     request_result: dict[str, Any] | None = None
@@ -32,6 +43,7 @@ class TaskRecord:
     started_at: datetime | None = None  # its first move: deadlines count from here
     entered_at: datetime | None = None  # when it entered `state`
     intent_at: datetime | None = None  # when the current intent was stored
+    listed: bool = True  # its kind comes from the spec; else from its first event (audit only)
 
     @property
     def client_id(self) -> str | None:
@@ -45,22 +57,125 @@ class TaskRecord:
         return {key: getattr(self, key) or {} for key in RESULT_KEYS}
 
 
-@dataclass
-class Workflow:
+@dataclass(kw_only=True)
+class StreamFold:
+    """The machines' walk over one stream: the workflow's state and every task's.
+
+    The one fold of a workflow's moves. Strict (no `report`), it raises IllegalTransitionError at
+    the first move the tables refuse: that is the aggregate. In collect mode it reports every
+    problem and goes on from the state the event stored, so one run names every bad event: that
+    is the audit.
+    """
+
+    stream_id: str
+    tasks: list[TaskRecord]
+    spec_tasks: int | None  # how many tasks the spec lists; None when it lists none
+    report: Report | None = None
+    state: WorkflowState = WorkflowState.CREATED
+    reason: str | None = None
+    version: int = 0
+    updated_at: datetime | None = None
+
+    def move_workflow(self, moved: WorkflowStateChanged) -> None:
+        """Follow one workflow move; raises IllegalTransitionError when strict."""
+        self.state = self._check(workflow_machine(), "workflow", "workflow", self.state, moved)
+        self.reason = moved.reason
+
+    def move_task(self, moved: TaskStateChanged, at: datetime) -> None:
+        """Follow one task move and merge what it carries; raises IllegalTransitionError."""
+        task = self._task(moved)
+        what = f"task {task.index} ({task.name})"
+        self._check(task_machine(task.kind), what, "task", task.state, moved)
+        if moved.trigger in INTENT_TRIGGERS:
+            task.intents += 1
+            task.intent_at = at
+        task.started_at = task.started_at or at
+        if task.state != moved.dest:
+            task.entered_at = at
+        moved.merge_into(task)
+
+    def follow_raw(self, type_name: str, data: Mapping[str, Any]) -> None:
+        """Collect mode: follow an event that does not decode to where its data says it went.
+
+        Keeps one bad payload from turning every later move of the same machine into a finding.
+        """
+        dest = data.get("dest")
+        if type_name == WorkflowStateChanged.type_name and dest in set(WorkflowState):
+            self.state = WorkflowState(dest)
+        elif type_name == TaskStateChanged.type_name and dest in set(TaskState):
+            index, kind = data.get("task_index"), data.get("kind")
+            if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+                return
+            task = self._slot(index)
+            if task.started_at is None and not task.listed:
+                if kind not in set(TaskKind):
+                    return
+                task.kind, task.name = TaskKind(kind), str(data.get("task_name"))
+            task.state = TaskState(dest)
+
+    def _task(self, moved: TaskStateChanged) -> TaskRecord:
+        index = moved.task_index
+        if self.spec_tasks is not None and index >= self.spec_tasks:
+            self._problem(f"task_index {index} is beyond the spec's {self.spec_tasks} tasks")
+        task = self._slot(index)
+        if task.started_at is None and not task.listed:
+            # No kind from the spec: the task's first event names it.
+            task.kind, task.name = moved.kind, moved.task_name
+            return task
+        if task.listed and moved.kind != task.kind:
+            self._problem(f"task {index} is a {str(task.kind)!r} task in the spec, this event"
+                          f" says {str(moved.kind)!r}")
+        elif not task.name:
+            task.name = moved.task_name  # the spec gave no name: the first event does
+        elif moved.task_name != task.name or moved.kind != task.kind:
+            where = "in the spec" if task.listed else "before"
+            self._problem(f"task {index} was {task.kind} {task.name!r} {where}, this event says"
+                          f" {moved.kind} {moved.task_name!r}")
+        return task
+
+    def _slot(self, index: int) -> TaskRecord:
+        # Only collect mode gets here with an index past the list (strict raised beyond it).
+        while len(self.tasks) <= index:
+            self.tasks.append(TaskRecord(len(self.tasks), "", TaskKind.TRADE, listed=False))
+        return self.tasks[index]
+
+    def _check(
+        self,
+        machine: StateMachine[Any],
+        what: str,
+        noun: str,
+        current: str,
+        moved: WorkflowStateChanged | TaskStateChanged,
+    ) -> Any:
+        """Check one stored move against the state so far and the table; return its dest."""
+        stored = f"{str(moved.source)!r} --{moved.trigger}--> {str(moved.dest)!r}"
+        if moved.source != current:
+            self._problem(f"{what}: {stored} but the {noun} is in {str(current)!r}")
+        try:
+            expected = machine.next_state(moved.source, moved.trigger)
+        except IllegalTransitionError as e:
+            self._problem(f"{what}: {stored} is not a move of the table ({e})")
+        else:
+            if expected != moved.dest:
+                self._problem(f"{what}: stored {stored} but the table says {str(expected)!r}")
+        return moved.dest
+
+    def _problem(self, message: str) -> None:
+        if self.report is None:
+            raise IllegalTransitionError(f"{self.stream_id} v{self.version + 1}: {message}")
+        self.report(message)
+
+
+@dataclass(kw_only=True)
+class Workflow(StreamFold):
     """A workflow folded from its stream; `version` is the expected version of the next append."""
 
     workflow_id: str
-    stream_id: str
     spec: WorkflowSpec
     spec_name: str
     params: dict[str, Any]
     command_id: str
-    state: str = WorkflowState.CREATED
-    reason: str | None = None
-    tasks: list[TaskRecord] = field(default_factory=list)
-    version: int = 0
     created_at: datetime | None = None
-    updated_at: datetime | None = None
 
     @property
     def current(self) -> TaskRecord | None:
@@ -79,11 +194,9 @@ class Workflow:
             )
         decoded = event.decode()
         if isinstance(decoded, WorkflowStateChanged):
-            _check(workflow_machine().next_state(self.state, decoded.trigger), decoded, self.state)
-            self.state = decoded.dest
-            self.reason = decoded.reason
+            self.move_workflow(decoded)
         elif isinstance(decoded, TaskStateChanged):
-            self._apply_task(decoded, event.recorded_at)
+            self.move_task(decoded, event.recorded_at)
         else:
             raise IllegalTransitionError(
                 f"{self.stream_id} v{event.version}: unexpected {event.type}"
@@ -91,44 +204,10 @@ class Workflow:
         self.version = event.version
         self.updated_at = event.recorded_at
 
-    def _apply_task(self, event: TaskStateChanged, at: datetime) -> None:
-        if event.task_index >= len(self.tasks):
-            raise IllegalTransitionError(f"{self.stream_id}: no task #{event.task_index}")
-        task = self.tasks[event.task_index]
-        if event.kind != task.kind or event.task_name != task.name:
-            raise IllegalTransitionError(
-                f"{self.stream_id}: task #{task.index} is {task.kind} {task.name}, "
-                f"not {event.kind} {event.task_name}"
-            )
-        _check(task_machine(task.kind).next_state(task.state, event.trigger), event, task.state)
-        if event.trigger in ("submit", "next_slice"):
-            task.intents += 1
-            task.intent_at = at
-        if event.request_params is not None:
-            task.request_params = event.request_params
-        if event.request_result is not None:
-            task.request_result = event.request_result
-        if event.refresh_result is not None:
-            task.refresh_result = event.refresh_result
-        if event.error is not None:
-            task.error = event.error
-        task.started_at = task.started_at or at
-        if task.state != event.dest:
-            task.entered_at = at
-        task.state = event.dest
-
-
-def _check(dest: str, event: WorkflowStateChanged | TaskStateChanged, state: str) -> None:
-    if event.source != state or event.dest != dest:
-        raise IllegalTransitionError(
-            f"stored {event.source} --{event.trigger}--> {event.dest}, but from {state} the "
-            f"table gives {dest}"
-        )
-
 
 def fold(events: list[RecordedEvent]) -> Workflow:
     """Rebuild a workflow from its whole stream (the first event must be WorkflowCreated)."""
-    if not events or events[0].type != "WorkflowCreated":
+    if not events or events[0].type != WorkflowCreated.type_name:
         raise IllegalTransitionError("a workflow stream starts with WorkflowCreated")
     first = events[0]
     created = first.decode()
@@ -143,6 +222,7 @@ def fold(events: list[RecordedEvent]) -> Workflow:
         params=created.params,
         command_id=created.command_id,
         tasks=[TaskRecord(i, t.name, TaskKind(t.kind)) for i, t in enumerate(spec.tasks)],
+        spec_tasks=len(spec.tasks),
         version=1,
         created_at=first.recorded_at,
         updated_at=first.recorded_at,
@@ -163,7 +243,7 @@ def client_id(workflow_id: str, task_index: int, intent: int) -> str:
 
 @dataclass(frozen=True)
 class MoveWorkflow:
-    trigger: str
+    trigger: WorkflowTrigger
     reason: str
 
 
@@ -179,22 +259,22 @@ def decide(workflow: Workflow) -> Action:
     """The next thing to do for this workflow, or None when it needs nothing from the worker."""
     state = workflow.state
     if state == WorkflowState.CREATED:
-        return MoveWorkflow("start", "started")
+        return MoveWorkflow(WorkflowTrigger.START, "started")
     if state == WorkflowState.NEEDS_ATTENTION:
         if not any(t.state == TaskState.NEEDS_ATTENTION for t in workflow.tasks):
-            return MoveWorkflow("retry", "every task needing attention was resolved")
+            return MoveWorkflow(WorkflowTrigger.RETRY, "every task needing attention was resolved")
         return None
     if state != WorkflowState.RUNNING:
         return None  # paused or finished
     task = workflow.current
     if task is None:
-        return MoveWorkflow("complete", "every task is done")
+        return MoveWorkflow(WorkflowTrigger.COMPLETE, "every task is done")
     if task.state == TaskState.FAILED:
         message = (task.error or {}).get("message", "failed")
-        return MoveWorkflow("fail", f"task {task.name} failed: {message}")
+        return MoveWorkflow(WorkflowTrigger.FAIL, f"task {task.name} failed: {message}")
     if task.state == TaskState.CANCELED:
-        return MoveWorkflow("cancel", f"task {task.name} was canceled")
+        return MoveWorkflow(WorkflowTrigger.CANCEL, f"task {task.name} was canceled")
     if task.state == TaskState.NEEDS_ATTENTION:
         message = (task.error or {}).get("message", "needs attention")
-        return MoveWorkflow("escalate", f"task {task.name}: {message}")
+        return MoveWorkflow(WorkflowTrigger.ESCALATE, f"task {task.name}: {message}")
     return StepTask(task)

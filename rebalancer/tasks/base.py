@@ -10,6 +10,7 @@ from decimal import ROUND_DOWN, Decimal
 from typing import Any, TypeVar
 
 from events.catalogue import TaskStateChanged
+from events.vocabulary import TaskKind, TaskState, TaskTrigger
 from rebalancer.accounts import Accounts
 from rebalancer.errors import (
     RejectedError,
@@ -18,7 +19,7 @@ from rebalancer.errors import (
     UnknownOutcomeError,
 )
 from rebalancer.exchanges.base import Exchange, Exchanges, HistoryMatch
-from rebalancer.machines import TaskKind, TaskState, task_machine
+from rebalancer.machines import task_machine
 from rebalancer.workflow import TaskRecord, Workflow, client_id
 
 T = TypeVar("T")
@@ -54,14 +55,14 @@ class TaskContext:
     claimed: Callable[[str, datetime], Awaitable[frozenset[str]]] | None = None
     deadlines: dict[TaskKind, float] = field(default_factory=lambda: dict(DEFAULT_DEADLINES))
 
-    async def move(self, trigger: str, **carried: Any) -> None:
+    async def move(self, trigger: TaskTrigger, **carried: Any) -> None:
         """Record one move of this task; refused before anything is stored if the table says no."""
         source = self.task.state
         dest = task_machine(self.task.kind).next_state(source, trigger)
         event = TaskStateChanged(
             task_index=self.task.index,
             task_name=self.task.name,
-            kind=self.task.kind.value,
+            kind=self.task.kind,
             trigger=trigger,
             source=source,
             dest=dest,
@@ -118,7 +119,8 @@ class Processor(ABC):
         state = ctx.task.state
         if state != TaskState.CREATED and ctx.deadline_passed:
             await ctx.move(
-                "escalate", error=error("deadline", f"{ctx.task.name} passed its deadline")
+                TaskTrigger.ESCALATE,
+                error=error("deadline", f"{ctx.task.name} passed its deadline")
             )
             return
         try:
@@ -130,7 +132,7 @@ class Processor(ABC):
                 await self.refresh(ctx)
         except SpecError as e:
             # A reference that cannot be rendered now will not render later either.
-            await ctx.move("fail", error=error("spec", str(e)))
+            await ctx.move(TaskTrigger.FAIL, error=error("spec", str(e)))
 
     @abstractmethod
     async def request(self, ctx: TaskContext) -> None:
@@ -146,7 +148,7 @@ class Processor(ABC):
 
 
 async def send(
-    ctx: TaskContext, trigger: str, params: dict[str, Any], call: Callable[[], Awaitable[T]]
+    ctx: TaskContext, trigger: TaskTrigger, params: dict[str, Any], call: Callable[[], Awaitable[T]]
 ) -> T | None:
     """Store the intent (`trigger`, usually submit), then make the one exchange call.
 
@@ -158,7 +160,7 @@ async def send(
     try:
         return await call()
     except RejectedError as e:
-        await ctx.move("fail", error=error("rejected", str(e)))
+        await ctx.move(TaskTrigger.FAIL, error=error("rejected", str(e)))
         return None
     except (UnknownOutcomeError, RetryableError):
         raise
@@ -170,10 +172,10 @@ async def reconcile_lookup(ctx: TaskContext, lookup: Callable[[], Awaitable[T | 
     try:
         found = await lookup()
     except UnknownOutcomeError as e:
-        await ctx.move("escalate", error=error("unknown_outcome", str(e)))
+        await ctx.move(TaskTrigger.ESCALATE, error=error("unknown_outcome", str(e)))
         return None
     if found is None:
-        await ctx.move("reset")
+        await ctx.move(TaskTrigger.RESET)
     return found
 
 

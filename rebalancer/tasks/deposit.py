@@ -6,8 +6,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from events.vocabulary import TaskKind, TaskState, TaskTrigger
 from rebalancer.exchanges.base import Deposit, TransferStatus
-from rebalancer.machines import TaskKind, TaskState
 from rebalancer.specs.models import DepositConfig
 from rebalancer.tasks.base import HISTORY_SLACK, Processor, TaskContext, money
 
@@ -21,7 +21,7 @@ class DepositProcessor(Processor):
         # workflow's start, not to now.
         since = (ctx.workflow.created_at or ctx.now) - HISTORY_SLACK
         await ctx.move(
-            "watch",
+            TaskTrigger.WATCH,
             request_params={
                 "account": config.account,
                 "currency": config.currency,
@@ -45,11 +45,12 @@ class DepositProcessor(Processor):
         state = ctx.task.state
         if deposit.status == TransferStatus.OK:
             await ctx.move(
-                "complete", refresh_result={"result": result, "extra": {"status": "done"}}
+                TaskTrigger.COMPLETE, refresh_result={"result": result, "extra": {"status": "done"}}
             )
         elif state == TaskState.REQUESTED:
             await ctx.move(
-                "progress", refresh_result={"result": result, "extra": {"status": "confirming"}}
+                TaskTrigger.PROGRESS,
+                refresh_result={"result": result, "extra": {"status": "confirming"}}
             )
 
 

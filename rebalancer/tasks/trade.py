@@ -7,9 +7,9 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
+from events.vocabulary import TaskKind, TaskState, TaskTrigger
 from rebalancer.errors import RejectedError
 from rebalancer.exchanges.base import Exchange, Order, OrderRequest, OrderStatus, OrderType, Side
-from rebalancer.machines import TaskKind, TaskState
 from rebalancer.specs.models import TradeConfig
 from rebalancer.tasks.base import Processor, TaskContext, error, floor_to, reconcile_lookup
 
@@ -70,7 +70,7 @@ class TradeProcessor(Processor):
             return
         if self._waiting(ctx, plan):
             return
-        await self._send_slice(ctx, config, exchange, plan, "submit")
+        await self._send_slice(ctx, config, exchange, plan, TaskTrigger.SUBMIT)
 
     async def reconcile(self, ctx: TaskContext) -> None:
         found = await reconcile_lookup(ctx, lambda: self._lookup(ctx))
@@ -97,7 +97,9 @@ class TradeProcessor(Processor):
         interval = spec.twap.interval_seconds if spec.twap else 0.0
         if config.quote_amount is not None:
             if config.side != "buy":
-                await ctx.move("fail", error=error("unsupported", "a sell is given in base amount"))
+                await ctx.move(
+                    TaskTrigger.FAIL, error=error("unsupported", "a sell is given in base amount")
+                )
                 return None
             quantum = Decimal(1) if config.quote_currency == "KRW" else Decimal("0.00000001")
             amounts = plan_slices(
@@ -114,7 +116,7 @@ class TradeProcessor(Processor):
         if not amounts:
             total = config.quote_amount or config.amount
             await ctx.move(
-                "fail",
+                TaskTrigger.FAIL,
                 error=error(
                     "below_minimum",
                     f"{total} is below the minimum order of {rules.min_notional}"
@@ -131,7 +133,8 @@ class TradeProcessor(Processor):
         return ctx.now < ctx.task.intent_at + timedelta(seconds=plan.interval)
 
     async def _send_slice(
-        self, ctx: TaskContext, config: TradeConfig, exchange: Exchange, plan: Plan, trigger: str
+        self, ctx: TaskContext, config: TradeConfig, exchange: Exchange, plan: Plan,
+        trigger: TaskTrigger,
     ) -> None:
         index = len(_slices(ctx))
         amount = plan.amounts[index]
@@ -162,7 +165,7 @@ class TradeProcessor(Processor):
             price=config.price,
         )
         carried: dict[str, Any] = {"request_params": params}
-        if trigger == "next_slice":
+        if trigger == TaskTrigger.NEXT_SLICE:
             carried["refresh_result"] = ctx.task.refresh_result
         await ctx.move(trigger, **carried)
         try:
@@ -186,14 +189,16 @@ class TradeProcessor(Processor):
         if len(slices) < len(plan.amounts):
             # Never landed: back to created; the next step sends the next slice.
             await ctx.move(
-                "reset",
+                TaskTrigger.RESET,
                 refresh_result=refresh,
                 error=error("slice_rejected", message, slice=len(slices) - 1),
             )
         elif _filled(slices) > 0:
-            await ctx.move("complete", refresh_result=refresh)
+            await ctx.move(TaskTrigger.COMPLETE, refresh_result=refresh)
         else:
-            await ctx.move("fail", refresh_result=refresh, error=error("rejected", message))
+            await ctx.move(
+                TaskTrigger.FAIL, refresh_result=refresh, error=error("rejected", message)
+            )
 
     async def _follow(self, ctx: TaskContext, order: Order) -> None:
         """Record the current slice's order as the exchange reports it, and move on."""
@@ -209,20 +214,24 @@ class TradeProcessor(Processor):
         request_result = {"order_id": order.exchange_id, "status": order.status.value}
         if order.status not in FINISHED:
             if state in (TaskState.SUBMITTING, TaskState.REQUESTED):
-                await ctx.move("open", request_result=request_result, refresh_result=refresh)
+                await ctx.move(
+                    TaskTrigger.OPEN, request_result=request_result, refresh_result=refresh
+                )
             elif changed:
-                await ctx.move("fill", refresh_result=refresh)
+                await ctx.move(TaskTrigger.FILL, refresh_result=refresh)
             return
         last = index >= len(plan.amounts) - 1
         if state == TaskState.SUBMITTING and not last:
-            await ctx.move("accept", request_result=request_result, refresh_result=refresh)
+            await ctx.move(
+                TaskTrigger.ACCEPT, request_result=request_result, refresh_result=refresh
+            )
             return
         if last:
             if _filled(slices) > 0:
-                await ctx.move("complete", refresh_result=refresh)
+                await ctx.move(TaskTrigger.COMPLETE, refresh_result=refresh)
             else:
                 await ctx.move(
-                    "fail",
+                    TaskTrigger.FAIL,
                     refresh_result=refresh,
                     error=error(
                         "not_filled", f"the order ended {order.raw_status} with nothing filled"
@@ -230,12 +239,13 @@ class TradeProcessor(Processor):
                 )
             return
         if changed and state == TaskState.OPEN:
-            await ctx.move("fill", refresh_result=refresh)
+            await ctx.move(TaskTrigger.FILL, refresh_result=refresh)
             return
         if self._waiting(ctx, plan):
             return
         config = ctx.config(TradeConfig)
-        await self._send_slice(ctx, config, ctx.exchange(config.account), plan, "next_slice")
+        exchange = ctx.exchange(config.account)
+        await self._send_slice(ctx, config, exchange, plan, TaskTrigger.NEXT_SLICE)
 
 
 def _stored_plan(ctx: TaskContext) -> Plan | None:

@@ -7,6 +7,7 @@ from dataclasses import asdict
 from decimal import Decimal
 from typing import Any
 
+from events.vocabulary import TaskKind, TaskState, TaskTrigger
 from rebalancer.exchanges.base import (
     Exchange,
     HistoryMatch,
@@ -16,7 +17,6 @@ from rebalancer.exchanges.base import (
     TransferStatus,
     Wallet,
 )
-from rebalancer.machines import TaskKind, TaskState
 from rebalancer.specs.models import MasterTransferConfig, TransferConfig
 from rebalancer.tasks.base import Processor, TaskContext, error, money, reconcile_lookup, send
 
@@ -41,7 +41,7 @@ class TransferProcessor(Processor):
     async def reconcile(self, ctx: TaskContext) -> None:
         found = await reconcile_lookup(ctx, lambda: self.lookup(ctx))
         if found is not None:
-            await ctx.move("accept", request_result=_request_result(found))
+            await ctx.move(TaskTrigger.ACCEPT, request_result=_request_result(found))
 
     async def refresh(self, ctx: TaskContext) -> None:
         transfer = await self.lookup(ctx)
@@ -99,9 +99,9 @@ async def _send(
             for key, value in asdict(request).items()
         },
     }
-    transfer = await send(ctx, "submit", params, call)
+    transfer = await send(ctx, TaskTrigger.SUBMIT, params, call)
     if transfer is not None:
-        await ctx.move("accept", request_result=_request_result(transfer))
+        await ctx.move(TaskTrigger.ACCEPT, request_result=_request_result(transfer))
 
 
 async def follow(ctx: TaskContext, transfer: Transfer) -> None:
@@ -111,10 +111,12 @@ async def follow(ctx: TaskContext, transfer: Transfer) -> None:
         "status": transfer.status.value,
     }
     if transfer.status == TransferStatus.OK:
-        await ctx.move("complete", refresh_result={"result": result, "extra": {"status": "done"}})
+        await ctx.move(
+            TaskTrigger.COMPLETE, refresh_result={"result": result, "extra": {"status": "done"}}
+        )
     elif transfer.status in (TransferStatus.FAILED, TransferStatus.CANCELED):
         await ctx.move(
-            "fail",
+            TaskTrigger.FAIL,
             error=error(
                 "transfer_" + transfer.status.value,
                 f"the exchange reports the transfer {transfer.status}",
@@ -122,7 +124,7 @@ async def follow(ctx: TaskContext, transfer: Transfer) -> None:
         )
     elif ctx.task.state == TaskState.REQUESTED:
         await ctx.move(
-            "progress", refresh_result={"result": result, "extra": {"status": "pending"}}
+            TaskTrigger.PROGRESS, refresh_result={"result": result, "extra": {"status": "pending"}}
         )
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+from events.vocabulary import TaskKind, TaskState, TaskTrigger
 from rebalancer.exchanges.base import TransferStatus, Withdrawal, WithdrawRequest
-from rebalancer.machines import TaskKind, TaskState
 from rebalancer.specs.models import WithdrawConfig
 from rebalancer.tasks.base import (
     Processor,
@@ -28,7 +28,7 @@ class WithdrawProcessor(Processor):
         target = ctx.accounts.get(config.to_account).deposit_addresses.get(config.currency)
         if target is None or target.network != config.network:
             await ctx.move(
-                "fail",
+                TaskTrigger.FAIL,
                 error=error(
                     "no_deposit_address",
                     f"{config.to_account} has no {config.currency} address on {config.network}",
@@ -38,7 +38,7 @@ class WithdrawProcessor(Processor):
         # Our own allowlist, checked before the exchange is ever called.
         if not source.allows(config.currency, target.address, target.network, target.tag):
             await ctx.move(
-                "fail",
+                TaskTrigger.FAIL,
                 error=error(
                     "address_not_allowed",
                     f"{target.address} ({target.network}) is not on {source.id}'s"
@@ -54,7 +54,7 @@ class WithdrawProcessor(Processor):
         amount = floor_to(spendable, rules.multiple)
         if amount < rules.minimum:
             await ctx.move(
-                "fail",
+                TaskTrigger.FAIL,
                 error=error(
                     "below_minimum",
                     f"{amount} {config.currency} is below the withdrawal minimum {rules.minimum}",
@@ -91,14 +91,14 @@ class WithdrawProcessor(Processor):
             network=target.network,
             tag=target.tag,
         )
-        withdrawal = await send(ctx, "submit", params, lambda: exchange.withdraw(request))
+        withdrawal = await send(ctx, TaskTrigger.SUBMIT, params, lambda: exchange.withdraw(request))
         if withdrawal is not None:
-            await ctx.move("accept", request_result=_request_result(withdrawal))
+            await ctx.move(TaskTrigger.ACCEPT, request_result=_request_result(withdrawal))
 
     async def reconcile(self, ctx: TaskContext) -> None:
         found = await reconcile_lookup(ctx, lambda: self._lookup(ctx))
         if found is not None:
-            await ctx.move("accept", request_result=_request_result(found))
+            await ctx.move(TaskTrigger.ACCEPT, request_result=_request_result(found))
 
     async def refresh(self, ctx: TaskContext) -> None:
         withdrawal = await self._lookup(ctx)
@@ -110,10 +110,11 @@ class WithdrawProcessor(Processor):
         if withdrawal.status == TransferStatus.OK:
             if state == TaskState.REQUESTED:
                 await ctx.move(
-                    "progress", refresh_result={"result": result, "extra": {"status": "processing"}}
+                    TaskTrigger.PROGRESS,
+                    refresh_result={"result": result, "extra": {"status": "processing"}}
                 )
             await ctx.move(
-                "complete",
+                TaskTrigger.COMPLETE,
                 refresh_result={
                     "result": result,
                     "extra": {"status": "done", "remainders": params.get("remainders", [])},
@@ -121,7 +122,7 @@ class WithdrawProcessor(Processor):
             )
         elif withdrawal.status in (TransferStatus.FAILED, TransferStatus.CANCELED):
             await ctx.move(
-                "fail",
+                TaskTrigger.FAIL,
                 error=error(
                     "withdrawal_" + withdrawal.status.value,
                     f"the exchange reports the withdrawal {withdrawal.raw_status}",
@@ -129,11 +130,13 @@ class WithdrawProcessor(Processor):
             )
         elif state == TaskState.REQUESTED:
             await ctx.move(
-                "progress", refresh_result={"result": result, "extra": {"status": "processing"}}
+                TaskTrigger.PROGRESS,
+                refresh_result={"result": result, "extra": {"status": "processing"}}
             )
         elif _txid_of(ctx) != withdrawal.txid:
             await ctx.move(
-                "update", refresh_result={"result": result, "extra": {"status": "processing"}}
+                TaskTrigger.UPDATE,
+                refresh_result={"result": result, "extra": {"status": "processing"}}
             )
 
     async def _lookup(self, ctx: TaskContext) -> Withdrawal | None:

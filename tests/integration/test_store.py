@@ -39,8 +39,10 @@ def started(command_id: str = "cmd-1") -> WorkflowCreated:
     )
 
 
-def moved(trigger: str, source: str, dest: str) -> WorkflowStateChanged:
-    return WorkflowStateChanged(trigger=trigger, source=source, dest=dest)
+def moved(
+    trigger: str, source: str, dest: str, reason: str | None = None
+) -> WorkflowStateChanged:
+    return WorkflowStateChanged(trigger=trigger, source=source, dest=dest, reason=reason)
 
 
 async def count_events(store: EventStore) -> int:
@@ -108,7 +110,7 @@ async def test_of_many_concurrent_appenders_at_one_version_exactly_one_wins(
 
     async def attempt(i: int) -> str:
         try:
-            await store.append(stream, [moved("start", "created", f"running-{i}")], 1)
+            await store.append(stream, [moved("start", "created", "running", f"attempt {i}")], 1)
             return "won"
         except ConcurrencyError:
             return "lost"
@@ -138,7 +140,8 @@ async def test_of_many_concurrent_appenders_at_one_version_exactly_one_wins(
                          "trigger": "submit", "source": "created", "dest": "submitting",
                          "request_params": {"nested": {"api_key": "k"}}}),
          InvalidEventError, "secret"),
-        (None, NewEvent("WorkflowStateChanged", {"trigger": "x", "source": "a", "dest": "b"},
+        (None, NewEvent("WorkflowStateChanged",
+                        {"trigger": "start", "source": "created", "dest": "running"},
                         metadata={"signature": "abc"}), InvalidEventError, "secret"),
     ],
     ids=["unregistered-type", "missing-field", "unknown-field", "foreign-stream-id",
