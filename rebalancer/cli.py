@@ -41,9 +41,10 @@ class UsageError(RebalancerError):
 
 
 def infra_up(args: argparse.Namespace) -> int:
-    home = Settings().home
+    settings = Settings()
+    home = settings.home
     was = embedded.status(home)
-    info = embedded.up(home)
+    info = embedded.up(home, pg_bin=settings.pg_bin)
     if args.json:
         print(json.dumps(info.to_json(), indent=2))
         return EXIT_OK

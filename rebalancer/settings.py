@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -31,3 +31,9 @@ class Settings(BaseSettings):
     pg_bin: Path | None = None
     # A relay this far behind the store raises a `relay_lag` alert.
     relay_lag_seconds: float = 30.0
+
+    @field_validator("pg_bin", mode="before")
+    @classmethod
+    def _empty_pg_bin_is_unset(cls, value: object) -> object:
+        # REBALANCER_PG_BIN= (set but empty) means "find them", not the current directory.
+        return None if value == "" else value

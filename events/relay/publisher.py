@@ -1,13 +1,14 @@
-"""Relay: every stored event to NATS JetStream in global order, resuming from a checkpoint."""
+"""The relay: every stored event to NATS JetStream in global order, resuming from a checkpoint."""
+
+# Over ~400 lines for a reason: the publish chain, the checkpoint lock and the retry loop are one
+# invariant (the checkpoint moves only over what the chain got acknowledged) and read best together.
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,40 +17,26 @@ import nats.errors
 import nats.js.errors
 import psycopg
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
-    DiscardPolicy,
-    PubAck,
-    RetentionPolicy,
-    StorageType,
-    StreamConfig,
-)
+from nats.js.api import PubAck
 from psycopg.rows import tuple_row
 
 from events.concurrency import first_of
 from events.errors import EventStoreError, StoreUnavailableError
+from events.relay.acks import Acks, settle
+from events.relay.wire import MSG_ID, STREAM, body_of, msg_id, stream_config, subject_for
 from events.store import ORIGIN, SESSION_OPTIONS, Checkpoint, EventStore, RecordedEvent
 
 log = logging.getLogger(__name__)
 
-STREAM = "REBALANCER_EVENTS"  # contract (DESIGN.md §5)
-SUBJECT_PREFIX = "rebalancer.events"
-SUBJECTS = f"{SUBJECT_PREFIX}.>"
-MSG_ID = "Nats-Msg-Id"
 # JetStream stores a message carrying this header only when the stream's last stored message
 # id equals it; see Relay._publish for why the relay chains its publishes with it.
 EXPECTED_LAST_MSG_ID = "Nats-Expected-Last-Msg-Id"
 WRONG_LAST_MSG_ID = 10070  # JetStream API error code of a broken chain
-DUPLICATE_WINDOW = 120.0  # seconds; a re-publish after a crash normally lands well within it
-MAX_AGE = 365 * 24 * 3600.0  # seconds; JetStream is a copy, the store keeps everything anyway
 MAX_BACKOFF = 5.0
 # Two-key advisory lock space: this class id plus hashtext(name). The migration lock uses the
 # one-bigint form, which PostgreSQL keeps apart from the two-int form.
 _LOCK_CLASS = 0x7265_6C79  # "rely"
-_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
 # Errors meaning "NATS did not take it", as opposed to a bug in the relay.
 _NATS_FAILURES = (nats.errors.Error, asyncio.TimeoutError, OSError)
 
@@ -59,71 +46,6 @@ class RelayUnavailableError(EventStoreError):
 
     Retry later: the relay resumes from its checkpoint and the dedupe id removes the copies.
     """
-
-
-# -- subjects and bodies ---------------------------------------------------------------------
-
-
-def subject_for(event: RecordedEvent) -> str:
-    """`rebalancer.events.<workflow_id>.<task_name|_workflow>.<dest_state>` (DESIGN.md §5).
-
-    Characters that are not valid in a subject token (`.`, `*`, `>`, white space) become `_`:
-    the subject only routes, the body carries the facts, and a relay that refused an event
-    would hold every later one back. A type outside the catalogue's three lands on
-    `_workflow.<type in lower case>`.
-    """
-    workflow_id = event.stream_id.removeprefix("workflow-")
-    data = event.data
-    if event.type == "TaskStateChanged":
-        what, state = str(data.get("task_name")), str(data.get("dest"))
-    elif event.type == "WorkflowStateChanged":
-        what, state = "_workflow", str(data.get("dest"))
-    elif event.type == "WorkflowCreated":
-        what, state = "_workflow", "created"
-    else:
-        what, state = "_workflow", event.type.lower()
-    return ".".join((SUBJECT_PREFIX, _token(workflow_id), _token(what), _token(state)))
-
-
-def _token(text: str) -> str:
-    return _TOKEN.sub("_", text) or "_"
-
-
-def body_of(event: RecordedEvent) -> bytes:
-    """The stored event as JSON (DESIGN.md §5); amounts are already strings in stored data."""
-    body = {
-        "position": event.position,
-        "stream_id": event.stream_id,
-        "version": event.version,
-        "type": event.type,
-        "schema_version": event.schema_version,
-        "data": event.data,
-        "metadata": event.metadata,
-        "recorded_at": event.recorded_at.isoformat(),
-    }
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def msg_id(event: RecordedEvent) -> str:
-    """The JetStream dedupe id: `<stream_id>:<version>`, unique per stored event."""
-    return f"{event.stream_id}:{event.version}"
-
-
-def stream_config() -> StreamConfig:
-    """The REBALANCER_EVENTS stream: file storage, a dedupe window, long retention."""
-    return StreamConfig(
-        name=STREAM,
-        description="Every stored rebalancer event, in global order (published by the relay)",
-        subjects=[SUBJECTS],
-        storage=StorageType.FILE,
-        retention=RetentionPolicy.LIMITS,
-        discard=DiscardPolicy.OLD,
-        max_age=MAX_AGE,
-        duplicate_window=DUPLICATE_WINDOW,
-    )
-
-
-# -- the relay -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,16 +94,12 @@ class Relay:
         self._connect_options = connect_options
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
-        self._acks: _Acks | None = None
+        self._acks: Acks | None = None
         self._stream_ready = False
         self._nats_back = asyncio.Event()
         self._lock_conn: psycopg.AsyncConnection[Any] | None = None
         # Test hook: called with each acknowledged batch before its checkpoint is written.
         self.before_checkpoint: Callable[[list[RecordedEvent]], Awaitable[None]] | None = None
-
-    @property
-    def name(self) -> str:
-        return self._name
 
     async def __aenter__(self) -> Relay:
         return self
@@ -224,7 +142,7 @@ class Relay:
             await nc.close()
             raise RelayUnavailableError(f"cannot connect to NATS: {_describe(e)}") from e
         try:
-            acks = await _Acks.open(nc)
+            acks = await Acks.open(nc)
         except _NATS_FAILURES as e:
             await nc.close()
             raise RelayUnavailableError(f"cannot subscribe on NATS: {_describe(e)}") from e
@@ -299,7 +217,7 @@ class Relay:
             await self._drop_checkpoint_connection()
             raise StoreUnavailableError(f"relay checkpoint: {_describe(e)}") from e
 
-    async def _relay_locked(self, acks: _Acks, conn: psycopg.AsyncConnection[Any]) -> int:
+    async def _relay_locked(self, acks: Acks, conn: psycopg.AsyncConnection[Any]) -> int:
         checkpoint = await self._load_checkpoint(conn)
         total = 0
         while True:
@@ -330,7 +248,7 @@ class Relay:
             ) from failure
 
     async def _publish(
-        self, acks: _Acks, events: list[RecordedEvent]
+        self, acks: Acks, events: list[RecordedEvent]
     ) -> tuple[int, BaseException | None]:
         """Publish `events` with up to `window` acks in flight; returns the acknowledged prefix
         length and the failure that ended it (None when all were acknowledged).
@@ -354,7 +272,7 @@ class Relay:
         try:
             for event in events:
                 if len(in_flight) >= self._window:
-                    await _settle(*in_flight.popleft(), loop)
+                    await settle(*in_flight.popleft(), loop)
                     acked += 1
                 headers = {MSG_ID: msg_id(event)}
                 if previous is not None:
@@ -363,7 +281,7 @@ class Relay:
                 in_flight.append((future, loop.time() + self._publish_timeout))
                 previous = headers[MSG_ID]
             while in_flight:
-                await _settle(*in_flight.popleft(), loop)
+                await settle(*in_flight.popleft(), loop)
                 acked += 1
             return acked, None
         except _NATS_FAILURES as e:
@@ -526,67 +444,6 @@ class Relay:
         return float(min(self._max_backoff, self._poll_interval * 2 ** min(failures - 1, 10)))
 
 
-class _Acks:
-    """Pipelined JetStream publishes and their acknowledgements, matched by reply subject.
-
-    nats-py's own publish_async turns an error reply (such as a broken chain) into a silent
-    timeout - its reply handler raises instead of failing the future - so the relay keeps
-    its own, small, reply inbox.
-    """
-
-    def __init__(self, nc: NATS, prefix: str) -> None:
-        self._nc = nc
-        self._prefix = prefix
-        self._futures: dict[str, asyncio.Future[PubAck]] = {}
-        self._next = 0
-
-    @classmethod
-    async def open(cls, nc: NATS) -> _Acks:
-        acks = cls(nc, nc.new_inbox())
-        await nc.subscribe(f"{acks._prefix}.*", cb=acks._on_reply)
-        return acks
-
-    async def publish(
-        self, subject: str, payload: bytes, headers: dict[str, str]
-    ) -> asyncio.Future[PubAck]:
-        self._next += 1
-        token = str(self._next)
-        future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
-        future.add_done_callback(lambda _: self._futures.pop(token, None))
-        self._futures[token] = future
-        try:
-            await self._nc.publish(
-                subject, payload, reply=f"{self._prefix}.{token}", headers=headers
-            )
-        except BaseException:
-            future.cancel()
-            raise
-        return future
-
-    async def _on_reply(self, msg: Msg) -> None:
-        future = self._futures.get(msg.subject[len(self._prefix) + 1:])
-        if future is None or future.done():
-            return  # given up on already (timed out); the event is published again later
-        if msg.headers and msg.headers.get("Status") == "503":
-            future.set_exception(nats.js.errors.NoStreamResponseError())
-            return
-        try:
-            reply = json.loads(msg.data)
-            if "error" in reply:
-                nats.js.errors.APIError.from_error(reply["error"])  # always raises
-            future.set_result(PubAck.from_response(reply))
-        except nats.js.errors.APIError as e:
-            future.set_exception(e)
-        except (ValueError, TypeError, KeyError) as e:
-            future.set_exception(nats.js.errors.Error(f"unreadable JetStream reply: {e}"))
-
-
-async def _settle(future: asyncio.Future[PubAck], deadline: float,
-                  loop: asyncio.AbstractEventLoop) -> PubAck:
-    # wait_for cancels the future on timeout, which frees its slot in the client.
-    return await asyncio.wait_for(future, max(0.0, deadline - loop.time()))
-
-
 def _broken_chain(error: BaseException) -> bool:
     return isinstance(error, nats.js.errors.APIError) and error.err_code == WRONG_LAST_MSG_ID
 
@@ -596,162 +453,3 @@ def _describe(error: BaseException) -> str:
     first = text.splitlines()[0] if text else ""
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
-
-# -- subscribing -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PublishedEvent:
-    """One relayed event as a subscriber sees it (the body of DESIGN.md §5 plus its subject)."""
-
-    position: int
-    stream_id: str
-    version: int
-    type: str
-    schema_version: int
-    data: dict[str, Any]
-    metadata: dict[str, Any]
-    recorded_at: datetime
-    subject: str
-
-    @classmethod
-    def from_message(cls, msg: Msg) -> PublishedEvent:
-        body = json.loads(msg.data)
-        return cls(
-            position=int(body["position"]),
-            stream_id=str(body["stream_id"]),
-            version=int(body["version"]),
-            type=str(body["type"]),
-            schema_version=int(body["schema_version"]),
-            data=dict(body["data"]),
-            metadata=dict(body["metadata"]),
-            recorded_at=datetime.fromisoformat(body["recorded_at"]),
-            subject=msg.subject,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Gap:
-    """A stream jumped from `after_version` to `received_version` (events missing between)."""
-
-    stream_id: str
-    after_version: int
-    received_version: int
-
-
-class Subscriber:
-    """Yields relayed events, each (stream_id, version) at most once and never an older one.
-
-    An event at or below the last version seen for its stream (a re-publish older than the
-    dedupe window, a redelivery) is dropped and counted; a stream that skips versions is
-    recorded in `gaps`. Without `durable` it is an ordered ephemeral consumer from the start of
-    the stream; with `durable` a durable consumer whose messages are acknowledged once the
-    caller asks for the next one. `seen` resumes the version bookkeeping of an earlier run.
-    Use as an async context manager, then iterate or call `next()`.
-    """
-
-    def __init__(
-        self,
-        nc: NATS,
-        subject: str = SUBJECTS,
-        *,
-        durable: str | None = None,
-        seen: Mapping[str, int] | None = None,
-        idle_heartbeat: float = 2.0,
-    ) -> None:
-        self.nc = nc
-        self.subject = subject
-        self.durable = durable
-        self.idle_heartbeat = idle_heartbeat
-        self.duplicates_dropped = 0
-        self.gaps: list[Gap] = []
-        self._last: dict[str, int] = dict(seen or {})
-        self._sub: JetStreamContext.PushSubscription | None = None
-        self._unacked: Msg | None = None
-
-    async def __aenter__(self) -> Subscriber:
-        js = self.nc.jetstream()
-        if self.durable is None:
-            self._sub = await js.subscribe(
-                self.subject, stream=STREAM, ordered_consumer=True,
-                idle_heartbeat=self.idle_heartbeat,
-            )
-        else:
-            # A durable just released (by us or a previous run) can still count as bound for a
-            # moment while the server processes the unsubscribe: try again briefly.
-            for attempt in range(20):
-                try:
-                    self._sub = await js.subscribe(
-                        self.subject, stream=STREAM, durable=self.durable, manual_ack=True,
-                        idle_heartbeat=self.idle_heartbeat,
-                        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30.0),
-                    )
-                    break
-                except nats.js.errors.Error as e:
-                    if "already bound" not in str(e) or attempt == 19:
-                        raise
-                    await asyncio.sleep(0.05)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        sub, self._sub = self._sub, None
-        if sub is not None and not self.nc.is_closed:
-            await self._ack_pending()
-            await sub.unsubscribe()
-            await self.nc.flush()  # the server has the unsubscribe before we return
-
-    @property
-    def last_versions(self) -> dict[str, int]:
-        """The last version seen per stream (pass it as `seen` to resume)."""
-        return dict(self._last)
-
-    async def next(self, timeout: float | None = None) -> PublishedEvent:
-        """The next new event; raises nats.errors.TimeoutError when none came within `timeout`."""
-        assert self._sub is not None, "use Subscriber as an async context manager"
-        await self._ack_pending()
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        while True:
-            left = None if deadline is None else max(0.001, deadline - loop.time())
-            msg = await self._sub.next_msg(timeout=left)
-            event = PublishedEvent.from_message(msg)
-            last = self._last.get(event.stream_id)
-            if last is not None and event.version <= last:
-                self.duplicates_dropped += 1
-                if self.durable is not None:
-                    await msg.ack()
-                continue
-            if last is not None and event.version > last + 1:
-                gap = Gap(event.stream_id, last, event.version)
-                log.warning("subscriber: %s jumped from version %d to %d",
-                            gap.stream_id, gap.after_version, gap.received_version)
-                self.gaps.append(gap)
-            self._last[event.stream_id] = event.version
-            if self.durable is not None:
-                self._unacked = msg
-            return event
-
-    async def __aiter__(self) -> AsyncIterator[PublishedEvent]:
-        while True:
-            yield await self.next()
-
-    async def _ack_pending(self) -> None:
-        msg, self._unacked = self._unacked, None
-        if msg is not None:
-            await msg.ack()
-
-
-__all__ = [
-    "STREAM",
-    "SUBJECTS",
-    "Gap",
-    "PublishedEvent",
-    "Relay",
-    "RelayLag",
-    "RelayUnavailableError",
-    "Subscriber",
-    "body_of",
-    "msg_id",
-    "stream_config",
-    "subject_for",
-]

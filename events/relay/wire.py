@@ -1,0 +1,112 @@
+"""The wire format: how a stored event becomes a JetStream message (subject, body, dedupe id)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from nats.aio.msg import Msg
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+
+from events.store import RecordedEvent
+
+STREAM = "REBALANCER_EVENTS"  # contract (DESIGN.md §5)
+SUBJECT_PREFIX = "rebalancer.events"
+SUBJECTS = f"{SUBJECT_PREFIX}.>"
+MSG_ID = "Nats-Msg-Id"
+DUPLICATE_WINDOW = 120.0  # seconds; a re-publish after a crash normally lands well within it
+MAX_AGE = 365 * 24 * 3600.0  # seconds; JetStream is a copy, the store keeps everything anyway
+_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def subject_for(event: RecordedEvent) -> str:
+    """`rebalancer.events.<workflow_id>.<task_name|_workflow>.<dest_state>` (DESIGN.md §5).
+
+    Characters that are not valid in a subject token (`.`, `*`, `>`, white space) become `_`:
+    the subject only routes, the body carries the facts, and a relay that refused an event
+    would hold every later one back. A type outside the catalogue's three lands on
+    `_workflow.<type in lower case>`.
+    """
+    workflow_id = event.stream_id.removeprefix("workflow-")
+    data = event.data
+    if event.type == "TaskStateChanged":
+        what, state = str(data.get("task_name")), str(data.get("dest"))
+    elif event.type == "WorkflowStateChanged":
+        what, state = "_workflow", str(data.get("dest"))
+    elif event.type == "WorkflowCreated":
+        what, state = "_workflow", "created"
+    else:
+        what, state = "_workflow", event.type.lower()
+    return ".".join((SUBJECT_PREFIX, _token(workflow_id), _token(what), _token(state)))
+
+
+def _token(text: str) -> str:
+    return _TOKEN.sub("_", text) or "_"
+
+
+def body_of(event: RecordedEvent) -> bytes:
+    """The stored event as JSON (DESIGN.md §5); amounts are already strings in stored data."""
+    body = {
+        "position": event.position,
+        "stream_id": event.stream_id,
+        "version": event.version,
+        "type": event.type,
+        "schema_version": event.schema_version,
+        "data": event.data,
+        "metadata": event.metadata,
+        "recorded_at": event.recorded_at.isoformat(),
+    }
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def msg_id(event: RecordedEvent) -> str:
+    """The JetStream dedupe id: `<stream_id>:<version>`, unique per stored event."""
+    return f"{event.stream_id}:{event.version}"
+
+
+def stream_config() -> StreamConfig:
+    """The REBALANCER_EVENTS stream: file storage, a dedupe window, long retention."""
+    return StreamConfig(
+        name=STREAM,
+        description="Every stored rebalancer event, in global order (published by the relay)",
+        subjects=[SUBJECTS],
+        storage=StorageType.FILE,
+        retention=RetentionPolicy.LIMITS,
+        discard=DiscardPolicy.OLD,
+        max_age=MAX_AGE,
+        duplicate_window=DUPLICATE_WINDOW,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedEvent:
+    """One relayed event as a subscriber sees it (the body of DESIGN.md §5 plus its subject)."""
+
+    position: int
+    stream_id: str
+    version: int
+    type: str
+    schema_version: int
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+    recorded_at: datetime
+    subject: str
+
+    @classmethod
+    def from_message(cls, msg: Msg) -> PublishedEvent:
+        body = json.loads(msg.data)
+        return cls(
+            position=int(body["position"]),
+            stream_id=str(body["stream_id"]),
+            version=int(body["version"]),
+            type=str(body["type"]),
+            schema_version=int(body["schema_version"]),
+            data=dict(body["data"]),
+            metadata=dict(body["metadata"]),
+            recorded_at=datetime.fromisoformat(body["recorded_at"]),
+            subject=msg.subject,
+        )
+
