@@ -11,7 +11,9 @@ from typing import Any
 from nats.aio.msg import Msg
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
+from events.catalogue import TaskStateChanged, WorkflowCreated, WorkflowStateChanged
 from events.store import RecordedEvent
+from events.vocabulary import WorkflowState
 
 STREAM = "REBALANCER_EVENTS"  # contract (DESIGN.md §5)
 SUBJECT_PREFIX = "rebalancer.events"
@@ -32,12 +34,12 @@ def subject_for(event: RecordedEvent) -> str:
     """
     workflow_id = event.stream_id.removeprefix("workflow-")
     data = event.data
-    if event.type == "TaskStateChanged":
+    if event.type == TaskStateChanged.type_name:
         what, state = str(data.get("task_name")), str(data.get("dest"))
-    elif event.type == "WorkflowStateChanged":
+    elif event.type == WorkflowStateChanged.type_name:
         what, state = "_workflow", str(data.get("dest"))
-    elif event.type == "WorkflowCreated":
-        what, state = "_workflow", "created"
+    elif event.type == WorkflowCreated.type_name:
+        what, state = "_workflow", WorkflowState.CREATED.value
     else:
         what, state = "_workflow", event.type.lower()
     return ".".join((SUBJECT_PREFIX, _token(workflow_id), _token(what), _token(state)))
