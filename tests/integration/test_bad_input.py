@@ -29,7 +29,7 @@ from rebalancer.specs.loading import builtin_specs
 from rebalancer.specs.models import WorkflowSpec
 from rebalancer.specs.validation import InvalidSpecError
 from tests.conftest import ROOT
-from tests.integration.support import (
+from tests.support import (
     SEED_PARAMS,
     SEED_SPEC,
     Worker,

@@ -26,7 +26,7 @@ from rebalancer.specs.loading import builtin_specs
 from rebalancer.specs.models import WorkflowSpec
 from rebalancer.specs.validation import resolve_params, resolve_result
 from rebalancer.workflow import Workflow, client_id
-from tests.integration.support import (
+from tests.support import (
     MONEY_MOVES,
     SEED_PARAMS,
     SEED_SPEC,

@@ -14,7 +14,7 @@ from rebalancer.specs.builders import task, workflow
 from rebalancer.specs.loading import builtin_specs
 from rebalancer.specs.models import WorkflowSpec
 from rebalancer.workflow import Workflow, fold
-from tests.integration.support import SEED_PARAMS
+from tests.support import SEED_PARAMS
 
 
 def await_never(accounts: Any) -> WorkflowSpec:

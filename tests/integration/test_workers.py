@@ -26,7 +26,7 @@ from rebalancer.exchanges.base import OrderRequest, OrderType, Side
 from rebalancer.exchanges.simulated import _draw
 from rebalancer.specs.loading import builtin_specs
 from rebalancer.workflow import client_id
-from tests.integration.support import (
+from tests.support import (
     MONEY_MOVES,
     SEED_PARAMS,
     SEED_SPEC,

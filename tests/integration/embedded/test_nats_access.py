@@ -27,7 +27,7 @@ from events import relay
 from events.store import RecordedEvent
 from rebalancer import alerts, embedded
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 REFERENCE_CONF = ROOT / "infra" / "nats" / "rebalancer.conf"
 NATS_SERVER = Path(sys.executable).parent / "nats-server"
 # How long a refused publish may take to come back as an error (it is one round trip).

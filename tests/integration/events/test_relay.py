@@ -33,7 +33,7 @@ from events.relay import (
     subject_for,
 )
 from events.store import EventStore, RecordedEvent
-from tests.synthetic import History, interleaved, make_history
+from tests.support.synthetic import History, interleaved, make_history
 
 NATS_SERVER = Path(sys.executable).parent / "nats-server"
 OUTAGE_SECONDS = 10.5

@@ -15,7 +15,7 @@ from events.catalogue import TaskStateChanged
 from events.store import EventStore, RecordedEvent
 from projections import workflows
 from projections.runner import ProjectionRunner, default_projections, reset
-from tests.synthetic import History, interleaved, make_history
+from tests.support.synthetic import History, interleaved, make_history
 
 
 class SimulatedCrash(BaseException):
