@@ -20,7 +20,7 @@ from projections import workflows
 from projections.runner import ProjectionRunner, default_projections, fewer_collections
 from rebalancer.machines import TaskKind, task_machine, workflow_machine
 from tests.bench.common import raw_scan, scratch_database, server_version
-from tests.synthetic import make_history
+from tests.support.synthetic import make_history
 
 WORKFLOWS = int(os.environ.get("BENCH_WORKFLOWS", "10000"))
 GOAL = 0.6

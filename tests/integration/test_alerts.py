@@ -15,7 +15,7 @@ from events.store import EventStore
 from projections.alerts import list_alerts, mark_delivered, pending_alerts
 from projections.runner import ProjectionRunner, default_projections
 from rebalancer.alerts import STREAM, AlertPublisher, RelayLagWatch
-from tests.synthetic import make_history
+from tests.support.synthetic import make_history
 
 
 async def one_history(store: EventStore, seed: int) -> str:

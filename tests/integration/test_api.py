@@ -17,6 +17,7 @@ from projections.runner import ProjectionRunner, default_projections
 from rebalancer.accounts import load_accounts
 from rebalancer.api import MAX_BODY, ROUTES, Api, serve_api
 from rebalancer.specs.loading import builtin_specs
+from tests.support import event_count
 
 CODES = {"invalid_request", "unknown_spec", "not_found", "illegal_transition", "conflict",
          "unauthorized", "internal"}
@@ -28,14 +29,6 @@ PARAMS = {"from_account": "upbit-personal", "to_account": "binance-corp-sub",
 
 def api_for(store: EventStore) -> Api:
     return Api(store, load_accounts(), builtin_specs)
-
-
-async def count(store: EventStore) -> int:
-    async with store.pool.connection() as conn:
-        cur = await conn.execute("select count(*) from events")
-        row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 def body(value: Any) -> bytes:
@@ -64,10 +57,10 @@ async def test_a_repeated_start_returns_the_first_workflow_and_appends_nothing(
     api = api_for(store)
     request = body({"command_id": "same", "spec": SPEC, "params": PARAMS})
     first = await api.handle("rebalancer.cmd.start", request)
-    events = await count(store)
+    events = await event_count(store)
     again = await api.handle("rebalancer.cmd.start", request)
     assert again["workflow_id"] == first["workflow_id"]
-    assert await count(store) == events
+    assert await event_count(store) == events
 
 
 @pytest.mark.parametrize(
@@ -102,7 +95,7 @@ async def test_bad_requests_get_a_clear_code_and_change_nothing(
     assert reply["ok"] is False
     assert reply["error"]["code"] == code, reply
     assert reply["error"]["message"]
-    assert await count(store) == 0
+    assert await event_count(store) == 0
 
 
 async def test_oversized_and_non_json_bodies_are_refused(store: EventStore) -> None:
@@ -112,7 +105,7 @@ async def test_oversized_and_non_json_bodies_are_refused(store: EventStore) -> N
     for raw in (b"", b"{", b"\xff\xfe", b"[]", b"null", b'"start"'):
         reply = await api.handle("rebalancer.cmd.start", raw)
         assert reply["error"]["code"] == "invalid_request", raw
-    assert await count(store) == 0
+    assert await event_count(store) == 0
 
 
 JSON = st.recursive(
@@ -173,7 +166,7 @@ def test_malformed_bodies_are_refused_with_a_design_code_and_append_nothing(
             reply = await api_for(store).handle(subject, data)
             assert reply["ok"] is False, (subject, data, reply)
             assert reply["error"]["code"] in CODES
-            assert await count(store) == 0
+            assert await event_count(store) == 0
 
     asyncio.run(check())
 

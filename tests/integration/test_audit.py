@@ -22,7 +22,7 @@ from rebalancer.audit import (
     run_audit,
 )
 from rebalancer.errors import RebalancerError
-from tests.synthetic import SEED_TASKS, History, interleaved, make_history
+from tests.support.synthetic import SEED_TASKS, History, interleaved, make_history
 
 SPEC = {
     "name": "upbit_to_binance_sub_futures",

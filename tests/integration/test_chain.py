@@ -9,7 +9,6 @@ sub's spot -> futures. Every task result the next task needs is a `{$.task.path}
 from __future__ import annotations
 
 import itertools
-import time
 from collections import Counter
 from datetime import timedelta
 from decimal import Decimal
@@ -26,7 +25,7 @@ from rebalancer.specs.loading import builtin_specs
 from rebalancer.specs.models import WorkflowSpec
 from rebalancer.specs.validation import resolve_params, resolve_result
 from rebalancer.workflow import Workflow, client_id
-from tests.integration.support import (
+from tests.support import (
     MONEY_MOVES,
     SEED_PARAMS,
     SEED_SPEC,
@@ -291,10 +290,7 @@ async def test_builtin_seed_path_runs_to_done_with_one_operation_per_intent(
             store, spec, {**SEED_PARAMS, "from_amount": "1000000"}, worker.accounts
         )
         # Drive it like a worker would (the TWAP waits its real 2 s between slices).
-        deadline = time.monotonic() + 30
-        while (flow := await load(store, workflow_id)).state not in ("done", "failed"):
-            assert time.monotonic() < deadline, states(flow)
-            await worker.step(workflow_id)
+        flow = await worker.drive(workflow_id, timeout=30)
         assert states(flow) == ("done", ["done"] * len(spec.tasks)), flow.reason
 
         ok, totals = await worker.world.check()

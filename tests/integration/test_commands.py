@@ -12,6 +12,7 @@ from rebalancer.accounts import load_accounts
 from rebalancer.commands import control_workflow, resolve_task, start_workflow
 from rebalancer.specs.loading import builtin_specs
 from rebalancer.workflow import decide, fold
+from tests.support import event_count
 
 PARAMS = {"from_account": "upbit-personal", "to_account": "binance-corp-sub",
           "from_currency": "KRW", "interim_currency": "ETH", "to_currency": "USDT",
@@ -22,14 +23,6 @@ async def started(store: EventStore) -> str:
     spec = builtin_specs()["upbit_to_binance_sub_futures"]
     workflow_id, _ = await start_workflow(store, spec, PARAMS, load_accounts())
     return workflow_id
-
-
-async def count(store: EventStore) -> int:
-    async with store.pool.connection() as conn:
-        cur = await conn.execute("select count(*) from events")
-        row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 async def move_to(store: EventStore, workflow_id: str, *moves: tuple[str, ...]) -> None:
@@ -63,12 +56,12 @@ async def test_pause_resume_and_cancel_follow_the_workflow_machine(store: EventS
 
 async def test_an_illegal_move_is_refused_and_appends_nothing(store: EventStore) -> None:
     workflow_id = await started(store)
-    before = await count(store)
+    before = await event_count(store)
     reply = await control_workflow(store, "resume", "c1", workflow_id)
     assert reply["ok"] is False
     assert reply["error"]["code"] == "illegal_transition"
     assert "created" in reply["error"]["message"]
-    assert await count(store) == before
+    assert await event_count(store) == before
 
 
 async def test_a_repeated_command_id_returns_the_first_reply_and_appends_nothing(
@@ -77,11 +70,11 @@ async def test_a_repeated_command_id_returns_the_first_reply_and_appends_nothing
     workflow_id = await started(store)
     await move_to(store, workflow_id, ("wf", "start", "created", "running"))
     first = await control_workflow(store, "pause", "same-id", workflow_id)
-    after_first = await count(store)
+    after_first = await event_count(store)
     # Same id again, even as another command: the first outcome, nothing appended.
     assert await control_workflow(store, "pause", "same-id", workflow_id) == first
     assert await control_workflow(store, "cancel", "same-id", workflow_id) == first
-    assert await count(store) == after_first
+    assert await event_count(store) == after_first
     # A refused command's reply is kept too.
     refused = await control_workflow(store, "retry", "refused-id", workflow_id)
     assert refused["ok"] is False
@@ -93,11 +86,11 @@ async def test_canceling_while_money_is_in_flight_is_a_conflict(store: EventStor
     workflow_id = await started(store)
     await move_to(store, workflow_id, ("wf", "start", "created", "running"),
                   ("task", "submit", "created", "submitting"))
-    before = await count(store)
+    before = await event_count(store)
     reply = await control_workflow(store, "cancel", "c1", workflow_id)
     assert reply["error"]["code"] == "conflict"
     assert "in flight" in reply["error"]["message"]
-    assert await count(store) == before
+    assert await event_count(store) == before
 
 
 @pytest.mark.parametrize(("outcome", "task_state"),

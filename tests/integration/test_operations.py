@@ -13,8 +13,8 @@ from rebalancer.exchanges.simulated import SimulatedWorld
 from rebalancer.specs.builders import task, workflow
 from rebalancer.specs.loading import builtin_specs
 from rebalancer.specs.models import WorkflowSpec
-from rebalancer.workflow import Workflow, fold
-from tests.integration.support import SEED_PARAMS
+from rebalancer.workflow import Workflow
+from tests.support import SEED_PARAMS, eventually, load
 
 
 def await_never(accounts: Any) -> WorkflowSpec:
@@ -27,22 +27,18 @@ def await_never(accounts: Any) -> WorkflowSpec:
     )
 
 
-async def load(store: EventStore, workflow_id: str) -> Workflow:
-    return fold(await store.read_stream(f"workflow-{workflow_id}"))
-
-
 async def ask(api: Api, command: str, **body: Any) -> dict[str, Any]:
     return await api.handle(f"rebalancer.cmd.{command}", json.dumps(body).encode())
 
 
 async def drive(engine: Engine, store: EventStore, workflow_id: str, until: set[str],
-                passes: int = 400) -> Workflow:
-    for _ in range(passes):
+                timeout: float = 30.0) -> Workflow:
+    async def passed() -> Workflow:
         await engine.run_pass()
-        current = await load(store, workflow_id)
-        if current.state in until:
-            return current
-    return current
+        return await load(store, workflow_id)
+
+    return await eventually(passed, lambda flow: flow.state in until, timeout=timeout,
+                            interval=0, what=f"workflow {workflow_id} reaching {until}")
 
 
 async def test_pause_resume_and_resolve_on_a_running_world(database_url: str,

@@ -10,33 +10,32 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from events.store import EventStore
 from rebalancer.audit import audit
 from rebalancer.commands import start_workflow
 from rebalancer.exchanges.base import OrderRequest, OrderType, Side
-from rebalancer.exchanges.simulated import _draw
 from rebalancer.specs.loading import builtin_specs
-from rebalancer.workflow import client_id
-from tests.integration.support import (
+from rebalancer.workflow import Workflow, client_id
+from tests.support import (
     MONEY_MOVES,
     SEED_PARAMS,
     SEED_SPEC,
     Worker,
+    eventually,
     intents,
     load,
     operations,
     withdraw_once,
     write_world,
 )
+from tests.support.faults import fault_counter, seed_hitting
 
 D = Decimal
 SCALE = 1000.0
@@ -83,18 +82,22 @@ async def test_two_workers_drive_twenty_workflows_to_done_without_executing_twic
                 await asyncio.sleep(0.002)
             return outcomes
 
+        async def all_flows() -> list[Workflow]:
+            return [await load(store, w) for w in ids]
+
+        def ended(flows: list[Workflow]) -> bool:
+            return all(f.state in ("done", "failed", "needs_attention") for f in flows)
+
+        def where(flows: list[Workflow]) -> Counter[str]:
+            return Counter(
+                f"{f.state} at {f.current.name} {f.current.state}" if f.current else f.state
+                for f in flows
+            )
+
         drivers = [asyncio.create_task(drive(w)) for w in (first, second)]
         try:
-            deadline = time.monotonic() + 40
-            while True:
-                flows = [await load(store, w) for w in ids]
-                if all(f.state in ("done", "failed", "needs_attention") for f in flows):
-                    break
-                assert time.monotonic() < deadline, Counter(
-                    f"{f.state} at {f.current.name} {f.current.state}" if f.current else f.state
-                    for f in flows
-                )
-                await asyncio.sleep(0.1)
+            flows = await eventually(all_flows, ended, timeout=40, interval=0.1,
+                                     what="every workflow ending", describe=where)
         finally:
             stop.set()
             outcomes = await asyncio.gather(*drivers)
@@ -149,25 +152,6 @@ ROUTES = {
                      quote_amount=D(1_000_000)),
     ),
 }
-
-
-async def _fault_counter(database_url: str) -> int:
-    async with await psycopg.AsyncConnection.connect(database_url) as conn:
-        cur = await conn.execute("select value from sim.fault_counter")
-        row = await cur.fetchone()
-        assert row is not None
-        return int(row[0])
-
-
-def _seed_timing_out_only_the_second_call(after: int, probability: float) -> int:
-    """A fault seed under which, of the next two calls, only the second times out: the
-    withdrawal rules (a read) are answered, the withdraw itself never reaches the exchange."""
-    return next(
-        seed
-        for seed in range(10_000)
-        if _draw(seed, after + 1, "timeout") >= probability
-        and _draw(seed, after + 2, "timeout") < probability
-    )
 
 
 @pytest.mark.parametrize("route", ROUTES.values(), ids=ROUTES.keys())
@@ -230,9 +214,10 @@ async def test_withdraw_that_never_landed_is_sent_again_with_a_new_client_id(
         assert await healthy.step(workflow_id) == "moved"  # the workflow starts
 
         probability = 0.5
-        seed = _seed_timing_out_only_the_second_call(
-            await _fault_counter(database_url), probability
-        )
+        # Of the next two calls only the second times out: the withdrawal rules (a read) are
+        # answered, the withdraw itself never reaches the exchange.
+        seed = seed_hitting("timeout", probability, await fault_counter(database_url),
+                            [False, True])
         async with Worker(database_url, world=world_file, time_scale=SCALE, owner="timing-out",
                           faults=f"timeout={probability}", seed=seed) as timing_out:
             # The intent is stored; the withdraw call times out before the exchange sees it.
@@ -283,9 +268,10 @@ async def test_an_identical_withdrawal_of_another_workflow_is_not_taken_for_ours
         second, _ = await start_workflow(store, spec, params, healthy.accounts, command_id="b")
         assert await healthy.step(second) == "moved"  # the workflow starts
         probability = 0.5
-        seed = _seed_timing_out_only_the_second_call(
-            await _fault_counter(database_url), probability
-        )
+        # Of the next two calls only the second times out: the withdrawal rules (a read) are
+        # answered, the withdraw itself never reaches the exchange.
+        seed = seed_hitting("timeout", probability, await fault_counter(database_url),
+                            [False, True])
         async with Worker(database_url, world=world_file, time_scale=SCALE, owner="timing-out",
                           faults=f"timeout={probability}", seed=seed) as timing_out:
             # Our intent is stored; our withdraw never reaches the exchange.

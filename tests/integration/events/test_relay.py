@@ -7,9 +7,6 @@ import contextlib
 import json
 import logging
 import random
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections import defaultdict
@@ -33,61 +30,18 @@ from events.relay import (
     subject_for,
 )
 from events.store import EventStore, RecordedEvent
-from tests.synthetic import History, interleaved, make_history
+from tests.support import NatsServer, event_count, eventually
+from tests.support.synthetic import History, interleaved, make_history
 
-NATS_SERVER = Path(sys.executable).parent / "nats-server"
 OUTAGE_SECONDS = 10.5
 log = logging.getLogger(__name__)
-
-
-class NatsServer:
-    """One nats-server -js process with its own port and store directory, stoppable mid-test."""
-
-    def __init__(self, store_dir: Path) -> None:
-        self.store_dir = store_dir
-        self.port = _free_port()
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self._proc = subprocess.Popen(
-            [str(NATS_SERVER), "-js", "-a", "127.0.0.1", "-p", str(self.port),
-             "-sd", str(self.store_dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.2
-            ):
-                return
-            assert self._proc.poll() is None, "nats-server exited at start"
-            time.sleep(0.05)
-        raise RuntimeError("nats-server did not start listening")
-
-    def stop(self) -> None:
-        # SIGTERM: a clean shutdown, as an operator's restart would do; the file store stays.
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            self._proc.wait(timeout=10)
-        self._proc = None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A private nats-server, so a test can take it down without disturbing the others."""
-    server = NatsServer(tmp_path / "js")
-    server.start()
-    try:
+    with NatsServer.jetstream(tmp_path / "js") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @contextlib.asynccontextmanager
@@ -110,14 +64,6 @@ async def append_all(store: EventStore, histories: list[History], seed: int = 0)
         await store.append(stream, batch, version)
         appended += len(batch)
     return appended
-
-
-async def stored_count(store: EventStore) -> int:
-    async with store.pool.connection() as conn:
-        cur = await conn.execute("select count(*) from events")
-        row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 async def receive(sub: Subscriber, expected: int, timeout: float) -> list[PublishedEvent]:
@@ -225,7 +171,7 @@ async def test_subscriber_gets_every_event_once_across_a_nats_outage(
             nats_server.start()
             for stream, version, batch in thirds[2]:
                 await store.append(stream, batch, version)
-            total = await stored_count(store)
+            total = await event_count(store)
             got += await receive(sub, total - len(got), timeout=30)
             # Nothing more arrives: no late copy slips past the subscriber either.
             with pytest.raises(nats.errors.TimeoutError):
@@ -272,10 +218,8 @@ async def test_restarted_relay_loses_nothing_and_jetstream_holds_no_duplicates(
     second = Relay(store, nats_server.url, batch=25, poll_interval=0.1)
     task = asyncio.create_task(second.run(stop))
     try:
-        deadline = time.monotonic() + 15
-        while (await second.lag()).events_behind:
-            assert time.monotonic() < deadline, "the new relay did not catch up"
-            await asyncio.sleep(0.1)
+        await eventually(second.lag, lambda lag: lag.events_behind == 0, timeout=15,
+                         interval=0.1, what="the new relay catching up")
     finally:
         stop.set()
         await task
@@ -344,10 +288,8 @@ async def test_two_relays_on_one_checkpoint_publish_each_event_once(
     try:
         # Both follow the same appends; the advisory lock lets one publish a batch at a time.
         total = await append_all(store, histories, seed=3)
-        deadline = time.monotonic() + 15
-        while (await relays[0].lag()).events_behind:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.1)
+        await eventually(relays[0].lag, lambda lag: lag.events_behind == 0, timeout=15,
+                         interval=0.1, what="the relays catching up")
     finally:
         stop.set()
         await asyncio.gather(*tasks)
@@ -390,14 +332,11 @@ async def test_checkpoint_never_passes_an_unacknowledged_event(
         assert await relay.checkpoint() == checkpoint
         # Back again: the same relay publishes exactly the rest.
         nats_server.start()
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                assert await relay.relay_once() == len(histories[2].events)
-                break
-            except RelayUnavailableError:
-                assert time.monotonic() < deadline, "NATS did not come back"
-                await asyncio.sleep(0.25)
+        # The first call that reaches NATS again must publish exactly the rest.
+        published = await eventually(relay.relay_once, lambda _: True, timeout=15,
+                                     interval=0.25, ignoring=(RelayUnavailableError,),
+                                     what="NATS coming back")
+        assert published == len(histories[2].events)
         assert (await relay.lag()).events_behind == 0
         assert await relay.checkpoint() > checkpoint
     async with client(nats_server.url) as nc:

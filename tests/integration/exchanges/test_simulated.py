@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -38,6 +38,7 @@ from rebalancer.exchanges.base import (
     WithdrawRequest,
 )
 from rebalancer.exchanges.simulated import DEFAULT_WORLD, Faults, SimulatedWorld
+from tests.support import eventually
 
 D = Decimal
 SCALE = 200.0  # 60 s of confirmations take 0.3 s, a withdrawal's processing 25 ms
@@ -75,13 +76,6 @@ async def world(database_url: str, world_file: Path) -> AsyncIterator[SimulatedW
         yield opened
     finally:
         await opened.close()
-
-
-async def eventually(probe: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await probe():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 def operations(database_url: str, **where: Any) -> list[dict[str, Any]]:
@@ -198,12 +192,16 @@ async def test_limit_order_rests_open_then_fills_in_two_halves(
         # The order's 2,800 USDT are reserved while it rests.
         assert await binance.balance("USDT") == D(7200)
         seen: list[tuple[OrderStatus, Decimal]] = [(order.status, order.filled)]
-        while seen[-1][0] != OrderStatus.CLOSED:
+
+        async def closed() -> list[tuple[OrderStatus, Decimal]] | None:
+            # Every distinct (status, filled) on the way is kept, so polling must stay quick.
             found = await binance.fetch_order("limit-1", "ETH/USDT")
             assert found is not None
             if (found.status, found.filled) != seen[-1]:
                 seen.append((found.status, found.filled))
-            await asyncio.sleep(0.02)
+            return seen if seen[-1][0] == OrderStatus.CLOSED else None
+
+        await eventually(closed, interval=0.02, what="the limit order closing")
         assert seen == [(OrderStatus.OPEN, D(0)), (OrderStatus.OPEN, D("0.5")),
                         (OrderStatus.CLOSED, D(1))]
         assert await binance.balance("USDT") == D(7200)

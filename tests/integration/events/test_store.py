@@ -24,6 +24,7 @@ from events.errors import (
     UnknownEventTypeError,
 )
 from events.store import ORIGIN, EventStore, NewEvent
+from tests.support import event_count
 
 
 def new_stream() -> str:
@@ -43,14 +44,6 @@ def moved(
     trigger: str, source: str, dest: str, reason: str | None = None
 ) -> WorkflowStateChanged:
     return WorkflowStateChanged(trigger=trigger, source=source, dest=dest, reason=reason)
-
-
-async def count_events(store: EventStore) -> int:
-    async with store.pool.connection() as conn:
-        cur = await conn.execute("select count(*) from events")
-        row = await cur.fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 async def test_every_event_type_round_trips_through_the_store(store: EventStore) -> None:
@@ -98,7 +91,7 @@ async def test_a_stale_expected_version_raises_and_appends_nothing(store: EventS
         )
     with pytest.raises(ConcurrencyError):
         await store.append(stream, [moved("start", "created", "running")], expected_version=5)
-    assert await count_events(store) == 1
+    assert await event_count(store) == 1
     assert await store.stream_version(stream) == 1
 
 
@@ -156,7 +149,7 @@ async def test_bad_input_is_refused_with_a_clear_error_and_appends_nothing(
     with pytest.raises(error, match=message):
         # A valid event first: the whole batch must be refused, not just the bad one.
         await store.append(stream_id or stream, [moved("start", "created", "running"), event], 1)
-    assert await count_events(store) == 1
+    assert await event_count(store) == 1
 
 
 async def test_an_unregistered_event_class_is_refused(store: EventStore) -> None:
@@ -165,7 +158,7 @@ async def test_an_unregistered_event_class_is_refused(store: EventStore) -> None
 
     with pytest.raises(UnknownEventTypeError):
         await store.append(new_stream(), [Stray()], 0)
-    assert await count_events(store) == 0
+    assert await event_count(store) == 0
 
 
 async def test_the_hash_chain_detects_an_edited_row(store: EventStore, database_url: str) -> None:

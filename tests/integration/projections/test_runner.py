@@ -15,7 +15,8 @@ from events.catalogue import TaskStateChanged
 from events.store import EventStore, RecordedEvent
 from projections import workflows
 from projections.runner import ProjectionRunner, default_projections, reset
-from tests.synthetic import History, interleaved, make_history
+from tests.support import eventually
+from tests.support.synthetic import History, interleaved, make_history
 
 
 class SimulatedCrash(BaseException):
@@ -183,16 +184,17 @@ async def test_the_runner_wakes_on_notify_without_waiting_for_its_poll(
     stop = asyncio.Event()
     task = asyncio.create_task(runner.run(stop))
     try:
-        await asyncio.sleep(0.2)  # let it catch up and start listening
+        # Not a wait for a result: an append before the runner listens would be caught up by
+        # its first read, and the test would no longer tell a notify from a poll.
+        await asyncio.sleep(0.2)
         history = make_history(random.Random(1))
         await append_all(store, [history])
-        for _ in range(100):
-            rows = (await read_model(store))["workflows"]
-            if rows and rows[0]["version"] == len(history.events):
-                break
-            await asyncio.sleep(0.05)
-        else:
-            pytest.fail("the runner did not wake within 5 s although its poll is 60 s")
+
+        async def versions() -> list[int]:
+            return [row["version"] for row in (await read_model(store))["workflows"]]
+
+        await eventually(versions, lambda seen: seen == [len(history.events)], timeout=5,
+                         what="the runner waking on notify (its poll is 60 s)")
     finally:
         stop.set()
         await asyncio.wait_for(task, 70)

@@ -7,10 +7,7 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -26,10 +23,11 @@ from nats.aio.msg import Msg
 from events import relay
 from events.store import RecordedEvent
 from rebalancer import alerts, embedded
+from tests.support import NatsServer, eventually
+from tests.support.nats_server import NATS_SERVER
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 REFERENCE_CONF = ROOT / "infra" / "nats" / "rebalancer.conf"
-NATS_SERVER = Path(sys.executable).parent / "nats-server"
 # How long a refused publish may take to come back as an error (it is one round trip).
 REFUSAL_TIMEOUT = 5.0
 
@@ -41,12 +39,6 @@ class Access:
     operator_url: str
     subscriber_url: str
     anonymous_url: str
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -65,35 +57,17 @@ def _embedded_server(home: Path) -> Iterator[Access]:
 @contextlib.contextmanager
 def _reference_server(workdir: Path) -> Iterator[Access]:
     # The file as a user would run it, on another port; its store is relative to the workdir.
-    port = _free_port()
     passwords = {name: uuid.uuid4().hex for name in embedded.NATS_PASSWORD_VARIABLES.values()}
     workdir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [str(NATS_SERVER), "-c", str(REFERENCE_CONF), "-a", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, **passwords}, cwd=workdir,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", port), timeout=0.5
-            ) as s:
-                if s.makefile("rb").readline().startswith(b"INFO "):
-                    break
-            assert proc.poll() is None, "nats-server refused infra/nats/rebalancer.conf"
-            assert time.monotonic() < deadline, "nats-server did not start listening"
-            time.sleep(0.05)
+    with NatsServer("-c", str(REFERENCE_CONF), env={**os.environ, **passwords},
+                    cwd=workdir) as server:
         operator = passwords[embedded.NATS_PASSWORD_VARIABLES[embedded.NATS_OPERATOR]]
         subscriber = passwords[embedded.NATS_PASSWORD_VARIABLES[embedded.NATS_SUBSCRIBER]]
         yield Access(
-            f"nats://operator:{operator}@127.0.0.1:{port}",
-            f"nats://subscriber:{subscriber}@127.0.0.1:{port}",
-            f"nats://127.0.0.1:{port}",
+            f"nats://operator:{operator}@127.0.0.1:{server.port}",
+            f"nats://subscriber:{subscriber}@127.0.0.1:{server.port}",
+            server.url,
         )
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module", params=["embedded", "reference"])
@@ -309,11 +283,9 @@ async def test_subscriber_reads_and_acknowledges_with_a_durable_consumer(access:
                 got = await events.next(timeout=5)
             # Leaving acknowledged the event (the consumer takes in acks in its own time).
             reader = subscriber.jetstream()
-            for _ in range(100):
-                info = await reader.consumer_info(relay.STREAM, durable)
-                if info.num_ack_pending == 0:
-                    break
-                await asyncio.sleep(0.05)
+            info = await eventually(
+                lambda: reader.consumer_info(relay.STREAM, durable),
+                lambda info: info.num_ack_pending == 0, timeout=5, what="the ack taken in")
             # A reader may remove its own durable consumer.
             await reader.delete_consumer(relay.STREAM, durable)
             await subscriber.flush()

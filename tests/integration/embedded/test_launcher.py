@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -13,7 +12,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import pytest
 from rebalancer import embedded
 from rebalancer.errors import InfraError
 from rebalancer.settings import Settings
+from tests.support import eventually_blocking
 
 
 def _pids(info: embedded.InfraInfo) -> tuple[int, int]:
@@ -188,24 +187,20 @@ def test_up_gives_a_home_from_before_nats_users_its_users_and_restarts_nats(home
     state_file.write_text(json.dumps(old_state))
     state_file.chmod(0o644)
     os.kill(_pids(info)[1], signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while embedded.status(home)["nats"]:
-        assert time.monotonic() < deadline, "nats-server did not stop"
-        time.sleep(0.05)
+    eventually_blocking(lambda: not embedded.status(home)["nats"], what="nats-server stopping")
     conf = home / "nats" / "nats.conf"
     conf.write_text(embedded.nats_config(info.nats_port, home / "nats" / "store",
                                          home / "nats" / "nats.pid", home / "nats" / "nats.log"))
     old = subprocess.Popen([str(embedded.nats_server.nats_binary()), "-c", str(conf)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
-    deadline = time.monotonic() + 10
     try:
-        while True:
-            with contextlib.suppress(OSError):
-                if not _nats_greeting(info.nats_port).get("auth_required"):
-                    break
-            assert old.poll() is None and time.monotonic() < deadline, "old NATS did not start"
-            time.sleep(0.05)
+
+        def open_to_anyone() -> bool:
+            assert old.poll() is None, "old NATS exited at start"
+            return not _nats_greeting(info.nats_port).get("auth_required")
+
+        eventually_blocking(open_to_anyone, ignoring=(OSError,), what="old NATS starting")
         assert embedded.status(home)["nats"]
         # Before the next `up`, the home describes the server as it is: open to anyone.
         before = embedded.load_info(home)

@@ -23,7 +23,7 @@ from projections.runner import ProjectionRunner, default_projections
 from projections.workflows import WorkflowsProjection
 from rebalancer import cli
 from tests.conftest import ROOT
-from tests.synthetic import History, interleaved, make_history
+from tests.support.synthetic import History, interleaved, make_history
 
 HISTORIES = 36
 

@@ -1,4 +1,4 @@
-"""The built-in seed spec, spec snapshots, builders and loading of spec files."""
+"""The built-in seed spec, spec snapshots and loading of spec files."""
 
 from __future__ import annotations
 
@@ -368,41 +368,6 @@ def test_params_dump_as_json_and_resolve_again(seed: WorkflowSpec, accounts: Acc
     dumped = dump_params(params)
     assert dumped == EXAMPLE_PARAMS
     assert resolve_params(seed, json.loads(json.dumps(dumped)), accounts) == params
-
-
-# --- builders ----------------------------------------------------------------------------------
-
-
-def test_twap_trade_is_a_trade_task_with_twap_set() -> None:
-    built = twap_trade("Buy", slices=3, interval_seconds=0.5, account="{a}", side="buy")
-    assert built.kind is TaskKind.TRADE
-    assert built.name == "buy"
-    assert built.twap == TwapSpec(slices=3, interval_seconds=0.5)
-    assert built.config == {"account": "{a}", "side": "buy"}
-
-
-def test_twap_trade_refuses_zero_slices() -> None:
-    with pytest.raises(InvalidSpecError, match=r"task 'buy'.*twap.slices"):
-        twap_trade("buy", slices=0, interval_seconds=1)
-
-
-def test_builder_workflow_refuses_a_bad_reference() -> None:
-    with pytest.raises(InvalidSpecError, match=r"task 'out'.*\{\$\.nowhere\.request_result\.id\}"):
-        workflow(
-            "broken",
-            params={"a": "account"},
-            tasks=[
-                task(
-                    "out",
-                    "transfer",
-                    account="{a}",
-                    currency="ETH",
-                    amount="{$.nowhere.request_result.id}",
-                    from_wallet="spot",
-                    to_wallet="futures",
-                )
-            ],
-        )
 
 
 # --- loading -----------------------------------------------------------------------------------

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -21,6 +19,7 @@ from rebalancer.exchanges.simulated import DEFAULT_WORLD, SimulatedWorld
 from rebalancer.specs.builders import task, workflow
 from rebalancer.specs.models import WorkflowSpec
 from rebalancer.workflow import Workflow, fold
+from tests.support.waiting import eventually
 
 SEED_SPEC = "upbit_to_binance_sub_futures"
 SEED_PARAMS = {
@@ -151,14 +150,32 @@ class Worker:
         """Step until the stream grows (the world may still be busy); the new events."""
         stream = f"workflow-{workflow_id}"
         before = await self.store.stream_version(stream)
-        deadline = time.monotonic() + timeout
-        while True:
+
+        async def moved() -> str:
             outcome = await self.step(workflow_id)
-            if outcome == "moved":
-                return await self.store.read_stream(stream, after_version=before)
-            assert outcome in ("idle", "retry"), f"step of {workflow_id}: {outcome}"
-            assert time.monotonic() < deadline, f"{workflow_id} did not move in {timeout} s"
-            await asyncio.sleep(0.005)
+            assert outcome in ("moved", "idle", "retry"), f"step of {workflow_id}: {outcome}"
+            return outcome
+
+        await eventually(moved, lambda outcome: outcome == "moved", timeout=timeout,
+                         interval=0.005, what=f"{workflow_id} moving")
+        return await self.store.read_stream(stream, after_version=before)
+
+    async def drive(
+        self, workflow_id: str, until: Collection[str] = ("done", "failed"), timeout: float = 10.0
+    ) -> Workflow:
+        """Step the workflow until its stored state is one of `until`; the workflow then."""
+
+        async def stepped() -> Workflow:
+            flow = await load(self.store, workflow_id)
+            if flow.state not in until:
+                await self.step(workflow_id)
+            return flow
+
+        return await eventually(
+            stepped, lambda flow: flow.state in until, timeout=timeout, interval=0,
+            what=f"workflow {workflow_id} reaching {until}",
+            describe=lambda flow: (flow.state, [t.state for t in flow.tasks], flow.reason),
+        )
 
 
 async def load(store: EventStore, workflow_id: str) -> Workflow:
@@ -187,14 +204,6 @@ async def intents(database_url: str) -> list[dict[str, Any]]:
             " order by position"
         )
         return await cur.fetchall()
-
-
-async def event_count(database_url: str) -> int:
-    async with await psycopg.AsyncConnection.connect(database_url) as conn:
-        cur = await conn.execute("select count(*) from events")
-        row = await cur.fetchone()
-        assert row is not None
-        return int(row[0])
 
 
 def withdraw_once(accounts: Accounts) -> WorkflowSpec:

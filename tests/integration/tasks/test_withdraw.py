@@ -21,7 +21,7 @@ from rebalancer.accounts import load_accounts
 from rebalancer.commands import start_workflow
 from rebalancer.exchanges.base import OrderRequest, OrderType, Side
 from rebalancer.workflow import client_id
-from tests.integration.support import (
+from tests.support import (
     Worker,
     load,
     money,
