@@ -14,7 +14,6 @@ from events.vocabulary import TaskKind, TaskState, TaskTrigger
 from rebalancer.accounts import Accounts
 from rebalancer.errors import (
     RejectedError,
-    RetryableError,
     SpecError,
     UnknownOutcomeError,
 )
@@ -162,8 +161,6 @@ async def send(
     except RejectedError as e:
         await ctx.move(TaskTrigger.FAIL, error=error("rejected", str(e)))
         return None
-    except (UnknownOutcomeError, RetryableError):
-        raise
 
 
 async def reconcile_lookup(ctx: TaskContext, lookup: Callable[[], Awaitable[T | None]]) -> T | None:
