@@ -8,10 +8,18 @@ from decimal import Decimal
 from typing import Any
 
 from rebalancer.errors import RejectedError
-from rebalancer.exchanges.base import Exchange, Order, OrderRequest, OrderStatus, OrderType, Side
+from rebalancer.exchanges.base import (
+    Exchange,
+    Order,
+    OrderRequest,
+    OrderStatus,
+    OrderType,
+    Side,
+    floor_to,
+)
 from rebalancer.machines import TaskKind, TaskState
 from rebalancer.specs.models import TradeConfig
-from rebalancer.tasks.base import Processor, TaskContext, error, floor_to, reconcile_lookup
+from rebalancer.tasks.base import Processor, TaskContext, error, reconcile_lookup
 
 FINISHED = (OrderStatus.CLOSED, OrderStatus.CANCELED, OrderStatus.REJECTED)
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-from rebalancer.exchanges.base import TransferStatus, Withdrawal, WithdrawRequest
+from rebalancer.exchanges.base import TransferStatus, Withdrawal, WithdrawRequest, floor_to
 from rebalancer.machines import TaskKind, TaskState
 from rebalancer.specs.models import WithdrawConfig
 from rebalancer.tasks.base import (
     Processor,
     TaskContext,
     error,
-    floor_to,
     money,
     reconcile_lookup,
     send,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -38,6 +39,8 @@ from rebalancer.exchanges.base import (
     WithdrawRequest,
 )
 from rebalancer.exchanges.simulated import DEFAULT_WORLD, Faults, SimulatedWorld
+from rebalancer.service import open_exchanges
+from rebalancer.settings import Settings
 
 D = Decimal
 SCALE = 200.0  # 60 s of confirmations take 0.3 s, a withdrawal's processing 25 ms
@@ -563,13 +566,22 @@ def test_a_bad_fault_string_names_the_key() -> None:
     assert (parsed.lost_response, parsed.timeout, parsed.latency_ms) == (0.1, 0.05, 20)
 
 
+async def test_opening_a_world_with_bad_knobs_names_the_knob(database_url: str) -> None:
+    with pytest.raises(ValueError, match="simulated world faults: unknown fault 'lost'"):
+        await SimulatedWorld.open(database_url, faults="lost=0.1")
+    with pytest.raises(ValueError, match="time scale must be a positive number"):
+        await SimulatedWorld.open(database_url, time_scale=0)
+
+
 async def test_faults_are_a_deterministic_function_of_seed_and_counter(
     database_url: str, world_file: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The knobs come from the environment when not given.
+    # The knobs come from the environment through the settings a process reads once.
     monkeypatch.setenv("REBALANCER_SIM_FAULTS", "rate_limit=0.5")
     monkeypatch.setenv("REBALANCER_SIM_SEED", "42")
     monkeypatch.setenv("REBALANCER_SIM_TIME_SCALE", str(SCALE))
+    monkeypatch.setenv("REBALANCER_SIM_WORLD", str(world_file))
+    settings = Settings()
 
     async def outcomes(world: SimulatedWorld) -> list[bool]:
         port = world.for_account("upbit-personal")
@@ -582,7 +594,9 @@ async def test_faults_are_a_deterministic_function_of_seed_and_counter(
                 seen.append(False)
         return seen
 
-    async with await SimulatedWorld.open(database_url, world=world_file) as world:
+    async with contextlib.AsyncExitStack() as stack:
+        world = await open_exchanges(settings, database_url, ACCOUNTS, stack)
+        assert isinstance(world, SimulatedWorld)
         assert world.random_seed == 42 and world.time_scale == SCALE
         first = await outcomes(world)
         await world.seed(reset=True)  # restarts the fault counter

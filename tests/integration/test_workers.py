@@ -23,7 +23,7 @@ from events.store import EventStore
 from rebalancer.audit import audit
 from rebalancer.commands import start_workflow
 from rebalancer.exchanges.base import OrderRequest, OrderType, Side
-from rebalancer.exchanges.simulated import _draw
+from rebalancer.exchanges.simulated.faults import draw
 from rebalancer.specs.loading import builtin_specs
 from rebalancer.workflow import client_id
 from tests.integration.support import (
@@ -165,8 +165,8 @@ def _seed_timing_out_only_the_second_call(after: int, probability: float) -> int
     return next(
         seed
         for seed in range(10_000)
-        if _draw(seed, after + 1, "timeout") >= probability
-        and _draw(seed, after + 2, "timeout") < probability
+        if draw(seed, after + 1, "timeout") >= probability
+        and draw(seed, after + 2, "timeout") < probability
     )
 
 
