@@ -1,4 +1,5 @@
-"""The simulated world against a real PostgreSQL: balances, statuses, rules and injected faults."""
+"""The simulated world's own rules, numbers and faults against a real PostgreSQL (the port
+contract every connector meets is tests/contract/)."""
 
 from __future__ import annotations
 
@@ -374,39 +375,6 @@ async def test_withdrawals_to_unregistered_addresses_below_minimum_or_off_multip
 # -- client ids -----------------------------------------------------------------------------
 
 
-async def test_a_used_client_id_is_not_executed_twice(
-    world: SimulatedWorld, database_url: str,
-) -> None:
-    upbit = world.for_account("upbit-personal")
-    binance = world.for_account("binance-personal")
-    master = world.for_account("binance-corp-master")
-    await upbit.create_order(market_buy_krw("dup-order", "100000"))
-    krw = await upbit.balance("KRW")
-    with pytest.raises(DuplicateClientIdError):
-        await upbit.create_order(market_buy_krw("dup-order", "100000"))
-    assert await upbit.balance("KRW") == krw
-
-    withdraw = WithdrawRequest(client_id="dup-w", currency="ETH", amount=D(1),
-                               address=PERSONAL_TO_MASTER, network="ETH")
-    await binance.withdraw(withdraw)
-    with pytest.raises(DuplicateClientIdError):
-        await binance.withdraw(withdraw)
-    assert await binance.balance("ETH") == D(9)
-
-    move = MasterTransferRequest(client_id="dup-m", currency="ETH", amount=D(1),
-                                 from_account="binance-corp-master",
-                                 to_account="binance-corp-sub")
-    await master.master_transfer(move)
-    with pytest.raises(DuplicateClientIdError):
-        await master.master_transfer(move)
-    assert await world.for_account("binance-corp-sub").balance("ETH") == D(1)
-
-    for client_id in ("dup-order", "dup-w", "dup-m"):
-        assert len(operations(database_url, client_id=client_id)) == 1
-    # A duplicate is an unknown outcome to the caller: reconcile by client id.
-    assert issubclass(DuplicateClientIdError, UnknownOutcomeError)
-
-
 async def test_upbit_withdrawals_and_futures_transfers_have_no_client_id_and_match_history(
     world: SimulatedWorld, database_url: str,
 ) -> None:
@@ -484,32 +452,6 @@ async def test_master_moves_money_to_its_sub_and_no_one_else_can(
 
 
 # -- faults ---------------------------------------------------------------------------------
-
-
-async def test_rate_limit_is_retryable_and_changes_nothing(
-    database_url: str, world_file: Path,
-) -> None:
-    async with await _open(database_url, world_file, faults="rate_limit=1") as world:
-        upbit = world.for_account("upbit-personal")
-        with pytest.raises(RetryableError, match="rate limit"):
-            await upbit.create_order(market_buy_krw("rl", "100000"))
-        with pytest.raises(RetryableError, match="rate limit"):
-            await upbit.balance("KRW")
-    assert operations(database_url) == []
-
-
-async def test_timeout_executes_nothing_but_the_caller_cannot_know(
-    database_url: str, world_file: Path,
-) -> None:
-    async with await _open(database_url, world_file, faults="timeout=1") as world:
-        upbit = world.for_account("upbit-personal")
-        with pytest.raises(UnknownOutcomeError, match="timeout"):
-            await upbit.create_order(market_buy_krw("to", "100000"))
-        with pytest.raises(RetryableError, match="timeout"):
-            await upbit.fetch_order("to", "ETH/KRW")
-    async with await _open(database_url, world_file) as clean:
-        assert await clean.for_account("upbit-personal").fetch_order("to", "ETH/KRW") is None
-        assert await clean.for_account("upbit-personal").balance("KRW") == D(10_000_000_000)
 
 
 async def test_reject_refuses_money_moves_and_leaves_reads_alone(
