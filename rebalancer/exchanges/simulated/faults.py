@@ -55,9 +55,6 @@ class Faults:
             values[key] = value
         return cls(**values)
 
-    def __str__(self) -> str:
-        return ",".join(f"{key}={getattr(self, key):g}" for key in FAULT_KEYS)
-
 
 def draw(seed: int, counter: int, kind: str) -> float:
     """A uniform number in [0, 1) that depends only on (seed, counter, kind)."""

@@ -192,13 +192,6 @@ async def settle_due(conn: Conn, spec: WorldSpec) -> None:
 # -- reports --------------------------------------------------------------------------------
 
 
-async def totals(conn: Conn) -> dict[str, Decimal]:
-    """Per currency, the sum over every sim account (transit and fee accounts included)."""
-    rows = await fetch_all(conn, "select currency, sum(amount) as total from sim.balances"
-                                 " group by currency order by currency")
-    return {r["currency"]: r["total"] for r in rows}
-
-
 async def check_totals(conn: Conn) -> tuple[bool, list[dict[str, Any]]]:
     """Per currency: seeded total, current total, difference; ok when nothing differs."""
     seeded = await fetch_one(conn, "select 1 as x from sim.world")

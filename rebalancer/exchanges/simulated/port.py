@@ -24,7 +24,6 @@ from rebalancer.exchanges.base import (
     Withdrawal,
     WithdrawalRules,
     WithdrawRequest,
-    floor_to,
 )
 from rebalancer.exchanges.simulated.ledger import (
     Book,
@@ -34,6 +33,7 @@ from rebalancer.exchanges.simulated.ledger import (
     fetch_all,
     fetch_one,
 )
+from rebalancer.exchanges.simulated.orders import price_order
 from rebalancer.exchanges.simulated.rows import (
     deposit_of,
     order_of,
@@ -143,63 +143,12 @@ class SimulatedExchange:
         market = await self._market(request.symbol)
         base, quote = request.symbol.split("/")
         side = Side(request.side)
-        if request.amount is not None and request.quote_amount is not None:
-            raise RejectedError("give either amount or quote_amount, not both")
-        if request.quote_amount is not None and (
-                side != Side.BUY or request.type != OrderType.MARKET):
-            raise RejectedError("quote_amount is for market buys only")
-        if request.type == OrderType.MARKET and request.price is not None:
-            raise RejectedError("a market order takes no price")
-        book = Book()
         quote_amount = request.quote_amount
-        if request.type == OrderType.MARKET:
-            price = market.ask if side == Side.BUY else market.bid
-            if side == Side.BUY and market.market_buy_by_quote_only and request.amount is not None:
-                raise RejectedError(
-                    f"{self.exchange}: a market buy is given by {quote} amount (quote_amount) only")
-            if quote_amount is not None:
-                if quote_amount <= 0:
-                    raise RejectedError("quote_amount must be positive")
-                notional = quote_amount
-                amount = floor_to(quote_amount / price, market.amount_step)
-                book.require(self.account, quote, quote_amount)
-            else:
-                if request.amount is None or request.amount <= 0:
-                    raise RejectedError("a positive amount is required")
-                amount = floor_to(request.amount, market.amount_step)
-                notional = amount * price
-            if notional < market.min_notional:
-                raise RejectedError(
-                    f"{request.symbol} order of {notional.normalize():f} {quote} is below the"
-                    f" minimum {market.min_notional.normalize():f} {quote}")
-            if amount <= 0:
-                raise RejectedError(f"amount is below the step {market.amount_step}")
-            resting = False
-        else:
-            if request.price is None or request.price <= 0:
-                raise RejectedError("a limit order needs a positive price")
-            if request.amount is None or request.amount <= 0:
-                raise RejectedError("a limit order needs a positive amount")
-            tick = market.rules(request.symbol).price_tick(request.price)
-            if request.price % tick != 0:
-                raise RejectedError(
-                    f"price {request.price.normalize():f} is not a multiple of the tick"
-                    f" {tick.normalize():f} at that price")
-            amount = floor_to(request.amount, market.amount_step)
-            if amount <= 0:
-                raise RejectedError(f"amount is below the step {market.amount_step}")
-            notional = amount * request.price
-            if notional < market.min_notional:
-                raise RejectedError(
-                    f"{request.symbol} order of {notional.normalize():f} {quote} is below the"
-                    f" minimum {market.min_notional.normalize():f} {quote}")
-            # Through the touch it trades at once, at the better book price.
-            if side == Side.BUY and request.price >= market.ask:
-                price, resting = market.ask, False
-            elif side == Side.SELL and request.price <= market.bid:
-                price, resting = market.bid, False
-            else:
-                price, resting = request.price, True
+        taken = price_order(self.exchange, request, market)
+        amount, price, resting = taken.amount, taken.price, taken.resting
+        book = Book()
+        if quote_amount is not None:
+            book.require(self.account, quote, quote_amount)
         await self._claim(conn, "order", request.client_id)
         if resting:
             # Reserve what the order may spend; it fills in two halves after a delay.

@@ -210,11 +210,6 @@ class SimulatedWorld:
         assert row is not None
         return row["now"]  # type: ignore[no-any-return]
 
-    async def totals(self) -> dict[str, Decimal]:
-        """Per currency, the sum over every sim account (transit and fee accounts included)."""
-        async with self._pool.connection() as conn:
-            return await ledger.totals(conn)
-
     async def check(self) -> tuple[bool, list[dict[str, Any]]]:
         """Per currency: seeded total, current total, difference; ok when nothing differs."""
         async with self._pool.connection() as conn:
