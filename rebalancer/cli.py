@@ -338,10 +338,12 @@ def run_demo_command(args: argparse.Namespace) -> int:
 def sim_seed(args: argparse.Namespace) -> int:
     from events.migrations import migrate
     from rebalancer import simctl
+    from rebalancer.accounts import load_accounts
 
     url = _database_url()
     asyncio.run(migrate(url))
-    result = asyncio.run(simctl.seed(url, args.world, reset=args.reset))
+    accounts = load_accounts(Settings().config)
+    result = asyncio.run(simctl.seed(url, args.world, reset=args.reset, accounts=accounts))
     print(simctl.to_json(result) if args.json else simctl.format_seed(result))
     return EXIT_OK
 

@@ -52,6 +52,9 @@ async def run_demo(
 ) -> int:
     """Returns 0 when the workflow ended done and every currency's total held, else 1."""
     os.environ.setdefault("REBALANCER_SIM_TIME_SCALE", DEMO_TIME_SCALE)
+    if "sim_time_scale" not in settings.model_fields_set:
+        # The world reads its time scale from the settings only (no longer the environment).
+        settings = settings.model_copy(update={"sim_time_scale": float(DEMO_TIME_SCALE)})
     await migrate(database_url)
     console = Console(stderr=as_json)
     if not console.is_terminal:

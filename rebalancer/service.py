@@ -59,7 +59,10 @@ async def open_exchanges(
         )
     from rebalancer.exchanges.simulated import SimulatedWorld
 
-    world = await SimulatedWorld.open(database_url, accounts=accounts, world=settings.sim_world)
+    world = await SimulatedWorld.open(
+        database_url, accounts=accounts, world=settings.sim_world, faults=settings.sim_faults,
+        seed=settings.sim_seed, time_scale=settings.sim_time_scale,
+    )
     stack.push_async_callback(world.close)
     return world
 

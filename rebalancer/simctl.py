@@ -14,7 +14,7 @@ from rebalancer.exchanges.simulated import SimulatedWorld
 
 async def _open(database_url: str, world_path: Path | str | None = None,
                 accounts: Accounts | None = None) -> SimulatedWorld:
-    # Administration is never faulted; an empty fault string also ignores the environment.
+    # Administration is never faulted.
     return await SimulatedWorld.open(database_url, world=world_path, accounts=accounts,
                                      faults="", auto_seed=False, max_size=2)
 

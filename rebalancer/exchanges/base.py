@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -42,6 +42,13 @@ class TransferStatus(StrEnum):
     OK = "ok"
     FAILED = "failed"
     CANCELED = "canceled"
+
+
+def floor_to(value: Decimal, step: Decimal) -> Decimal:
+    """`value` rounded down to a multiple of `step` (exchanges truncate, never round up)."""
+    if step <= 0:
+        return value
+    return (value / step).to_integral_value(rounding=ROUND_DOWN) * step
 
 
 # -- requests ---------------------------------------------------------------------------------
@@ -293,4 +300,5 @@ __all__ = [
     "WithdrawRequest",
     "Withdrawal",
     "WithdrawalRules",
+    "floor_to",
 ]

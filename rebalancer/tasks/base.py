@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from decimal import ROUND_DOWN, Decimal
+from decimal import Decimal
 from typing import Any, TypeVar
 
 from events.catalogue import TaskStateChanged
@@ -182,10 +182,3 @@ def error(code: str, message: str, **details: Any) -> dict[str, Any]:
 
 def money(value: Decimal | None) -> str | None:
     return None if value is None else str(value)
-
-
-def floor_to(value: Decimal, step: Decimal) -> Decimal:
-    """`value` rounded down to a multiple of `step` (exchanges truncate, never round up)."""
-    if step <= 0:
-        return value
-    return (value / step).to_integral_value(rounding=ROUND_DOWN) * step

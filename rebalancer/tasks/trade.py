@@ -9,9 +9,17 @@ from typing import Any
 
 from events.vocabulary import TaskKind, TaskState, TaskTrigger
 from rebalancer.errors import RejectedError
-from rebalancer.exchanges.base import Exchange, Order, OrderRequest, OrderStatus, OrderType, Side
+from rebalancer.exchanges.base import (
+    Exchange,
+    Order,
+    OrderRequest,
+    OrderStatus,
+    OrderType,
+    Side,
+    floor_to,
+)
 from rebalancer.specs.models import TradeConfig
-from rebalancer.tasks.base import Processor, TaskContext, error, floor_to, reconcile_lookup
+from rebalancer.tasks.base import Processor, TaskContext, error, reconcile_lookup
 
 FINISHED = (OrderStatus.CLOSED, OrderStatus.CANCELED, OrderStatus.REJECTED)
 

@@ -6,13 +6,12 @@ from decimal import Decimal
 from typing import Any
 
 from events.vocabulary import TaskKind, TaskState, TaskTrigger
-from rebalancer.exchanges.base import TransferStatus, Withdrawal, WithdrawRequest
+from rebalancer.exchanges.base import TransferStatus, Withdrawal, WithdrawRequest, floor_to
 from rebalancer.specs.models import WithdrawConfig
 from rebalancer.tasks.base import (
     Processor,
     TaskContext,
     error,
-    floor_to,
     money,
     reconcile_lookup,
     send,

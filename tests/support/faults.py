@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import psycopg
 
-from rebalancer.exchanges.simulated import _draw
+from rebalancer.exchanges.simulated.faults import draw
 
 
 async def fault_counter(database_url: str) -> int:
@@ -29,6 +29,6 @@ def seed_hitting(kind: str, probability: float, after: int, hits: Sequence[bool]
         seed
         for seed in range(100_000)
         if all(
-            (_draw(seed, after + 1 + i, kind) < probability) == hit for i, hit in enumerate(hits)
+            (draw(seed, after + 1 + i, kind) < probability) == hit for i, hit in enumerate(hits)
         )
     )

@@ -1,8 +1,10 @@
-"""The simulated world against a real PostgreSQL: balances, statuses, rules and injected faults."""
+"""The simulated world's own rules, numbers and faults against a real PostgreSQL (the port
+contract every connector meets is tests/contract/)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -38,6 +40,8 @@ from rebalancer.exchanges.base import (
     WithdrawRequest,
 )
 from rebalancer.exchanges.simulated import DEFAULT_WORLD, Faults, SimulatedWorld
+from rebalancer.service import open_exchanges
+from rebalancer.settings import Settings
 from tests.support import eventually
 
 D = Decimal
@@ -369,39 +373,6 @@ async def test_withdrawals_to_unregistered_addresses_below_minimum_or_off_multip
 # -- client ids -----------------------------------------------------------------------------
 
 
-async def test_a_used_client_id_is_not_executed_twice(
-    world: SimulatedWorld, database_url: str,
-) -> None:
-    upbit = world.for_account("upbit-personal")
-    binance = world.for_account("binance-personal")
-    master = world.for_account("binance-corp-master")
-    await upbit.create_order(market_buy_krw("dup-order", "100000"))
-    krw = await upbit.balance("KRW")
-    with pytest.raises(DuplicateClientIdError):
-        await upbit.create_order(market_buy_krw("dup-order", "100000"))
-    assert await upbit.balance("KRW") == krw
-
-    withdraw = WithdrawRequest(client_id="dup-w", currency="ETH", amount=D(1),
-                               address=PERSONAL_TO_MASTER, network="ETH")
-    await binance.withdraw(withdraw)
-    with pytest.raises(DuplicateClientIdError):
-        await binance.withdraw(withdraw)
-    assert await binance.balance("ETH") == D(9)
-
-    move = MasterTransferRequest(client_id="dup-m", currency="ETH", amount=D(1),
-                                 from_account="binance-corp-master",
-                                 to_account="binance-corp-sub")
-    await master.master_transfer(move)
-    with pytest.raises(DuplicateClientIdError):
-        await master.master_transfer(move)
-    assert await world.for_account("binance-corp-sub").balance("ETH") == D(1)
-
-    for client_id in ("dup-order", "dup-w", "dup-m"):
-        assert len(operations(database_url, client_id=client_id)) == 1
-    # A duplicate is an unknown outcome to the caller: reconcile by client id.
-    assert issubclass(DuplicateClientIdError, UnknownOutcomeError)
-
-
 async def test_upbit_withdrawals_and_futures_transfers_have_no_client_id_and_match_history(
     world: SimulatedWorld, database_url: str,
 ) -> None:
@@ -481,32 +452,6 @@ async def test_master_moves_money_to_its_sub_and_no_one_else_can(
 # -- faults ---------------------------------------------------------------------------------
 
 
-async def test_rate_limit_is_retryable_and_changes_nothing(
-    database_url: str, world_file: Path,
-) -> None:
-    async with await _open(database_url, world_file, faults="rate_limit=1") as world:
-        upbit = world.for_account("upbit-personal")
-        with pytest.raises(RetryableError, match="rate limit"):
-            await upbit.create_order(market_buy_krw("rl", "100000"))
-        with pytest.raises(RetryableError, match="rate limit"):
-            await upbit.balance("KRW")
-    assert operations(database_url) == []
-
-
-async def test_timeout_executes_nothing_but_the_caller_cannot_know(
-    database_url: str, world_file: Path,
-) -> None:
-    async with await _open(database_url, world_file, faults="timeout=1") as world:
-        upbit = world.for_account("upbit-personal")
-        with pytest.raises(UnknownOutcomeError, match="timeout"):
-            await upbit.create_order(market_buy_krw("to", "100000"))
-        with pytest.raises(RetryableError, match="timeout"):
-            await upbit.fetch_order("to", "ETH/KRW")
-    async with await _open(database_url, world_file) as clean:
-        assert await clean.for_account("upbit-personal").fetch_order("to", "ETH/KRW") is None
-        assert await clean.for_account("upbit-personal").balance("KRW") == D(10_000_000_000)
-
-
 async def test_reject_refuses_money_moves_and_leaves_reads_alone(
     database_url: str, world_file: Path,
 ) -> None:
@@ -561,13 +506,22 @@ def test_a_bad_fault_string_names_the_key() -> None:
     assert (parsed.lost_response, parsed.timeout, parsed.latency_ms) == (0.1, 0.05, 20)
 
 
+async def test_opening_a_world_with_bad_knobs_names_the_knob(database_url: str) -> None:
+    with pytest.raises(ValueError, match="simulated world faults: unknown fault 'lost'"):
+        await SimulatedWorld.open(database_url, faults="lost=0.1")
+    with pytest.raises(ValueError, match="time scale must be a positive number"):
+        await SimulatedWorld.open(database_url, time_scale=0)
+
+
 async def test_faults_are_a_deterministic_function_of_seed_and_counter(
     database_url: str, world_file: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The knobs come from the environment when not given.
+    # The knobs come from the environment through the settings a process reads once.
     monkeypatch.setenv("REBALANCER_SIM_FAULTS", "rate_limit=0.5")
     monkeypatch.setenv("REBALANCER_SIM_SEED", "42")
     monkeypatch.setenv("REBALANCER_SIM_TIME_SCALE", str(SCALE))
+    monkeypatch.setenv("REBALANCER_SIM_WORLD", str(world_file))
+    settings = Settings()
 
     async def outcomes(world: SimulatedWorld) -> list[bool]:
         port = world.for_account("upbit-personal")
@@ -580,7 +534,9 @@ async def test_faults_are_a_deterministic_function_of_seed_and_counter(
                 seen.append(False)
         return seen
 
-    async with await SimulatedWorld.open(database_url, world=world_file) as world:
+    async with contextlib.AsyncExitStack() as stack:
+        world = await open_exchanges(settings, database_url, ACCOUNTS, stack)
+        assert isinstance(world, SimulatedWorld)
         assert world.random_seed == 42 and world.time_scale == SCALE
         first = await outcomes(world)
         await world.seed(reset=True)  # restarts the fault counter
