@@ -172,7 +172,8 @@ def worker_serve(args: argparse.Namespace) -> int:
 def workflow_start(args: argparse.Namespace) -> int:
     from rebalancer.accounts import load_accounts
     from rebalancer.service import configured_specs
-    from rebalancer.specs.validation import resolve_params, validate_spec
+    from rebalancer.specs.resolution import resolve_params
+    from rebalancer.specs.validation import validate_spec
 
     settings = Settings()
     accounts = load_accounts(settings.config)

@@ -20,7 +20,8 @@ from rebalancer.accounts import Accounts
 from rebalancer.errors import IllegalTransitionError, RebalancerError
 from rebalancer.machines import task_machine, workflow_machine
 from rebalancer.specs.models import WorkflowSpec
-from rebalancer.specs.validation import dump_params, resolve_params, validate_spec
+from rebalancer.specs.resolution import dump_params, resolve_params
+from rebalancer.specs.validation import validate_spec
 from rebalancer.workflow import TaskRecord, Workflow, fold
 
 # Workflow ids are derived from command ids, so a repeated start command finds its workflow

@@ -25,7 +25,7 @@ from rebalancer.exchanges.simulated import SimulatedWorld
 from rebalancer.service import runtime
 from rebalancer.settings import Settings
 from rebalancer.specs.loading import builtin_specs
-from rebalancer.specs.validation import resolve_params, resolve_result
+from rebalancer.specs.resolution import resolve_params, resolve_result
 from rebalancer.workflow import Workflow, fold
 
 SPEC = "upbit_to_binance_sub_futures"

@@ -23,7 +23,7 @@ from rebalancer.accounts import Accounts
 from rebalancer.errors import IllegalTransitionError, RetryableError, UnknownOutcomeError
 from rebalancer.exchanges.base import Exchange, Exchanges
 from rebalancer.machines import workflow_machine
-from rebalancer.specs.validation import resolve_config, resolve_params
+from rebalancer.specs.resolution import resolve_config, resolve_params
 from rebalancer.tasks.base import DEFAULT_DEADLINES, Processor, TaskContext
 from rebalancer.tasks.deposit import DepositProcessor
 from rebalancer.tasks.trade import TradeProcessor

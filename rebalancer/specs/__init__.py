@@ -27,15 +27,13 @@ from rebalancer.specs.models import (
     WorkflowSpec,
 )
 from rebalancer.specs.recorded import RECORDED_FIELDS, result_path_ok
-from rebalancer.specs.validation import (
-    InvalidSpecError,
+from rebalancer.specs.resolution import (
     dump_params,
     resolve_config,
     resolve_params,
     resolve_result,
-    spec_problems,
-    validate_spec,
 )
+from rebalancer.specs.validation import InvalidSpecError, spec_problems, validate_spec
 
 __all__ = [
     "BUILTIN_DIR",

@@ -23,7 +23,7 @@ from rebalancer.commands import start_workflow
 from rebalancer.specs.builders import task, workflow
 from rebalancer.specs.loading import builtin_specs
 from rebalancer.specs.models import WorkflowSpec
-from rebalancer.specs.validation import resolve_params, resolve_result
+from rebalancer.specs.resolution import resolve_params, resolve_result
 from rebalancer.workflow import Workflow, client_id
 from tests.support import (
     MONEY_MOVES,
