@@ -1,4 +1,4 @@
-"""The NATS request/reply API: strict command bodies in, DESIGN §5 replies out."""
+"""The NATS request/reply API: strict command bodies in, docs/contracts.md §3 replies out."""
 
 from __future__ import annotations
 

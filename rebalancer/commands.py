@@ -1,6 +1,6 @@
 """Command handlers: start, cancel, pause, resume, retry and resolve, idempotent by command id.
 
-Every handler returns the reply of DESIGN §5 as a dict: `{"ok": true, ...}` or
+Every handler returns the reply of docs/contracts.md §3 as a dict: `{"ok": true, ...}` or
 `{"ok": false, "error": {"code", "message", "details"}}`. A repeated command id returns the
 first reply and appends nothing.
 """
@@ -70,7 +70,7 @@ async def start_workflow(
 
 
 def command_metadata(command_id: str, workflow_id: str, actor: str) -> dict[str, str]:
-    """DESIGN §3 metadata of a command's events: caused by the command, correlated by workflow."""
+    """The metadata of a command's events: caused by the command, correlated by workflow."""
     return {
         "command_id": command_id,
         "actor": actor,
@@ -92,7 +92,7 @@ Reply = dict[str, Any]
 
 
 class CommandError(RebalancerError):
-    """A command refused with one of DESIGN §5's codes; nothing was appended."""
+    """A command refused with one of docs/contracts.md §3's codes; nothing was appended."""
 
     def __init__(self, code: str, message: str, **details: Any) -> None:
         super().__init__(message)

@@ -15,7 +15,7 @@ from events.catalogue import TaskStateChanged, WorkflowCreated, WorkflowStateCha
 from events.store import RecordedEvent
 from events.vocabulary import WorkflowState
 
-STREAM = "REBALANCER_EVENTS"  # contract (DESIGN.md §5)
+STREAM = "REBALANCER_EVENTS"  # contract (docs/contracts.md §3)
 SUBJECT_PREFIX = "rebalancer.events"
 SUBJECTS = f"{SUBJECT_PREFIX}.>"
 MSG_ID = "Nats-Msg-Id"
@@ -25,7 +25,7 @@ _TOKEN = re.compile(r"[^A-Za-z0-9_-]")
 
 
 def subject_for(event: RecordedEvent) -> str:
-    """`rebalancer.events.<workflow_id>.<task_name|_workflow>.<dest_state>` (DESIGN.md §5).
+    """`rebalancer.events.<workflow_id>.<task_name|_workflow>.<dest_state>` (docs/contracts.md §3).
 
     Characters that are not valid in a subject token (`.`, `*`, `>`, white space) become `_`:
     the subject only routes, the body carries the facts, and a relay that refused an event
@@ -50,7 +50,7 @@ def _token(text: str) -> str:
 
 
 def body_of(event: RecordedEvent) -> bytes:
-    """The stored event as JSON (DESIGN.md §5); amounts are already strings in stored data."""
+    """The stored event as JSON (docs/contracts.md §3); amounts are strings already."""
     body = {
         "position": event.position,
         "stream_id": event.stream_id,
@@ -85,7 +85,7 @@ def stream_config() -> StreamConfig:
 
 @dataclass(frozen=True, slots=True)
 class PublishedEvent:
-    """One relayed event as a subscriber sees it (the body of DESIGN.md §5 plus its subject)."""
+    """One relayed event as a subscriber sees it (docs/contracts.md §3: the body, its subject)."""
 
     position: int
     stream_id: str

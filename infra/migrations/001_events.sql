@@ -1,4 +1,4 @@
--- The event store (DESIGN.md §3): the only source of truth, append-only.
+-- The event store (docs/contracts.md §1): the only source of truth, append-only.
 create table if not exists events (
     position        bigint generated always as identity primary key,
     transaction_id  xid8 not null default pg_current_xact_id(),

@@ -1,4 +1,4 @@
--- The simulated world (DESIGN.md §6, §9): balances, executed operations and the world's own
+-- The simulated world (docs/contracts.md §4): balances, executed operations and the world's own
 -- bookkeeping, so a worker can crash at any moment and the world stays intact.
 create schema if not exists sim;
 

@@ -1,4 +1,4 @@
--- The relay's place in the global order (DESIGN.md §2, §5). It is advanced only over events
+-- The relay's place in the global order (docs/contracts.md §1, §3). It is advanced only over events
 -- that JetStream acknowledged, so after a crash the relay re-publishes at most the unacknowledged
 -- tail, and JetStream's dedupe window (Nats-Msg-Id) drops the copies.
 create table if not exists relay_checkpoints (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Final
 
-# DESIGN.md §5: the operator (the user `rebalancer serve` runs as) may do everything; the
+# docs/contracts.md §3: the operator (the user `rebalancer serve` runs as) may do everything; the
 # subscriber may read events and alerts and nothing else. These lists are the one source of both
 # the embedded server's users and the `authorization` block of infra/nats/rebalancer.conf
 # (tests/integration/test_nats_access.py checks that the file still says the same).

@@ -1,4 +1,4 @@
-"""The command API: strict bodies, DESIGN §5 replies, idempotency; also over a real NATS."""
+"""The command API: strict bodies, the replies of docs/contracts.md §3, idempotency, real NATS."""
 
 from __future__ import annotations
 
