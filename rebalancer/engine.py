@@ -311,8 +311,8 @@ class Engine:
 
 
 def step_metadata(workflow: Workflow, actor: str) -> dict[str, str]:
-    """The metadata (docs/contracts.md §1) of a worker's events: every event of a workflow shares its
-    correlation id; the cause of a step is the last event it was decided from."""
+    """The metadata (docs/contracts.md §1) of a worker's events: every event of a workflow
+    shares its correlation id; the cause of a step is the last event it was decided from."""
     return {
         "actor": actor,
         "correlation_id": workflow.workflow_id,
