@@ -31,7 +31,7 @@ def api_for(store: EventStore) -> Api:
 
 
 async def count(store: EventStore) -> int:
-    async with store.pool.connection() as conn:
+    async with store.connection() as conn:
         cur = await conn.execute("select count(*) from events")
         row = await cur.fetchone()
     assert row is not None

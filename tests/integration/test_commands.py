@@ -25,7 +25,7 @@ async def started(store: EventStore) -> str:
 
 
 async def count(store: EventStore) -> int:
-    async with store.pool.connection() as conn:
+    async with store.connection() as conn:
         cur = await conn.execute("select count(*) from events")
         row = await cur.fetchone()
     assert row is not None

@@ -113,7 +113,7 @@ async def append_all(store: EventStore, histories: list[History], seed: int = 0)
 
 
 async def stored_count(store: EventStore) -> int:
-    async with store.pool.connection() as conn:
+    async with store.connection() as conn:
         cur = await conn.execute("select count(*) from events")
         row = await cur.fetchone()
     assert row is not None

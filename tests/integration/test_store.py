@@ -46,7 +46,7 @@ def moved(
 
 
 async def count_events(store: EventStore) -> int:
-    async with store.pool.connection() as conn:
+    async with store.connection() as conn:
         cur = await conn.execute("select count(*) from events")
         row = await cur.fetchone()
     assert row is not None
