@@ -1,5 +1,9 @@
 """PostgreSQL event store: atomic appends, stream reads and a gap-free global-order read."""
 
+# Over ~400 lines for a reason: one class whose append and read paths share the invariants of the
+# global order and the hash chain (DESIGN.md §3), with the records they return; the connection
+# handling and error translation live apart, in events/database.py.
+
 from __future__ import annotations
 
 import asyncio

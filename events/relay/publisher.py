@@ -291,16 +291,15 @@ class Relay:
 
     # -- checkpoint ------------------------------------------------------------------------
 
-    # The checkpoint row lives on a connection of its own (the store's Session, outside the
-    # pool) that holds a session advisory lock
-    # while a batch is published, so a second relay process with the same name waits its turn
-    # instead of publishing the same events in parallel (which would break the publish chain
-    # and double the traffic). A row lock (select ... for update) would do the same but needs
-    # an open transaction, whose xid would hold the snapshot barrier (DESIGN.md §3) - and so
-    # every follower - back for as long as NATS takes to answer. The session lock holds no
-    # snapshot and dies with the connection, so a crashed relay releases it. The checkpoint
-    # update is also a compare-and-set on the old value, in case the lock was lost with a
-    # dropped connection.
+    # The checkpoint row lives on a connection of its own (the store's Session, outside the pool)
+    # that holds a session advisory lock while a batch is published, so a second relay process
+    # with the same name waits its turn instead of publishing the same events in parallel (which
+    # would break the publish chain and double the traffic). A row lock (select ... for update)
+    # would do the same but needs an open transaction, whose xid would hold the snapshot barrier
+    # (DESIGN.md §3) - and so every follower - back for as long as NATS takes to answer. The
+    # session lock holds no snapshot and dies with the connection, so a crashed relay releases it.
+    # The checkpoint update is also a compare-and-set on the old value, in case the lock was lost
+    # with a dropped connection.
 
     async def _lock(self, conn: AsyncConnection[Any]) -> bool:
         cur = await conn.execute(
