@@ -8,8 +8,8 @@ from pathlib import Path
 
 import psycopg
 
+from events.database import first_line
 from events.errors import EventStoreError, StoreUnavailableError
-from events.store import first_line
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "infra" / "migrations"
 _NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")

@@ -1,8 +1,13 @@
 """PostgreSQL event store: atomic appends, stream reads and a gap-free global-order read."""
 
+# Over ~400 lines for a reason: one class whose append and read paths share the invariants of
+# the global order and the hash chain (docs/contracts.md §1), with the records they return; the
+# connection handling and error translation live apart, in events/database.py.
+
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import re
@@ -13,16 +18,24 @@ from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg.adapt import Loader
 from psycopg.rows import dict_row, tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from events.catalogue import Catalogue, Event
 from events.catalogue import catalogue as default_catalogue
+from events.database import (
+    SESSION_OPTIONS,
+    Session,
+    check_reachable,
+    connect,
+    open_pool,
+    translated,
+    where,
+)
 from events.errors import (
     ConcurrencyError,
-    EventStoreError,
     InvalidEventError,
+    StoreQueryError,
     StoreUnavailableError,
 )
 
@@ -39,13 +52,9 @@ SECRET_KEYS = (
 _SECRET_KEY = re.compile(
     r'"(' + "|".join(SECRET_KEYS) + r')"\s*:', re.IGNORECASE
 )
-# Session settings for every pooled connection. A transaction left open anywhere holds the
-# snapshot barrier (and so every follower) back, hence the idle-in-transaction limit.
-SESSION_OPTIONS = (
-    "-c lock_timeout=5000 -c idle_in_transaction_session_timeout=60000 "
-    "-c application_name=rebalancer"
-)
-XID8_OID = 5069
+# SQLSTATEs of an append that lost the race: the unique (stream_id, version) key, or the
+# version check inside append_events().
+_VERSION_CLASH = frozenset({pg_errors.UniqueViolation.sqlstate, "RB409"})
 
 _COLUMNS = (
     "position, transaction_id, stream_id, version, type, schema_version, data, metadata, "
@@ -120,18 +129,13 @@ class StreamProblem:
     message: str
 
 
-class _Xid8Loader(Loader):
-    # psycopg has no loader for xid8 and would hand back a str; compared as strings,
-    # "999" > "1000", which silently breaks any checkpoint compared in Python.
-    def load(self, data: Any) -> int:
-        return int(bytes(data))
-
-
 class EventStore:
     """Append-only event store on a psycopg async pool.
 
     Raises ConcurrencyError on a version clash, InvalidEventError for refused input,
-    StoreUnavailableError when PostgreSQL cannot be reached.
+    StoreUnavailableError when PostgreSQL cannot be reached and StoreQueryError when it
+    refuses a statement. Other modules run their SQL through `connection()` and
+    `transaction()`, which translate errors the same way; the pool stays private.
     """
 
     def __init__(
@@ -162,20 +166,14 @@ class EventStore:
     ) -> EventStore:
         """Connect (checking the server answers first, for a clear error) and open a pool."""
         await check_reachable(conninfo, connect_timeout)
-        pool = AsyncConnectionPool(
-            conninfo,
-            min_size=min_size,
-            max_size=max_size,
-            kwargs={"autocommit": True, "options": SESSION_OPTIONS},
-            configure=_configure,
-            open=False,
-            timeout=connect_timeout,
+        pool = open_pool(
+            conninfo, min_size=min_size, max_size=max_size, timeout=connect_timeout
         )
         try:
             await pool.open(wait=True, timeout=connect_timeout)
         except PoolTimeout as e:
             await pool.close()
-            raise StoreUnavailableError(f"cannot reach PostgreSQL at {_where(conninfo)}") from e
+            raise StoreUnavailableError(f"cannot reach PostgreSQL at {where(conninfo)}") from e
         return cls(pool, **kwargs)
 
     async def close(self) -> None:
@@ -196,12 +194,31 @@ class EventStore:
         await self.close()
 
     @property
-    def pool(self) -> AsyncConnectionPool:
-        return self._pool
-
-    @property
     def catalogue(self) -> Catalogue:
         return self._catalogue
+
+    # -- the boundary ----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled autocommit connection for the block; any psycopg error in it leaves as
+        StoreUnavailableError (unreachable, pool exhausted or closed, timeouts) or
+        StoreQueryError (the statement or its data refused; UndefinedTableError for a missing
+        table), the original as its cause."""
+        async with translated(), self._pool.connection() as conn:
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """Like `connection()`, inside one transaction that commits when the block ends and
+        rolls back when it raises; raises StoreUnavailableError or StoreQueryError likewise."""
+        async with self.connection() as conn, conn.transaction():
+            yield conn
+
+    def session(self) -> Session:
+        """A connection of its own outside the pool, kept across uses, for session state such
+        as advisory locks; its `connection()` raises as this store's does."""
+        return Session(self._conninfo)
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -243,21 +260,19 @@ class EventStore:
                 f'{model.schema_version},"data":{data},"metadata":{meta}}}'
             )
         try:
-            async with self._pool.connection() as conn:
+            async with self.connection() as conn:
                 cur = await conn.execute(
                     "select out_position, out_transaction_id, out_version"
                     " from append_events(%s, %s, %s::jsonb)",
                     (stream_id, expected_version, "[" + ",".join(parts) + "]"),
                 )
                 rows = await cur.fetchall()
-        except psycopg.Error as e:
-            if isinstance(e, pg_errors.UniqueViolation) or e.sqlstate == "RB409":
+        except StoreQueryError as e:
+            if e.sqlstate in _VERSION_CLASH:
                 raise ConcurrencyError(
                     f"stream {stream_id} is no longer at version {expected_version}"
-                ) from e
-            raise translate_error(e) from e
-        except PoolTimeout as e:
-            raise StoreUnavailableError("no database connection available") from e
+                ) from e.__cause__
+            raise
         self._wake_followers()
         rows.sort(key=lambda r: r[2])
         return AppendResult(
@@ -294,7 +309,7 @@ class EventStore:
             self._notify_wanted.clear()
             try:
                 await self._notify_once()
-            except (psycopg.Error, PoolTimeout):
+            except psycopg.Error:
                 if not self._closing:
                     await asyncio.sleep(0.5)  # the followers' poll covers the lost wake-up
             if self._closing:
@@ -416,15 +431,12 @@ class EventStore:
 
     async def remember_outcome(self, command_id: str, kind: str, reply: Mapping[str, Any]) -> None:
         """Keep the reply to a refused command (it appended nothing) for a repeat of its id."""
-        try:
-            async with self._pool.connection() as conn:
-                await conn.execute(
-                    "insert into command_outcomes (command_id, kind, reply) values (%s, %s, %s)"
-                    " on conflict (command_id) do nothing",
-                    (command_id, kind, json.dumps(dict(reply), default=str)),
-                )
-        except psycopg.Error as e:
-            raise translate_error(e) from e
+        async with self.connection() as conn:
+            await conn.execute(
+                "insert into command_outcomes (command_id, kind, reply) values (%s, %s, %s)"
+                " on conflict (command_id) do nothing",
+                (command_id, kind, json.dumps(dict(reply), default=str)),
+            )
 
     async def recall_outcome(self, command_id: str) -> dict[str, Any] | None:
         """The kept reply to a refused command, None when there is none."""
@@ -458,13 +470,10 @@ class EventStore:
         return await self._fetch(query, params, tuple_row)
 
     async def _fetch(self, query: Any, params: Sequence[Any], factory: Any) -> list[Any]:
-        try:
-            async with self._pool.connection() as conn:
-                cur = conn.cursor(row_factory=factory)
-                await cur.execute(query, params)
-                return await cur.fetchall()
-        except (psycopg.Error, PoolTimeout) as e:
-            raise translate_error(e) from e
+        async with self.connection() as conn:
+            cur = conn.cursor(row_factory=factory)
+            await cur.execute(query, params)
+            return list(await cur.fetchall())
 
     async def _fetchone(self, query: str, params: Sequence[Any]) -> tuple[Any, ...] | None:
         rows = await self._fetchall(query, params)
@@ -479,13 +488,13 @@ class Notifications:
         self._conn: psycopg.AsyncConnection[Any] | None = None
 
     async def __aenter__(self) -> Notifications:
+        self._conn = await connect(self._conninfo)
         try:
-            self._conn = await psycopg.AsyncConnection.connect(
-                self._conninfo, autocommit=True, options=SESSION_OPTIONS
-            )
-        except psycopg.OperationalError as e:
-            raise translate_error(e) from e
-        await self._conn.execute(f"listen {NOTIFY_CHANNEL}")
+            async with translated():
+                await self._conn.execute(f"listen {NOTIFY_CHANNEL}")
+        except BaseException:
+            await self._conn.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -493,29 +502,14 @@ class Notifications:
             await self._conn.close()
 
     async def wait(self, timeout: float) -> bool:
-        """True when at least one notification arrived within `timeout` seconds."""
+        """True when at least one notification arrived within `timeout` seconds; raises
+        StoreUnavailableError when the connection is lost."""
         assert self._conn is not None, "use Notifications as an async context manager"
         woke = False
-        async for _ in self._conn.notifies(timeout=timeout, stop_after=1):
-            woke = True
+        async with translated():
+            async for _ in self._conn.notifies(timeout=timeout, stop_after=1):
+                woke = True
         return woke
-
-
-async def check_reachable(conninfo: str, timeout: float = 10.0) -> None:
-    """Raise StoreUnavailableError with a one-line reason when PostgreSQL does not answer."""
-    try:
-        conn = await psycopg.AsyncConnection.connect(
-            conninfo, connect_timeout=max(1, int(timeout))
-        )
-    except psycopg.OperationalError as e:
-        raise StoreUnavailableError(
-            f"cannot reach PostgreSQL at {_where(conninfo)}: {first_line(e)}"
-        ) from e
-    await conn.close()
-
-
-async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
-    conn.adapters.register_loader(XID8_OID, _Xid8Loader)
 
 
 def _refuse_secrets(encoded: str, where: str) -> None:
@@ -524,29 +518,3 @@ def _refuse_secrets(encoded: str, where: str) -> None:
     found = _SECRET_KEY.search(encoded)
     if found:
         raise InvalidEventError(f"{where}: key {found.group(1)!r} looks like a secret; not stored")
-
-
-def translate_error(
-    error: psycopg.Error | PoolTimeout, other: type[EventStoreError] = EventStoreError
-) -> EventStoreError:
-    """A database error as ours: unreachable -> StoreUnavailableError, anything else -> `other`."""
-    if isinstance(error, PoolTimeout):
-        return StoreUnavailableError("no database connection available")
-    if isinstance(error, psycopg.OperationalError):
-        return StoreUnavailableError(f"PostgreSQL unavailable: {first_line(error)}")
-    return other(first_line(error))
-
-
-def _where(conninfo: str) -> str:
-    try:
-        parts = psycopg.conninfo.conninfo_to_dict(conninfo)
-    except psycopg.ProgrammingError:
-        return "(unparseable connection string)"
-    # Never print the password.
-    return f"{parts.get('host', 'localhost')}:{parts.get('port', 5432)}/{parts.get('dbname', '')}"
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's text (database errors carry multi-line details)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -63,7 +63,7 @@ _ALL = "(select * from alerts union all select * from service_alerts) a"
 
 async def pending_alerts(store: EventStore, limit: int = 100) -> list[dict[str, Any]]:
     """Alerts not yet delivered, oldest first."""
-    async with store.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+    async with store.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
             f"select {_COLUMNS} from {_ALL} left join alert_deliveries d on d.key = a.key"
             " where d.key is null order by a.since, a.key limit %s",
@@ -73,7 +73,7 @@ async def pending_alerts(store: EventStore, limit: int = 100) -> list[dict[str, 
 
 
 async def mark_delivered(store: EventStore, key: str) -> None:
-    async with store.pool.connection() as conn:
+    async with store.connection() as conn:
         await conn.execute(
             "insert into alert_deliveries (key) values (%s) on conflict (key) do nothing", (key,)
         )
@@ -84,7 +84,7 @@ async def raise_alert(
     workflow_id: str | None = None, task: str | None = None,
 ) -> bool:
     """Record an occurrence that no event describes (relay_lag); False if it was known."""
-    async with store.pool.connection() as conn:
+    async with store.connection() as conn:
         cur = await conn.execute(
             "insert into service_alerts (key, kind, workflow_id, task, message, since)"
             " values (%s, %s, %s, %s, %s, %s) on conflict (key) do nothing returning key",
@@ -95,7 +95,7 @@ async def raise_alert(
 
 async def list_alerts(store: EventStore, limit: int = 50) -> list[dict[str, Any]]:
     """The newest alerts with whether each was delivered."""
-    async with store.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+    async with store.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(
             f"select {_COLUMNS}, d.published_at from {_ALL}"
             " left join alert_deliveries d on d.key = a.key"

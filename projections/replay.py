@@ -6,13 +6,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import psycopg
 from psycopg import AsyncConnection, sql
 from psycopg.rows import tuple_row
-from psycopg_pool import PoolTimeout
 
-from events.errors import EventStoreError, StoreUnavailableError
-from events.store import ORIGIN, Checkpoint, EventStore, translate_error
+from events.errors import EventStoreError
+from events.store import ORIGIN, Checkpoint, EventStore
 from projections.runner import Projection, ProjectionRunner, default_projections, reset
 
 LIVE_SCHEMA = "public"
@@ -28,7 +26,9 @@ DifferenceKind = Literal["only_live", "only_rebuilt", "differs", "projection_sto
 
 
 class ReadModelError(EventStoreError):
-    """The read models could not be read, rebuilt or compared (schema missing, SQL error)."""
+    """The read models could not be compared (another verify running, a table without a
+    primary key); SQL that fails leaves as the store's StoreQueryError or
+    StoreUnavailableError."""
 
 
 @dataclass(frozen=True)
@@ -84,10 +84,7 @@ async def rebuild(store: EventStore, projections: Sequence[Projection] | None = 
     the same projections meanwhile is harmless, as runners serialise on the checkpoint row.
     """
     chosen = list(projections) if projections is not None else default_projections(LIVE_SCHEMA)
-    try:
-        await reset(store, chosen)
-    except psycopg.Error as e:
-        raise _translate(e) from e
+    await reset(store, chosen)
     return await ProjectionRunner(store, chosen, batch_size=REBUILD_BATCH).catch_up()
 
 
@@ -106,43 +103,39 @@ async def compare(store: EventStore, *, shadow: str = SHADOW_SCHEMA) -> Verifica
     runner may keep going meanwhile; each shadow projection is then rebuilt exactly up to its
     live counterpart's checkpoint, so both sides stand at the same place in the global order.
     The shadow schema is dropped and recreated by each run and left behind for inspection.
-    Raises ReadModelError when another verify holds the shadow schema or SQL fails.
+    Raises ReadModelError when another verify holds the shadow schema, StoreQueryError or
+    StoreUnavailableError when SQL fails.
     """
     live = default_projections(LIVE_SCHEMA)
     rebuilt = default_projections(shadow)
     tables = [table for projection in live for table in projection.tables]
-    try:
-        async with store.pool.connection() as conn:
-            cur = await conn.execute("select pg_try_advisory_lock(%s)", (VERIFY_LOCK,))
-            locked = await cur.fetchone()
-            if not (locked and locked[0]):
-                raise ReadModelError(
-                    f"another verify is using schema {shadow}; try again when it has finished"
+    async with store.connection() as conn:
+        cur = await conn.execute("select pg_try_advisory_lock(%s)", (VERIFY_LOCK,))
+        locked = await cur.fetchone()
+        if not (locked and locked[0]):
+            raise ReadModelError(
+                f"another verify is using schema {shadow}; try again when it has finished"
+            )
+        try:
+            await _prepare_shadow(conn, shadow, tables)
+            checkpoints = await _snapshot(conn, shadow, tables)
+            applied: dict[str, int] = {}
+            for projection in rebuilt:
+                # Each to its own live checkpoint: live projections may stand apart.
+                until = checkpoints[projection.name].checkpoint
+                runner = ProjectionRunner(
+                    store, [projection], batch_size=REBUILD_BATCH, until=until
                 )
-            try:
-                await _prepare_shadow(conn, shadow, tables)
-                checkpoints = await _snapshot(conn, shadow, tables)
-                applied: dict[str, int] = {}
-                for projection in rebuilt:
-                    # Each to its own live checkpoint: live projections may stand apart.
-                    until = checkpoints[projection.name].checkpoint
-                    runner = ProjectionRunner(
-                        store, [projection], batch_size=REBUILD_BATCH, until=until
-                    )
-                    applied[projection.name] = await runner.catch_up()
-                differences = _checkpoint_differences(
-                    checkpoints, await _checkpoint_rows(conn, shadow, CHECKPOINTS), live
-                )
-                rows: dict[str, int] = {}
-                for table in tables:
-                    differences += await _diff_table(conn, shadow, table)
-                    rows[table] = await _count(conn, shadow, LIVE_PREFIX + table)
-            finally:
-                await conn.execute("select pg_advisory_unlock(%s)", (VERIFY_LOCK,))
-    except psycopg.Error as e:
-        raise _translate(e) from e
-    except PoolTimeout as e:
-        raise StoreUnavailableError("no database connection available") from e
+                applied[projection.name] = await runner.catch_up()
+            differences = _checkpoint_differences(
+                checkpoints, await _checkpoint_rows(conn, shadow, CHECKPOINTS), live
+            )
+            rows: dict[str, int] = {}
+            for table in tables:
+                differences += await _diff_table(conn, shadow, table)
+                rows[table] = await _count(conn, shadow, LIVE_PREFIX + table)
+        finally:
+            await conn.execute("select pg_advisory_unlock(%s)", (VERIFY_LOCK,))
     return Verification(
         differences,
         rows,
@@ -338,10 +331,6 @@ async def _count(conn: AsyncConnection[Any], schema: str, table: str) -> int:
     )
     row = await cur.fetchone()
     return int(row[0]) if row else 0
-
-
-def _translate(error: psycopg.Error) -> EventStoreError:
-    return translate_error(error, ReadModelError)
 
 
 __all__ = [

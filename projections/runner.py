@@ -10,21 +10,17 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import psycopg
 from psycopg import AsyncConnection, sql
 from psycopg.rows import tuple_row
-from psycopg_pool import PoolTimeout
 
 from events.concurrency import first_of
-from events.errors import StoreUnavailableError
+from events.errors import StoreQueryError, StoreUnavailableError
 from events.store import ORIGIN, Checkpoint, EventStore, RecordedEvent
 from projections.alerts import AlertsProjection
 from projections.exposure import ExposureProjection
 from projections.workflows import WorkflowsProjection
 
 log = logging.getLogger(__name__)
-# Failures that say nothing about the event being applied.
-_UNAVAILABLE = (psycopg.OperationalError, PoolTimeout, StoreUnavailableError)
 
 
 class Projection(Protocol):
@@ -107,7 +103,10 @@ class ProjectionRunner:
     Each batch is applied and the checkpoint advanced in one transaction, so a crash between
     the two leaves neither; an event at or below the checkpoint (a re-delivery) is dropped.
     A poison event stops its own projection with PoisonEventError recorded in the checkpoint
-    row; the other projections keep running.
+    row; the other projections keep running. A statement PostgreSQL refuses while applying a
+    batch points at an event as any other failure does; refused outside one (reading events
+    or checkpoints) it is a bug in the runner's SQL, and `run` logs and raises it rather than
+    retrying it as an outage.
     """
 
     def __init__(
@@ -155,13 +154,17 @@ class ProjectionRunner:
                     while not stop.is_set():
                         await self.catch_up()
                         await first_of(notifications.wait(self._poll_interval), stop.wait())
-            except (StoreUnavailableError, psycopg.OperationalError) as e:
+            except StoreUnavailableError as e:
                 log.warning("projection runner lost the database (%s); retrying", e)
                 await asyncio.sleep(self._poll_interval)
+            except StoreQueryError as e:
+                log.error("projection runner: PostgreSQL refused a statement (SQLSTATE %s),"
+                          " stopping: %s", e.sqlstate, e)
+                raise
 
     async def status(self) -> list[ProjectionStatus]:
         result = []
-        async with self._store.pool.connection() as conn:
+        async with self._store.connection() as conn:
             for projection in self._projections:
                 row = await _checkpoint_row(conn, projection)
                 result.append(
@@ -189,7 +192,7 @@ class ProjectionRunner:
             except _Moved:
                 checkpoint = await self._stored_checkpoint(projection)
                 continue
-            except _UNAVAILABLE:
+            except StoreUnavailableError:
                 raise  # not the event's fault: the caller retries later
             except Exception:
                 # Find the poison event: commit what precedes it one event at a time.
@@ -198,7 +201,7 @@ class ProjectionRunner:
                         await self._commit(projection, [event], checkpoint)
                     except _Moved:
                         break  # another runner got here first; start again from its checkpoint
-                    except _UNAVAILABLE:
+                    except StoreUnavailableError:
                         raise
                     except Exception as e:
                         error = PoisonEventError.at(projection.name, event, e)
@@ -212,7 +215,7 @@ class ProjectionRunner:
             checkpoint = events[-1].checkpoint
 
     async def _stored_checkpoint(self, projection: Projection) -> Checkpoint:
-        async with self._store.pool.connection() as conn:
+        async with self._store.connection() as conn:
             row = await _checkpoint_row(conn, projection)
         if row[3] is not None:
             # Stopped by an earlier run; a rebuild (`rebalancer replay`) clears it.
@@ -223,7 +226,7 @@ class ProjectionRunner:
         self, projection: Projection, events: list[RecordedEvent], after: Checkpoint
     ) -> None:
         table = sql.Identifier(projection.schema, "projection_checkpoints")
-        async with self._store.pool.connection() as conn, conn.transaction():
+        async with self._store.transaction() as conn:
             # Several runners (one per worker process) may follow the same projection: the
             # row lock serialises them and the check makes the loser drop its batch.
             cur = conn.cursor(row_factory=tuple_row)
@@ -249,7 +252,7 @@ class ProjectionRunner:
             )
 
     async def _record_error(self, projection: Projection, error: PoisonEventError) -> None:
-        async with self._store.pool.connection() as conn:
+        async with self._store.connection() as conn:
             await conn.execute(
                 sql.SQL(
                     "update {} set error = %s, error_position = %s, updated_at = now()"
@@ -280,7 +283,7 @@ async def _checkpoint_row(conn: AsyncConnection[Any], projection: Projection) ->
 
 async def reset(store: EventStore, projections: Sequence[Projection]) -> None:
     """Empty the projections' tables and checkpoints (for a rebuild from position zero)."""
-    async with store.pool.connection() as conn, conn.transaction():
+    async with store.transaction() as conn:
         for projection in projections:
             for table in projection.tables:
                 await conn.execute(

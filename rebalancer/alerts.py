@@ -18,6 +18,7 @@ from typing import Any
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
+from events.errors import StoreQueryError
 from events.relay import Relay
 from events.store import EventStore
 from projections.alerts import mark_delivered, pending_alerts, raise_alert
@@ -69,6 +70,10 @@ class AlertPublisher:
         while not stop.is_set():
             try:
                 await self.publish_pending()
+            except StoreQueryError as e:  # a SQL bug: retrying would only hide it
+                log.error("alerts: PostgreSQL refused a statement (SQLSTATE %s), stopping: %s",
+                          e.sqlstate, e)
+                raise
             except Exception as e:  # NATS or PostgreSQL away: nothing is lost, try again
                 log.warning("alerts not published yet: %s", e)
             await _sleep_or_stop(stop, interval)
@@ -104,6 +109,10 @@ class RelayLagWatch:
         while not stop.is_set():
             try:
                 await self.check()
+            except StoreQueryError as e:
+                log.error("relay lag watch: PostgreSQL refused a statement (SQLSTATE %s),"
+                          " stopping: %s", e.sqlstate, e)
+                raise
             except Exception as e:
                 log.warning("relay lag not checked: %s", e)
             await _sleep_or_stop(stop, interval)

@@ -8,11 +8,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
-import psycopg
-from psycopg import errors as pg_errors
 from psycopg import sql
 from psycopg.rows import tuple_row
-from psycopg_pool import PoolTimeout
 
 from events.catalogue import (
     Catalogue,
@@ -21,7 +18,7 @@ from events.catalogue import (
     WorkflowStateChanged,
 )
 from events.catalogue import catalogue as default_catalogue
-from events.errors import EventStoreError, StoreUnavailableError
+from events.errors import UndefinedTableError
 from events.store import STREAM_ID_PATTERN, EventStore, RecordedEvent, StreamProblem
 from events.vocabulary import TaskKind
 from rebalancer.errors import RebalancerError
@@ -94,7 +91,7 @@ async def audit(
 
     Streams are read one at a time, so memory holds one stream, never the whole store. Raises
     AuditInputError for a workflow id that is not a UUID or has neither events nor a read-model
-    row, StoreUnavailableError / EventStoreError when the database fails.
+    row, StoreUnavailableError / StoreQueryError when the database fails.
     """
     read_model = _ReadModel(store, read_model_schema)
     report = AuditReport(streams=0, events=0, findings=[])
@@ -350,7 +347,7 @@ class _ReadModel:
             return []
         try:
             return await _fetch(self._store, query, params)
-        except pg_errors.UndefinedTable:
+        except UndefinedTableError:
             # No read model (projections never set up here): nothing to cross-check against.
             self._missing = True
             return []
@@ -359,19 +356,10 @@ class _ReadModel:
 async def _fetch(
     store: EventStore, query: str | sql.Composed, params: Sequence[Any]
 ) -> list[tuple[Any, ...]]:
-    try:
-        async with store.pool.connection() as conn:
-            cur = conn.cursor(row_factory=tuple_row)
-            await cur.execute(query, params)
-            return await cur.fetchall()
-    except pg_errors.UndefinedTable:
-        raise
-    except psycopg.OperationalError as e:
-        raise StoreUnavailableError(f"audit: {e}".strip()) from e
-    except psycopg.Error as e:
-        raise EventStoreError(f"audit query failed: {e}".strip()) from e
-    except PoolTimeout as e:
-        raise StoreUnavailableError("no database connection available") from e
+    async with store.connection() as conn:
+        cur = conn.cursor(row_factory=tuple_row)
+        await cur.execute(query, params)
+        return await cur.fetchall()
 
 
 def _count(n: int, noun: str) -> str:

@@ -15,13 +15,14 @@ from enum import StrEnum
 from typing import Any
 
 from events.catalogue import TaskStateChanged, WorkflowStateChanged
-from events.errors import ConcurrencyError, StoreUnavailableError
+from events.errors import ConcurrencyError, StoreQueryError, StoreUnavailableError
 from events.store import EventStore
 from events.vocabulary import WORKFLOW_DRIVEN, TaskKind
 from projections.runner import ProjectionRunner, default_projections
 from rebalancer.accounts import Accounts
 from rebalancer.errors import IllegalTransitionError, RetryableError, UnknownOutcomeError
 from rebalancer.exchanges.base import Exchange, Exchanges
+from rebalancer.leases import Leases
 from rebalancer.machines import workflow_machine
 from rebalancer.specs.resolution import resolve_config, resolve_params
 from rebalancer.tasks.base import DEFAULT_DEADLINES, Processor, TaskContext
@@ -139,8 +140,9 @@ class Backoff:
 class Engine:
     """Folds, decides and acts for workflows; safe to run in several processes on one database.
 
-    A lease per workflow (short, renewed per step) keeps each workflow to one driver at a time;
-    the expected stream version on every append is the last guard.
+    A lease per workflow (short, taken per step) keeps each workflow to one driver at a time;
+    the expected stream version on every append is the last guard. The database being away
+    is waited out; a statement it refuses (StoreQueryError) stops `run`, as any other bug does.
     """
 
     def __init__(
@@ -162,6 +164,7 @@ class Engine:
         self.accounts = accounts
         self.owner = owner or f"worker-{os.getpid()}-{random.getrandbits(32):08x}"
         self.lease_seconds = lease_seconds
+        self.leases = Leases(store, self.owner, lease_seconds)
         self.deadlines = dict(deadlines or DEFAULT_DEADLINES)
         self.clock = clock or (lambda: datetime.now(UTC))
         self.backoff = Backoff()
@@ -249,7 +252,7 @@ class Engine:
         """Workflows that may need a step, from the `workflows` read model."""
         if self.runner is not None:
             await self.runner.catch_up()
-        async with self.store.pool.connection() as conn:
+        async with self.store.connection() as conn:
             cur = await conn.execute(
                 "select workflow_id::text from workflows where state = any(%s) order by updated_at",
                 (sorted(WORKFLOW_DRIVEN),),
@@ -262,13 +265,13 @@ class Engine:
 
         async def one(workflow_id: str) -> None:
             async with self._semaphore:
-                if not await self._lease(workflow_id):
+                if not await self.leases.acquire(workflow_id):
                     outcome = "leased"
                 else:
                     try:
                         outcome = await self.step(workflow_id)
                     finally:
-                        await self._release(workflow_id)
+                        await self.leases.release(workflow_id)
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
 
         ready = [w for w in await self.active() if self.backoff.ready(w)]
@@ -283,31 +286,14 @@ class Engine:
             except StoreUnavailableError as e:
                 log.warning("database unavailable (%s); retrying", e)
                 outcomes = {}
+            except StoreQueryError as e:
+                log.error("engine %s: PostgreSQL refused a statement (SQLSTATE %s), stopping: %s",
+                          self.owner, e.sqlstate, e)
+                raise
             # Idle: wait for a tick (or stop); busy: go again at once.
             if not outcomes.get(StepOutcome.MOVED):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=tick)
-
-    async def _lease(self, workflow_id: str) -> bool:
-        async with self.store.pool.connection() as conn:
-            cur = await conn.execute(
-                "insert into workflow_leases (workflow_id, owner, expires_at)"
-                " values (%s, %s, now() + make_interval(secs => %s))"
-                " on conflict (workflow_id) do update set owner = excluded.owner,"
-                " expires_at = excluded.expires_at"
-                " where workflow_leases.expires_at < now()"
-                " or workflow_leases.owner = excluded.owner"
-                " returning owner",
-                (workflow_id, self.owner, self.lease_seconds),
-            )
-            return await cur.fetchone() is not None
-
-    async def _release(self, workflow_id: str) -> None:
-        async with self.store.pool.connection() as conn:
-            await conn.execute(
-                "delete from workflow_leases where workflow_id = %s and owner = %s",
-                (workflow_id, self.owner),
-            )
 
 
 def step_metadata(workflow: Workflow, actor: str) -> dict[str, str]:

@@ -15,17 +15,17 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
-import psycopg
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
+from psycopg import AsyncConnection
 from psycopg.rows import tuple_row
 
 from events.concurrency import first_of
-from events.errors import EventStoreError, StoreUnavailableError
+from events.errors import EventStoreError, StoreQueryError, StoreUnavailableError
 from events.relay.acks import Acks, settle
 from events.relay.wire import MSG_ID, STREAM, body_of, msg_id, stream_config, subject_for
-from events.store import ORIGIN, SESSION_OPTIONS, Checkpoint, EventStore, RecordedEvent
+from events.store import ORIGIN, Checkpoint, EventStore, RecordedEvent
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ class Relay:
     JetStream acknowledged, so a crash or an outage re-publishes at most the unacknowledged tail,
     and `Nats-Msg-Id` makes JetStream drop those copies. `relay_once` raises
     RelayUnavailableError when NATS does not acknowledge and StoreUnavailableError when
-    PostgreSQL cannot be reached; `run` retries both until stopped.
+    PostgreSQL cannot be reached; `run` retries both until stopped. A StoreQueryError (a
+    statement PostgreSQL refused) is not an outage: `run` logs it and raises it.
     """
 
     def __init__(
@@ -97,7 +98,8 @@ class Relay:
         self._acks: Acks | None = None
         self._stream_ready = False
         self._nats_back = asyncio.Event()
-        self._lock_conn: psycopg.AsyncConnection[Any] | None = None
+        # The checkpoint's own connection (see "checkpoint" below).
+        self._session = store.session()
         # Test hook: called with each acknowledged batch before its checkpoint is written.
         self.before_checkpoint: Callable[[list[RecordedEvent]], Awaitable[None]] | None = None
 
@@ -175,9 +177,7 @@ class Relay:
             except _NATS_FAILURES:
                 await nc.close()
         self._nc = None
-        conn, self._lock_conn = self._lock_conn, None
-        if conn is not None:
-            await conn.close()
+        await self._session.close()
 
     async def _on_error(self, error: Exception) -> None:
         log.debug("relay %s: NATS: %s", self._name, _describe(error))
@@ -193,8 +193,9 @@ class Relay:
         """Publish everything readable after the checkpoint; returns the events acknowledged.
 
         Returns 0 at once when another relay with the same name holds the checkpoint lock.
-        Raises RelayUnavailableError (NATS) or StoreUnavailableError (PostgreSQL); either way
-        the checkpoint covers exactly the acknowledged prefix.
+        Raises RelayUnavailableError (NATS), StoreUnavailableError (PostgreSQL away) or
+        StoreQueryError (a statement refused); either way the checkpoint covers exactly the
+        acknowledged prefix.
         """
         await self.connect()
         assert self._nc is not None and self._acks is not None
@@ -204,8 +205,8 @@ class Relay:
         if not self._stream_ready:
             await self.ensure_stream()
         acks = self._acks
-        conn = await self._checkpoint_connection()
-        try:
+        # A database error in here closes the session, which releases the lock for certain.
+        async with self._session.connection() as conn:
             if not await self._lock(conn):
                 log.debug("relay %s: another relay holds the checkpoint", self._name)
                 return 0
@@ -213,11 +214,8 @@ class Relay:
                 return await self._relay_locked(acks, conn)
             finally:
                 await self._unlock(conn)
-        except psycopg.Error as e:
-            await self._drop_checkpoint_connection()
-            raise StoreUnavailableError(f"relay checkpoint: {_describe(e)}") from e
 
-    async def _relay_locked(self, acks: Acks, conn: psycopg.AsyncConnection[Any]) -> int:
+    async def _relay_locked(self, acks: Acks, conn: AsyncConnection[Any]) -> int:
         checkpoint = await self._load_checkpoint(conn)
         total = 0
         while True:
@@ -293,46 +291,24 @@ class Relay:
 
     # -- checkpoint ------------------------------------------------------------------------
 
-    # The checkpoint row lives on a connection of its own that holds a session advisory lock
-    # while a batch is published, so a second relay process with the same name waits its turn
-    # instead of publishing the same events in parallel (which would break the publish chain
-    # and double the traffic). A row lock (select ... for update) would do the same but needs
-    # an open transaction, whose xid would hold the snapshot barrier (docs/contracts.md §1) - and so
-    # every follower - back for as long as NATS takes to answer. The session lock holds no
-    # snapshot and dies with the connection, so a crashed relay releases it. The checkpoint
-    # update is also a compare-and-set on the old value, in case the lock was lost with a
-    # dropped connection.
+    # The checkpoint row lives on a connection of its own (the store's Session, outside the pool)
+    # that holds a session advisory lock while a batch is published, so a second relay process
+    # with the same name waits its turn instead of publishing the same events in parallel (which
+    # would break the publish chain and double the traffic). A row lock (select ... for update)
+    # would do the same but needs an open transaction, whose xid would hold the snapshot barrier
+    # (docs/contracts.md §1) - and so every follower - back for as long as NATS takes to answer. The
+    # session lock holds no snapshot and dies with the connection, so a crashed relay releases it.
+    # The checkpoint update is also a compare-and-set on the old value, in case the lock was lost
+    # with a dropped connection.
 
-    async def _checkpoint_connection(self) -> psycopg.AsyncConnection[Any]:
-        if self._lock_conn is None or self._lock_conn.closed:
-            conninfo = self._store.pool.conninfo
-            try:
-                self._lock_conn = await psycopg.AsyncConnection.connect(
-                    conninfo if isinstance(conninfo, str) else "",
-                    autocommit=True, options=SESSION_OPTIONS,
-                )
-                await self._lock_conn.execute(
-                    "insert into relay_checkpoints (name) values (%s) on conflict do nothing",
-                    (self._name,),
-                )
-            except psycopg.Error as e:
-                await self._drop_checkpoint_connection()
-                raise StoreUnavailableError(f"relay checkpoint: {_describe(e)}") from e
-        return self._lock_conn
-
-    async def _drop_checkpoint_connection(self) -> None:
-        conn, self._lock_conn = self._lock_conn, None
-        if conn is not None:
-            await conn.close()
-
-    async def _lock(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+    async def _lock(self, conn: AsyncConnection[Any]) -> bool:
         cur = await conn.execute(
             "select pg_try_advisory_lock(%s, hashtext(%s))", (_LOCK_CLASS, self._name)
         )
         row = await cur.fetchone()
         return bool(row and row[0])
 
-    async def _unlock(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    async def _unlock(self, conn: AsyncConnection[Any]) -> None:
         try:
             await conn.execute(
                 "select pg_advisory_unlock(%s, hashtext(%s))", (_LOCK_CLASS, self._name)
@@ -340,20 +316,27 @@ class Relay:
         except BaseException:
             # Whatever stopped the unlock (a dead connection, a cancellation), closing the
             # session releases the lock for certain.
-            await self._drop_checkpoint_connection()
+            await self._session.close()
             raise
 
-    async def _load_checkpoint(self, conn: psycopg.AsyncConnection[Any]) -> Checkpoint:
+    async def _load_checkpoint(self, conn: AsyncConnection[Any]) -> Checkpoint:
         cur = conn.cursor(row_factory=tuple_row)
         await cur.execute(
             "select transaction_id::text, position from relay_checkpoints where name = %s",
             (self._name,),
         )
         row = await cur.fetchone()
-        return Checkpoint(int(row[0]), int(row[1])) if row else ORIGIN
+        if row is None:
+            # The first run of this name: the compare-and-set in _save_checkpoint needs a row.
+            await conn.execute(
+                "insert into relay_checkpoints (name) values (%s) on conflict do nothing",
+                (self._name,),
+            )
+            return ORIGIN
+        return Checkpoint(int(row[0]), int(row[1]))
 
     async def _save_checkpoint(
-        self, conn: psycopg.AsyncConnection[Any], old: Checkpoint, done: list[RecordedEvent]
+        self, conn: AsyncConnection[Any], old: Checkpoint, done: list[RecordedEvent]
     ) -> None:
         new = done[-1].checkpoint
         cur = await conn.execute(
@@ -388,13 +371,10 @@ class Relay:
         return RelayLag(int(rows[0][0]), rows[0][1])
 
     async def _query(self, query: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        try:
-            async with self._store.pool.connection() as conn:
-                cur = conn.cursor(row_factory=tuple_row)
-                await cur.execute(query, params)
-                return await cur.fetchall()
-        except psycopg.Error as e:
-            raise StoreUnavailableError(f"relay: {_describe(e)}") from e
+        async with self._store.connection() as conn:
+            cur = conn.cursor(row_factory=tuple_row)
+            await cur.execute(query, params)
+            return await cur.fetchall()
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -402,7 +382,8 @@ class Relay:
         """Relay, then wait for NOTIFY, the poll interval or `stop`, until `stop` is set.
 
         NATS or PostgreSQL being down is logged and retried with backoff; nothing is skipped.
-        Closes the NATS connection when it returns.
+        A statement PostgreSQL refuses (StoreQueryError) is logged and raised: retrying a SQL
+        bug would only hide it. Closes the NATS connection when it returns.
         """
         failures = 0
         try:
@@ -431,12 +412,16 @@ class Relay:
                                 log.debug("relay %s: published %d", self._name, published)
                             await first_of(notifications.wait(self._poll_interval),
                                             stop.wait())
-                except (StoreUnavailableError, psycopg.OperationalError) as e:
+                except StoreUnavailableError as e:
                     failures += 1
                     delay = self._backoff(failures)
                     log.warning("relay %s: database unavailable (%s); retrying in %.1fs",
                                 self._name, e, delay)
                     await first_of(asyncio.sleep(delay), stop.wait())
+        except StoreQueryError as e:
+            log.error("relay %s: PostgreSQL refused a statement (SQLSTATE %s), stopping: %s",
+                      self._name, e.sqlstate, e)
+            raise
         finally:
             await self.close()
 

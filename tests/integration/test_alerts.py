@@ -115,5 +115,5 @@ async def test_a_rebuild_does_not_send_an_alert_again(store: EventStore) -> None
 
 
 async def _forget_delivery(store: EventStore, key: str) -> None:
-    async with store.pool.connection() as conn:
+    async with store.connection() as conn:
         await conn.execute("delete from alert_deliveries where key = %s", (key,))

@@ -202,7 +202,7 @@ async def test_verify_names_a_path_inside_a_json_column(store: EventStore) -> No
     for stream_id, version, batch in interleaved([history], rng):
         await store.append(stream_id, batch, version)
     await ProjectionRunner(store, default_projections()).catch_up()
-    async with store.pool.connection() as conn:
+    async with store.connection() as conn:
         await conn.execute(
             "update workflows set tasks = jsonb_set(tasks, '{0,state}', '\"failed\"')"
             " where stream_id = %s", (history.stream_id,)

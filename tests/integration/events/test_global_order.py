@@ -96,7 +96,7 @@ async def test_follower_sees_every_event_exactly_once_in_stream_order(
     done.set()
     seen = await follower
 
-    async with store.pool.connection() as conn:
+    async with store.connection() as conn:
         cur = await conn.execute("select position from events")
         stored = {row[0] for row in await cur.fetchall()}
     repeats = [p for p, n in Counter(p for p, _, _ in seen).items() if n > 1]

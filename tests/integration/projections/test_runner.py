@@ -45,7 +45,7 @@ async def append_all(store: EventStore, histories: list[History], seed: int = 0)
 
 
 async def read_model(store: EventStore) -> dict[str, list[dict[str, Any]]]:
-    async with store.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+    async with store.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         out = {}
         for table, key in (("workflows", "workflow_id"), ("exposure_items",
                                                            "workflow_id, task_index")):
@@ -98,7 +98,7 @@ async def test_the_workflows_row_matches_folding_the_stream_by_hand(store: Event
 async def test_a_crash_between_read_model_write_and_checkpoint_applies_each_event_once(
     store: EventStore,
 ) -> None:
-    async with store.pool.connection() as conn:
+    async with store.connection() as conn:
         await conn.execute("create table test_counts (stream_id text primary key, n int)")
     rng = random.Random(3)
     histories = [make_history(rng) for _ in range(30)]
@@ -119,7 +119,7 @@ async def test_a_crash_between_read_model_write_and_checkpoint_applies_each_even
 
     # A fresh runner (the restarted process) picks up from the stored checkpoint.
     await ProjectionRunner(store, [CountingProjection()], batch_size=25).catch_up()
-    async with store.pool.connection() as conn:
+    async with store.connection() as conn:
         cur = await conn.execute("select stream_id, n from test_counts")
         counts = dict(await cur.fetchall())
     assert counts == {h.stream_id: len(h.events) for h in histories}
@@ -170,7 +170,7 @@ async def test_exposure_sums_match_the_money_the_histories_left_in_transit(
     for history in histories:
         for key, amount in history.in_transit.items():
             expected[key] = expected.get(key, Decimal(0)) + amount
-    async with store.pool.connection() as conn:
+    async with store.connection() as conn:
         cur = await conn.execute("select account, currency, amount from exposure")
         found = {(a, c): amount for a, c, amount in await cur.fetchall()}
     assert found == expected
@@ -216,7 +216,7 @@ def test_a_redelivered_event_is_not_applied_twice() -> None:
 
 
 async def test_two_runners_on_one_projection_apply_each_event_once(store: EventStore) -> None:
-    async with store.pool.connection() as conn:
+    async with store.connection() as conn:
         await conn.execute("create table test_counts (stream_id text primary key, n int)")
     rng = random.Random(17)
     histories = [make_history(rng) for _ in range(40)]
@@ -226,7 +226,7 @@ async def test_two_runners_on_one_projection_apply_each_event_once(store: EventS
         ProjectionRunner(store, [CountingProjection()], batch_size=7).catch_up(),
         ProjectionRunner(store, [CountingProjection()], batch_size=11).catch_up(),
     )
-    async with store.pool.connection() as conn:
+    async with store.connection() as conn:
         cur = await conn.execute("select stream_id, n from test_counts")
         counts = dict(await cur.fetchall())
     assert counts == {h.stream_id: len(h.events) for h in histories}
