@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import time
 import uuid
@@ -18,7 +17,9 @@ from rich.table import Table
 from events.migrations import migrate
 from events.relay import PublishedEvent, Relay
 from events.store import RecordedEvent
+from events.vocabulary import WORKFLOW_TERMINAL, WorkflowState
 from rebalancer.api import follow
+from rebalancer.cli.format import move_text
 from rebalancer.commands import start_workflow
 from rebalancer.engine import Engine
 from rebalancer.exchanges.simulated import SimulatedWorld
@@ -37,8 +38,9 @@ PARAMS = {
     "to_currency": "USDT",
 }
 # Confirmation delays of minutes become seconds: the demo should finish in well under a minute.
-DEMO_TIME_SCALE = "60"
-TERMINAL = ("done", "failed", "canceled", "needs_attention")
+DEMO_TIME_SCALE = 60.0
+# Where the live view stops: the workflow ended, or waits for an operator.
+SETTLED = WORKFLOW_TERMINAL | {WorkflowState.NEEDS_ATTENTION}
 
 
 async def run_demo(
@@ -51,10 +53,9 @@ async def run_demo(
     timeout: float = 120.0,
 ) -> int:
     """Returns 0 when the workflow ended done and every currency's total held, else 1."""
-    os.environ.setdefault("REBALANCER_SIM_TIME_SCALE", DEMO_TIME_SCALE)
     if "sim_time_scale" not in settings.model_fields_set:
-        # The world reads its time scale from the settings only (no longer the environment).
-        settings = settings.model_copy(update={"sim_time_scale": float(DEMO_TIME_SCALE)})
+        # Unless REBALANCER_SIM_TIME_SCALE says otherwise, the demo runs at its own pace.
+        settings = settings.model_copy(update={"sim_time_scale": DEMO_TIME_SCALE})
     await migrate(database_url)
     console = Console(stderr=as_json)
     if not console.is_terminal:
@@ -92,15 +93,14 @@ async def run_demo(
         after = await world.balances()
         ok, totals = await world.check()
         params = resolve_params(spec, workflow.params, rt.accounts)
-        result = (
-            resolve_result(spec, params, workflow.results()) if workflow.state == "done" else {}
-        )
+        done = workflow.state == WorkflowState.DONE
+        result = resolve_result(spec, params, workflow.results()) if done else {}
     summary = _summary(workflow, events, before, after, totals, ok, duration, result)
     if as_json:
         print(json.dumps(summary, indent=2, default=str))
     else:
         _print_summary(console, summary)
-    return 0 if workflow.state == "done" and ok else 1
+    return 0 if workflow.state == WorkflowState.DONE and ok else 1
 
 
 async def _watch(nats_url: str, workflow_id: str, console: Console, as_json: bool) -> None:
@@ -122,7 +122,7 @@ async def _watch(nats_url: str, workflow_id: str, console: Console, as_json: boo
             live.update(_table(workflow))
         elif not as_json:
             console.print(_line(event, time.monotonic() - start), highlight=False)
-        return workflow.state in TERMINAL
+        return workflow.state in SETTLED
 
     if live is not None:
         live.start()
@@ -136,8 +136,7 @@ async def _watch(nats_url: str, workflow_id: str, console: Console, as_json: boo
 def _line(event: RecordedEvent, elapsed: float) -> str:
     data = event.data
     what = data.get("task_name") or "workflow"
-    move = f"{data.get('source')} -> {data.get('dest')}" if "dest" in data else "created"
-    return f"  {elapsed:5.1f}s  {what:<24} {data.get('trigger', ''):<11} {move}"
+    return f"  {elapsed:5.1f}s  {what:<24} {data.get('trigger', ''):<11} {move_text(data)}"
 
 
 def _table(workflow: Workflow) -> Table:

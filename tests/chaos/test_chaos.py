@@ -32,8 +32,8 @@ import pytest
 
 from events.catalogue import TaskStateChanged
 from events.store import EventStore, RecordedEvent
-from rebalancer import simctl
 from rebalancer.accounts import load_accounts
+from rebalancer.cli import sim as sim_cli
 from rebalancer.commands import start_workflow
 from rebalancer.demo import PARAMS, SPEC
 from rebalancer.specs.loading import builtin_specs
@@ -227,7 +227,7 @@ async def test_worker_killed_at_random_moments_moves_no_money_twice(
     if os.environ.get("CHAOS_AMOUNTS"):  # e.g. repeated amounts, to make histories ambiguous
         amounts = [int(a) for a in os.environ["CHAOS_AMOUNTS"].split(",")][:WORKFLOWS]
         assert len(amounts) == WORKFLOWS, "CHAOS_AMOUNTS needs one amount per workflow"
-    await simctl.seed(database_url)
+    await sim_cli.seed(database_url)
     store = await EventStore.open(database_url, max_size=4)
     ids: list[str] = []
     run = uuid.uuid4().hex[:8]  # workflow ids differ between runs of one seed

@@ -335,7 +335,7 @@ def test_status_at_a_version_equals_folding_the_stream_by_hand(
             code, out, err = run(monkeypatch, capsys, database_url, "status",
                                  workflow_id(history), "--at", str(version), "--json")
             assert (code, err) == (0, f"rebalancer: as of version {version}, recorded at "
-                                      f"{cli._when(events[version - 1].recorded_at)}\n")
+                                      f"{cli.when(events[version - 1].recorded_at)}\n")
             assert json.loads(out) == folded(events[:version])
 
     history = histories[0]
@@ -343,7 +343,7 @@ def test_status_at_a_version_equals_folding_the_stream_by_hand(
     code, out, _ = run(monkeypatch, capsys, database_url, "status", workflow_id(history),
                        "--at", "2")
     assert code == 0
-    assert f"as of version 2, recorded at {cli._when(events[1].recorded_at)}" in out
+    assert f"as of version 2, recorded at {cli.when(events[1].recorded_at)}" in out
     assert "state     running" in out
 
 

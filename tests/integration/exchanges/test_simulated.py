@@ -17,8 +17,8 @@ import psycopg
 import pytest
 import yaml
 
-from rebalancer import simctl
 from rebalancer.accounts import Accounts, load_accounts
+from rebalancer.cli import sim as sim_cli
 from rebalancer.errors import (
     DuplicateClientIdError,
     RejectedError,
@@ -635,27 +635,27 @@ async def test_a_new_world_on_the_same_database_sees_the_pending_deposit_arrive(
 
 
 async def test_sim_seed_is_idempotent_and_check_finds_a_changed_total(database_url: str) -> None:
-    first = await simctl.seed(database_url)
+    first = await sim_cli.seed(database_url)
     assert first["seeded"] is True
     assert first["balances"]["upbit-personal"]["KRW"] == D(10_000_000_000)
-    again = await simctl.seed(database_url)
+    again = await sim_cli.seed(database_url)
     assert again["seeded"] is False and "already seeded" in again["message"]
-    assert "already seeded" in simctl.format_seed(again)
-    ok, rows = await simctl.check(database_url)
+    assert "already seeded" in sim_cli.format_seed(again)
+    ok, rows = await sim_cli.check(database_url)
     assert ok and {r["currency"] for r in rows} == {"ETH", "KRW", "USDT"}
-    assert "OK" in simctl.format_check(ok, rows)
+    assert "OK" in sim_cli.format_check(ok, rows)
 
     # Money appearing from nowhere is caught.
     with psycopg.connect(database_url) as conn:
         conn.execute("update sim.balances set amount = amount + 1"
                      " where account = 'upbit-personal' and currency = 'KRW'")
-    ok, rows = await simctl.check(database_url)
+    ok, rows = await sim_cli.check(database_url)
     assert not ok
     assert [r["difference"] for r in rows if r["currency"] == "KRW"] == [D(1)]
-    assert "FAIL" in simctl.format_check(ok, rows)
+    assert "FAIL" in sim_cli.format_check(ok, rows)
 
-    reseeded = await simctl.seed(database_url, reset=True)
-    assert reseeded["seeded"] is True and (await simctl.check(database_url))[0]
+    reseeded = await sim_cli.seed(database_url, reset=True)
+    assert reseeded["seeded"] is True and (await sim_cli.check(database_url))[0]
 
 
 async def test_sim_ledger_lists_executed_operations(world: SimulatedWorld,
@@ -663,11 +663,11 @@ async def test_sim_ledger_lists_executed_operations(world: SimulatedWorld,
     await world.for_account("upbit-personal").create_order(market_buy_krw("l-1", "50000"))
     await world.for_account("binance-personal").transfer(TransferRequest(
         "l-2", "USDT", D(5), Wallet.SPOT, Wallet.FUTURES))
-    rows = await simctl.ledger(database_url)
+    rows = await sim_cli.ledger(database_url)
     assert [(r["kind"], r["client_id"], r["audit_ref"]) for r in rows] == [
         ("order", "l-1", "l-1"), ("transfer", None, "l-2")]
-    assert len(await simctl.ledger(database_url, limit=1)) == 1
-    text = simctl.format_ledger(rows)
+    assert len(await sim_cli.ledger(database_url, limit=1)) == 1
+    text = sim_cli.format_ledger(rows)
     assert "l-1" in text and "transfer" in text
-    assert '"amount": "5"' in simctl.to_json(rows)
-    assert (await simctl.check(database_url))[0]
+    assert '"amount": "5"' in sim_cli.to_json(rows)
+    assert (await sim_cli.check(database_url))[0]

@@ -1,15 +1,43 @@
-"""The `rebalancer sim` commands as plain functions: seed, check and ledger, plus their output."""
+"""`rebalancer sim seed | check | ledger`: the simulated world's administration and its output."""
 
 from __future__ import annotations
 
-import json
-from datetime import datetime
+import argparse
+import asyncio
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from rebalancer.accounts import Accounts
+from rebalancer.cli.common import EXIT_CHECK_FAILED, EXIT_OK, database_url
+from rebalancer.cli.format import money, table, to_json
 from rebalancer.exchanges.simulated import SimulatedWorld
+from rebalancer.settings import Settings
+
+
+def sim_seed(args: argparse.Namespace, settings: Settings) -> int:
+    from events.migrations import migrate
+    from rebalancer.accounts import load_accounts
+
+    url = database_url(settings)
+    asyncio.run(migrate(url))
+    accounts = load_accounts(settings.config)
+    result = asyncio.run(seed(url, args.world, reset=args.reset, accounts=accounts))
+    print(to_json(result) if args.json else format_seed(result))
+    return EXIT_OK
+
+
+def sim_check(args: argparse.Namespace, settings: Settings) -> int:
+    ok, rows = asyncio.run(check(database_url(settings)))
+    print(to_json({"ok": ok, "currencies": rows}) if args.json
+          else format_check(ok, rows))
+    return EXIT_OK if ok else EXIT_CHECK_FAILED
+
+
+def sim_ledger(args: argparse.Namespace, settings: Settings) -> int:
+    rows = asyncio.run(ledger(database_url(settings), args.limit))
+    print(to_json(rows) if args.json else format_ledger(rows))
+    return EXIT_OK
 
 
 async def _open(database_url: str, world_path: Path | str | None = None,
@@ -43,71 +71,35 @@ async def ledger(database_url: str, limit: int | None = None) -> list[dict[str, 
         return await world.ledger(limit)
 
 
-# -- output ---------------------------------------------------------------------------------
-
-
-def money(value: Decimal | None) -> str:
-    """A Decimal as a plain string: no exponent, no trailing zeros."""
-    if value is None:
-        return ""
-    text = f"{value.normalize():f}"
-    return "0" if text in ("-0", "0") else text
-
-
-def jsonable(value: Any) -> Any:
-    """Decimals and datetimes as strings, recursively, for `--json` output."""
-    if isinstance(value, Decimal):
-        return money(value)
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    return value
-
-
-def to_json(value: Any) -> str:
-    return json.dumps(jsonable(value), indent=2)
-
-
-def _table(headers: list[str], rows: list[list[str]], right: set[int]) -> str:
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
 def format_seed(result: dict[str, Any]) -> str:
     lines = [str(result["message"])]
     balances: dict[str, dict[str, Decimal]] = result.get("balances") or {}
     if balances:
         rows = [[account, currency, money(amount)]
                 for account, held in balances.items() for currency, amount in held.items()]
-        lines += ["", _table(["account", "currency", "amount"], rows, {2})]
+        shown = table(["account", "currency", "amount"], rows, right=frozenset({2}), rule=True)
+        lines += ["", shown]
     totals: dict[str, Decimal] = result.get("totals") or {}
     if totals:
         rows = [[currency, money(amount)] for currency, amount in totals.items()]
-        lines += ["", _table(["currency", "seeded total"], rows, {1})]
+        lines += ["", table(["currency", "seeded total"], rows, right=frozenset({1}),
+                            rule=True)]
     return "\n".join(lines)
 
 
 def format_check(ok: bool, rows: list[dict[str, Any]]) -> str:
     if not rows and not ok:
         return "FAIL: the simulated world is not seeded (run `rebalancer sim seed`)"
-    table = _table(
+    shown = table(
         ["currency", "seeded", "current", "difference"],
         [[r["currency"], money(r["seeded"]), money(r["current"]), money(r["difference"])]
          for r in rows],
-        {1, 2, 3},
+        right=frozenset({1, 2, 3}), rule=True,
     )
     changed = [r["currency"] for r in rows if r["difference"] != 0]
     verdict = ("OK: every currency's total is unchanged" if ok
                else "FAIL: totals changed for " + (", ".join(changed) or "an unseeded world"))
-    return f"{table}\n{verdict}"
+    return f"{shown}\n{verdict}"
 
 
 def format_ledger(rows: list[dict[str, Any]]) -> str:
@@ -132,21 +124,8 @@ def format_ledger(rows: list[dict[str, Any]]) -> str:
             r["exchange"], r["account"], r["kind"], r["client_id"] or "-", r["currency"],
             money(r["amount"]), fee, r["status"], (r["txid"] or "-")[:16], detail,
         ])
-    return _table(
+    return table(
         ["id", "at", "exchange", "account", "kind", "client id", "cur", "amount", "fee",
          "status", "txid", "detail"],
-        table_rows, {0, 7},
+        table_rows, right=frozenset({0, 7}), rule=True,
     )
-
-
-__all__ = [
-    "check",
-    "format_check",
-    "format_ledger",
-    "format_seed",
-    "jsonable",
-    "ledger",
-    "money",
-    "seed",
-    "to_json",
-]

@@ -1,0 +1,85 @@
+"""What every command shares: exit statuses, the usage error, the servers and the store to use."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from rebalancer import embedded
+from rebalancer.errors import RebalancerError
+from rebalancer.settings import Settings
+
+if TYPE_CHECKING:
+    from events.store import EventStore
+
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_USAGE = 2
+
+T = TypeVar("T")
+
+
+class UsageError(RebalancerError):
+    """The command cannot run as asked (nothing set up yet, missing input): exit status 2."""
+
+
+def database_url(settings: Settings) -> str:
+    # Only the database is needed: an explicit URL must not start the embedded servers.
+    return settings.database_url or embedded.ensure_urls(settings)[0]
+
+
+def nats_url(settings: Settings) -> str:
+    return settings.nats_url or embedded.ensure_urls(settings)[1]
+
+
+def reader_url(settings: Settings) -> str:
+    """NATS for reading only: as the subscriber user where one is configured (or embedded)."""
+    if settings.nats_subscriber_url:
+        return settings.nats_subscriber_url
+    if settings.nats_url:
+        return settings.nats_url
+    embedded.ensure_urls(settings)
+    info = embedded.load_info(settings.home)
+    if info is None:
+        raise UsageError(f"no embedded servers under {settings.home}")
+    return info.nats_subscriber_url
+
+
+def with_store(settings: Settings, work: Callable[[EventStore], Awaitable[T]]) -> T:
+    """Run `work` on an event store opened for this command, closing it whatever happens."""
+    from events.store import EventStore
+
+    url = database_url(settings)
+
+    async def run() -> T:
+        store = await EventStore.open(url, max_size=4)
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def request(settings: Settings, command: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Send one command to `rebalancer serve` over NATS; a refusal is a UsageError."""
+    from rebalancer.api import request as nats_request
+
+    reply = asyncio.run(nats_request(nats_url(settings), f"rebalancer.cmd.{command}", body))
+    if not reply.get("ok"):
+        problem = reply.get("error") or {}
+        raise UsageError(f"{problem.get('code', 'error')}: {problem.get('message', reply)}")
+    return reply
+
+
+def parse_workflow_id(text: str) -> str:
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise UsageError(f"{text!r} is not a workflow id (a UUID)") from None
+
+
+def stream_id_of(workflow_id: str) -> str:
+    return f"workflow-{workflow_id}"

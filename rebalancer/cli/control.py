@@ -1,0 +1,121 @@
+"""The commands that go to a running `rebalancer serve` over NATS: start, cancel, pause, resume,
+retry, resolve, and `watch` of the events it relays."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import uuid
+from typing import Any
+
+from events.catalogue import WorkflowStateChanged
+from events.vocabulary import WORKFLOW_TERMINAL, WorkflowState
+from rebalancer.cli.common import (
+    EXIT_CHECK_FAILED,
+    EXIT_OK,
+    UsageError,
+    nats_url,
+    reader_url,
+    request,
+)
+from rebalancer.cli.format import progress_line
+from rebalancer.settings import Settings
+
+# Where `start --wait` stops following: the workflow ended, or waits for an operator.
+SETTLED = WORKFLOW_TERMINAL | {WorkflowState.NEEDS_ATTENTION}
+
+
+def workflow_start(args: argparse.Namespace, settings: Settings) -> int:
+    from rebalancer.accounts import load_accounts
+    from rebalancer.service import configured_specs
+    from rebalancer.specs.resolution import resolve_params
+    from rebalancer.specs.validation import validate_spec
+
+    accounts = load_accounts(settings.config)
+    specs = configured_specs(settings, accounts)
+    if args.spec not in specs:
+        raise UsageError(f"unknown spec {args.spec!r} (known: {', '.join(sorted(specs))})")
+    params = _parse_params(args.param)
+    # Checked here first, so a typo is named at once even when no `serve` is running.
+    validate_spec(specs[args.spec], accounts)
+    resolve_params(specs[args.spec], params, accounts)
+    command_id = args.command_id or f"cli-{uuid.uuid4()}"
+    body = {"command_id": command_id, "spec": args.spec, "params": params}
+    reply = request(settings, "start", body)
+    workflow_id = reply["workflow_id"]
+    final = _follow(settings, workflow_id, quiet=args.json) if args.wait else None
+    if args.json:
+        print(json.dumps({"workflow_id": workflow_id, "created": reply.get("created"),
+                          "state": final}))
+    elif not args.wait:
+        print(workflow_id if reply.get("created")
+              else f"{workflow_id} (already started by that command id)")
+    if final is not None and final != WorkflowState.DONE:
+        return EXIT_CHECK_FAILED
+    return EXIT_OK
+
+
+def workflow_control(args: argparse.Namespace, settings: Settings) -> int:
+    body = {"command_id": args.command_id or f"cli-{uuid.uuid4()}",
+            "workflow_id": args.workflow_id, "reason": args.reason}
+    reply = request(settings, args.command, body)
+    print(json.dumps(reply) if args.json else f"{reply['workflow_id']}: {reply['state']}")
+    return EXIT_OK
+
+
+def task_resolve(args: argparse.Namespace, settings: Settings) -> int:
+    body = {"command_id": args.command_id or f"cli-{uuid.uuid4()}",
+            "workflow_id": args.workflow_id, "task": args.task, "outcome": args.outcome,
+            "note": args.note}
+    reply = request(settings, "resolve", body)
+    print(json.dumps(reply) if args.json
+          else f"{reply['workflow_id']} {reply['task']}: {reply['state']}")
+    return EXIT_OK
+
+
+def events_watch(args: argparse.Namespace, settings: Settings) -> int:
+    from rebalancer.api import follow
+
+    def show(event: Any) -> bool:
+        if args.json:
+            print(json.dumps({"subject": event.subject, "stream_id": event.stream_id,
+                              "version": event.version, "type": event.type, "data": event.data,
+                              "recorded_at": event.recorded_at.isoformat()}), flush=True)
+        else:
+            print(progress_line(event), flush=True)
+        return False
+
+    asyncio.run(follow(reader_url(settings), args.workflow_id or "", show))
+    return EXIT_OK
+
+
+def _follow(settings: Settings, workflow_id: str, quiet: bool) -> str:
+    """Print the workflow's progress from NATS until it ends; returns its final state."""
+    from rebalancer.api import follow
+
+    final: list[str] = []
+
+    def show(event: Any) -> bool:
+        if not quiet:
+            print(progress_line(event), flush=True)
+        data = event.data
+        if event.type == WorkflowStateChanged.type_name and data["dest"] in SETTLED:
+            final.append(data["dest"])
+            return True
+        return False
+
+    asyncio.run(follow(nats_url(settings), workflow_id, show))
+    return final[0]
+
+
+def _parse_params(pairs: list[str]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--param {pair!r}: expected NAME=VALUE")
+        if key in params:
+            raise UsageError(f"--param {key} given twice")
+        params[key] = value
+    return params

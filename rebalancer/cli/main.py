@@ -1,0 +1,68 @@
+"""`main()`: settings read once, the command run, expected errors turned into one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from pydantic import ValidationError
+
+from events.errors import EventStoreError
+from rebalancer.cli.common import EXIT_USAGE
+from rebalancer.cli.parser import build_parser
+from rebalancer.errors import RebalancerError
+from rebalancer.settings import Settings
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def settings_problem(error: ValidationError) -> str:
+    """`REBALANCER_X=value: why` for the first bad environment value."""
+    item = error.errors()[0]
+    name = "REBALANCER_" + "_".join(str(part) for part in item["loc"]).upper()
+    return f"{name}={item.get('input')!r}: {item['msg']}"
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Conditions the user can fix (a server down, bad input): one line, not a traceback."""
+    expected: list[type[BaseException]] = [RebalancerError, EventStoreError, OSError]
+    # Looked up rather than imported: only modules that talk to them import psycopg, nats and
+    # pydantic, and an error of a library nobody loaded cannot have been raised.
+    for module, name in (
+        ("psycopg", "OperationalError"),
+        ("nats.errors", "Error"),
+        ("pydantic", "ValidationError"),
+        # A stream the fold refuses (`status --at`): `rebalancer audit` says more.
+        ("projections.workflows", "ProjectionError"),
+    ):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            expected.append(cls)
+    return tuple(expected)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status (0 ok, 1 check failed, 2 usage or input)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits with 2 on bad usage
+    handler: Handler = args.handler
+    try:
+        settings = Settings()
+    except ValidationError as e:
+        print(f"rebalancer: {settings_problem(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return handler(args, settings)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        if not isinstance(e, _expected_errors()):
+            raise
+        print(f"rebalancer: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,0 +1,163 @@
+"""The argument parser: every command, its flags and the handler that runs it."""
+
+from __future__ import annotations
+
+import argparse
+from decimal import Decimal
+from pathlib import Path
+
+from rebalancer.cli.control import (
+    events_watch,
+    task_resolve,
+    workflow_control,
+    workflow_start,
+)
+from rebalancer.cli.infra import db_migrate, infra_down, infra_env, infra_status, infra_up
+from rebalancer.cli.reports import (
+    read_models_replay,
+    streams_audit,
+    workflow_history,
+    workflow_status,
+)
+from rebalancer.cli.serve import run_demo_command, worker_serve
+from rebalancer.cli.sim import sim_check, sim_ledger, sim_seed
+from rebalancer.cli.specs import specs_list, specs_validate
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rebalancer",
+        description="Moves crypto assets between exchange accounts along event-sourced workflows.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    infra = commands.add_parser("infra", help="embedded PostgreSQL + NATS on loopback")
+    infra_commands = infra.add_subparsers(dest="infra_command", required=True, metavar="ACTION")
+    up = infra_commands.add_parser("up", help="start both servers (or find them running)")
+    up.add_argument("--json", action="store_true", help="print the addresses as JSON")
+    up.set_defaults(handler=infra_up)
+    infra_commands.add_parser("down", help="stop both servers").set_defaults(handler=infra_down)
+    infra_commands.add_parser("env", help="print `export REBALANCER_*_URL=...` lines").set_defaults(
+        handler=infra_env
+    )
+    state = infra_commands.add_parser("status", help="which servers are running")
+    state.add_argument("--json", action="store_true")
+    state.set_defaults(handler=infra_status)
+
+    db = commands.add_parser("db", help="database schema")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_commands.add_parser("migrate", help="apply pending migrations").set_defaults(
+        handler=db_migrate
+    )
+
+    status = commands.add_parser(
+        "status", help="workflows from the read model, or one workflow's state"
+    )
+    status.add_argument("workflow_id", nargs="?", metavar="WORKFLOW_ID")
+    status.add_argument("--at", type=int, metavar="VERSION",
+                        help="the state as of this stream version, folded from the events")
+    status.add_argument("--state", help="list only workflows in this state")
+    status.add_argument("--limit", type=_positive_int, default=20,
+                        help="list at most this many, newest first (default 20)")
+    status.add_argument("--alerts", action="store_true",
+                        help="the alerts raised (newest first) and whether each was sent")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=workflow_status)
+
+    history = commands.add_parser("history", help="every event of one workflow, readable")
+    history.add_argument("workflow_id", metavar="WORKFLOW_ID")
+    history.add_argument("--json", action="store_true", help="the stored events as JSON")
+    history.set_defaults(handler=workflow_history)
+
+    replay = commands.add_parser("replay", help="rebuild the read models from the events")
+    replay.add_argument(
+        "--verify", action="store_true",
+        help="rebuild into a shadow schema and diff against the live read models instead"
+        " (exit 1 on any difference)",
+    )
+    replay.add_argument("--json", action="store_true")
+    replay.set_defaults(handler=read_models_replay)
+
+    audit = commands.add_parser(
+        "audit", help="re-check hash chains, versions and machine legality of every stream"
+    )
+    audit.add_argument("workflow_id", nargs="?", metavar="WORKFLOW_ID")
+    audit.add_argument("--json", action="store_true")
+    audit.set_defaults(handler=streams_audit)
+
+    serve = commands.add_parser("serve", help="run the worker and the projections")
+    serve.add_argument("--tick", type=float, default=0.5, help="seconds between idle passes")
+    serve.set_defaults(handler=worker_serve)
+
+    start = commands.add_parser("start", help="start a workflow from a spec")
+    start.add_argument("spec", metavar="SPEC", help="a spec name (see `specs list`)")
+    start.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    start.add_argument("--command-id", help="idempotency key: a repeat starts nothing new")
+    start.add_argument("--wait", action="store_true",
+                       help="follow it to the end; exit 1 unless it ends done")
+    start.add_argument("--json", action="store_true")
+    start.set_defaults(handler=workflow_start)
+
+    for name, text in (("cancel", "cancel a workflow (refused while money is in flight)"),
+                       ("pause", "pause a running workflow"),
+                       ("resume", "resume a paused workflow"),
+                       ("retry", "put a workflow that needed attention back to running")):
+        control = commands.add_parser(name, help=text)
+        control.add_argument("workflow_id", metavar="WORKFLOW_ID")
+        control.add_argument("--reason")
+        control.add_argument("--command-id")
+        control.add_argument("--json", action="store_true")
+        control.set_defaults(handler=workflow_control)
+
+    resolve = commands.add_parser("resolve", help="an operator's decision on a task that "
+                                  "needs attention")
+    resolve.add_argument("workflow_id", metavar="WORKFLOW_ID")
+    resolve.add_argument("task", metavar="TASK")
+    resolve.add_argument("--outcome", required=True, choices=["resend", "done", "failed"])
+    resolve.add_argument("--note", required=True, help="what was checked, for the record")
+    resolve.add_argument("--command-id")
+    resolve.add_argument("--json", action="store_true")
+    resolve.set_defaults(handler=task_resolve)
+
+    watch = commands.add_parser("watch", help="live events from NATS")
+    watch.add_argument("workflow_id", nargs="?", metavar="WORKFLOW_ID")
+    watch.add_argument("--json", action="store_true")
+    watch.set_defaults(handler=events_watch)
+
+    demo = commands.add_parser("demo", help="the seed path end to end on the simulated world")
+    demo.add_argument("--amount", type=Decimal, default=Decimal(1_000_000),
+                      help="KRW to move (default 1,000,000)")
+    demo.add_argument("--json", action="store_true")
+    demo.set_defaults(handler=run_demo_command)
+
+    sim = commands.add_parser("sim", help="the simulated exchange world")
+    sim_commands = sim.add_subparsers(dest="sim_command", required=True, metavar="ACTION")
+    seed = sim_commands.add_parser("seed", help="create the demo world's accounts and balances")
+    seed.add_argument("--world", type=Path, help="a world file (default: the demo world)")
+    seed.add_argument("--reset", action="store_true", help="wipe the world and seed it again")
+    seed.add_argument("--json", action="store_true")
+    seed.set_defaults(handler=sim_seed)
+    check = sim_commands.add_parser("check", help="per-currency totals; exit 1 if any changed")
+    check.add_argument("--json", action="store_true")
+    check.set_defaults(handler=sim_check)
+    ledger = sim_commands.add_parser("ledger", help="executed operations")
+    ledger.add_argument("--limit", type=_positive_int)
+    ledger.add_argument("--json", action="store_true")
+    ledger.set_defaults(handler=sim_ledger)
+
+    specs = commands.add_parser("specs", help="workflow specs")
+    specs_commands = specs.add_subparsers(dest="specs_command", required=True, metavar="ACTION")
+    listing = specs_commands.add_parser("list", help="the specs available to `start`")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(handler=specs_list)
+    validate = specs_commands.add_parser("validate", help="check a spec file before using it")
+    validate.add_argument("file", metavar="FILE")
+    validate.set_defaults(handler=specs_validate)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value

@@ -1,0 +1,43 @@
+"""`rebalancer serve` (the service) and `rebalancer demo` (the seed path on the simulated world)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from rebalancer import embedded
+from rebalancer.cli.common import EXIT_OK
+from rebalancer.settings import Settings
+
+
+def worker_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import logging
+
+    from events.migrations import migrate
+    from rebalancer.service import serve
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if settings.database_url and not settings.nats_url:
+        # A worker-only deployment: money moves, nothing is relayed or served over NATS.
+        logging.getLogger("rebalancer").warning(
+            "REBALANCER_NATS_URL is not set: running without relay, command API and alerts")
+        database_url, nats_url = settings.database_url, None
+    else:
+        database_url, nats_url = embedded.ensure_urls(settings)
+    asyncio.run(migrate(database_url))
+    asyncio.run(serve(settings, database_url, nats_url, tick=args.tick))
+    return EXIT_OK
+
+
+def run_demo_command(args: argparse.Namespace, settings: Settings) -> int:
+    from rebalancer.demo import run_demo
+
+    database_url, nats_url = (
+        (settings.database_url, settings.nats_url)
+        if settings.database_url and settings.nats_url
+        else embedded.ensure_urls(settings)
+    )
+    return asyncio.run(run_demo(settings, database_url, nats_url, amount=args.amount,
+                                as_json=args.json))
