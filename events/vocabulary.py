@@ -8,7 +8,7 @@ renamed state or trigger breaks the build (mypy, the tables' import), not a proj
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Final
+from typing import Final, Literal
 
 
 class TaskState(StrEnum):
@@ -97,7 +97,8 @@ INTENT_TRIGGERS: Final = frozenset({TaskTrigger.SUBMIT, TaskTrigger.NEXT_SLICE})
 # Triggers after which the task's last error no longer holds: it goes back to be sent afresh.
 ERROR_CLEARING_TRIGGERS: Final = frozenset({TaskTrigger.RESET, TaskTrigger.RESOLVE_RESEND})
 # What an operator may say of a task in needs_attention, as the trigger it becomes.
-RESOLUTIONS: Final = {
+Outcome = Literal["resend", "done", "failed"]
+RESOLUTIONS: Final[dict[Outcome, TaskTrigger]] = {
     "resend": TaskTrigger.RESOLVE_RESEND,
     "done": TaskTrigger.RESOLVE_DONE,
     "failed": TaskTrigger.RESOLVE_FAILED,
@@ -111,6 +112,7 @@ __all__ = [
     "WORKFLOW_ACTIVE",
     "WORKFLOW_DRIVEN",
     "WORKFLOW_TERMINAL",
+    "Outcome",
     "TaskKind",
     "TaskState",
     "TaskTrigger",

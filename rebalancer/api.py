@@ -9,11 +9,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from events.store import EventStore
+from events.vocabulary import Outcome
 from projections.workflows import list_workflows, read_workflow
 from rebalancer.accounts import Accounts
 from rebalancer.commands import CommandError, control_workflow, resolve_task, start_workflow
@@ -52,7 +53,7 @@ class Resolve(_Body):
     command_id: Text
     workflow_id: Text
     task: Text
-    outcome: Literal["resend", "done", "failed"]
+    outcome: Outcome
     note: Note
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from events.catalogue import TaskStateChanged, WorkflowCreated, WorkflowStateChanged
 from events.errors import ConcurrencyError
 from events.store import EventStore, RecordedEvent
-from events.vocabulary import RESOLUTIONS, TaskState, TaskTrigger, WorkflowTrigger
+from events.vocabulary import RESOLUTIONS, Outcome, TaskState, TaskTrigger, WorkflowTrigger
 from rebalancer.accounts import Accounts
 from rebalancer.errors import IllegalTransitionError, RebalancerError
 from rebalancer.machines import task_machine, workflow_machine
@@ -183,7 +183,7 @@ async def resolve_task(
     command_id: str,
     workflow_id: str,
     task_name: str,
-    outcome: str,
+    outcome: Outcome,
     note: str,
     *,
     actor: str = "operator",

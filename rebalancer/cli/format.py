@@ -9,6 +9,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from events.vocabulary import WorkflowState
+
 
 def json_default(value: Any) -> Any:
     """JSON for what events and read models hold: datetimes as ISO 8601, Decimals as strings."""
@@ -119,7 +121,9 @@ def short(value: Any, limit: int = 80) -> str:
 
 def move_text(data: dict[str, Any]) -> str:
     """`source -> dest` of a state change, `created` for the event that creates a workflow."""
-    return f"{data.get('source')} -> {data.get('dest')}" if "dest" in data else "created"
+    if "dest" not in data:
+        return WorkflowState.CREATED.value
+    return f"{data.get('source')} -> {data.get('dest')}"
 
 
 def progress_line(event: Any) -> str:

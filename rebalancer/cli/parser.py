@@ -6,6 +6,7 @@ import argparse
 from decimal import Decimal
 from pathlib import Path
 
+from events.vocabulary import RESOLUTIONS
 from rebalancer.cli.control import (
     events_watch,
     task_resolve,
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "needs attention")
     resolve.add_argument("workflow_id", metavar="WORKFLOW_ID")
     resolve.add_argument("task", metavar="TASK")
-    resolve.add_argument("--outcome", required=True, choices=["resend", "done", "failed"])
+    resolve.add_argument("--outcome", required=True, choices=list(RESOLUTIONS))
     resolve.add_argument("--note", required=True, help="what was checked, for the record")
     resolve.add_argument("--command-id")
     resolve.add_argument("--json", action="store_true")
