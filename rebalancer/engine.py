@@ -54,6 +54,7 @@ class StepOutcome(StrEnum):
     CONFLICT = "conflict"  # another driver moved it first; the next pass decides again
     RETRY = "retry"  # a retryable error: backing off
     BROKEN = "broken"  # its stream cannot be folded; skipped until someone looks
+    LEASED = "leased"  # another worker holds it
 
 
 class RateLimiter:
@@ -266,7 +267,7 @@ class Engine:
         async def one(workflow_id: str) -> None:
             async with self._semaphore:
                 if not await self.leases.acquire(workflow_id):
-                    outcome = "leased"
+                    outcome = StepOutcome.LEASED
                 else:
                     try:
                         outcome = await self.step(workflow_id)

@@ -36,7 +36,12 @@ class InfraError(RebalancerError):
     """An embedded server could not be started, stopped or reached."""
 
 
+class ComponentFailedError(RebalancerError):
+    """One component of `serve` ended unexpectedly; the others were stopped with it."""
+
+
 __all__ = [
+    "ComponentFailedError",
     "ConcurrencyError",
     "DuplicateClientIdError",
     "IllegalTransitionError",

@@ -10,10 +10,11 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
+from events.database import first_line
 from events.relay import Relay
 from events.store import EventStore
 from projections.runner import ProjectionRunner, default_projections
@@ -21,7 +22,7 @@ from rebalancer.accounts import Accounts, load_accounts, spec_dirs
 from rebalancer.alerts import AlertPublisher, RelayLagWatch
 from rebalancer.api import Api, NatsUnavailableError, connect, serve_api
 from rebalancer.engine import Engine
-from rebalancer.errors import InfraError
+from rebalancer.errors import ComponentFailedError, InfraError
 from rebalancer.exchanges.base import Exchanges
 from rebalancer.settings import Settings
 from rebalancer.specs.loading import available_specs
@@ -74,33 +75,71 @@ def stop_on_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-async def serve(settings: Settings, database_url: str, nats_url: str | None, *,
-                tick: float = 0.5) -> None:
-    """Run everything until SIGTERM/SIGINT; steps in flight finish, NATS is drained.
+# A component is a name and the coroutine that runs it until `stop`.
+Component = tuple[str, Callable[[], Awaitable[None]]]
 
-    Without `nats_url` only the worker and the projections run (nothing is relayed)."""
-    stop = asyncio.Event()
-    stop_on_signals(stop)
-    async with runtime(settings, database_url) as rt:
+
+async def serve(settings: Settings, database_url: str, nats_url: str | None, *,
+                tick: float = 0.5, stop: asyncio.Event | None = None) -> None:
+    """Run everything until SIGTERM/SIGINT (or `stop`); steps in flight finish, NATS is drained.
+
+    Without `nats_url` only the worker and the projections run (nothing is relayed). Raises
+    ComponentFailedError, after stopping the others, when one component ends unexpectedly.
+    """
+    if stop is None:
+        stop = asyncio.Event()
+        stop_on_signals(stop)
+    # One stack for every resource, closed in reverse: NATS drained (its subscriptions, the
+    # API's among them, end with it), then the relay, then the exchanges and the store.
+    async with contextlib.AsyncExitStack() as stack:
+        rt = await stack.enter_async_context(runtime(settings, database_url))
         engine = Engine(rt.store, rt.exchanges, rt.accounts, follow_projections=False)
         runner = ProjectionRunner(rt.store, default_projections())
         log.info("serving as %s", engine.owner)
-        if nats_url is None:
-            await asyncio.gather(engine.run(stop, tick=tick), runner.run(stop))
-            return
-        relay = Relay(rt.store, nats_url)
-        try:
-            await asyncio.gather(
-                engine.run(stop, tick=tick), runner.run(stop), relay.run(stop),
-                _nats_side(settings, rt, nats_url, relay, stop),
-            )
-        finally:
-            await relay.close()
+        components: list[Component] = [
+            ("worker", lambda: engine.run(stop, tick=tick)),
+            ("projections", lambda: runner.run(stop)),
+        ]
+        if nats_url is not None:
+            relay = Relay(rt.store, nats_url)
+            stack.push_async_callback(relay.close)
+            components += [
+                ("relay", lambda: relay.run(stop)),
+                ("nats", lambda: _nats_side(settings, rt, nats_url, relay, stop, stack)),
+            ]
+        await run_components(components, stop)
     log.info("stopped")
 
 
+async def run_components(components: list[Component], stop: asyncio.Event) -> None:
+    """Run every component in one TaskGroup until `stop`; if one raises, or returns before
+    `stop`, the others are cancelled and ComponentFailedError names it."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for name, run in components:
+                group.create_task(_supervised(name, run, stop), name=name)
+    except* ComponentFailedError as failed:
+        # The first to fail is the cause; the others were cancelled because of it.
+        raise failed.exceptions[0] from None
+
+
+async def _supervised(name: str, run: Callable[[], Awaitable[None]], stop: asyncio.Event) -> None:
+    log.info("%s started", name)
+    try:
+        await run()
+    except asyncio.CancelledError:
+        log.info("%s canceled", name)
+        raise
+    except Exception as e:
+        log.error("%s failed", name, exc_info=True)
+        raise ComponentFailedError(f"{name} failed: {first_line(e)}") from e
+    if not stop.is_set():
+        raise ComponentFailedError(f"{name} stopped before it was asked to")
+    log.info("%s stopped", name)
+
+
 async def _nats_side(settings: Settings, rt: Runtime, nats_url: str, relay: Relay,
-                     stop: asyncio.Event) -> None:
+                     stop: asyncio.Event, stack: contextlib.AsyncExitStack) -> None:
     """The command API, alerts and the relay-lag watch, once NATS can be reached."""
     nc = None
     while nc is None and not stop.is_set():
@@ -112,16 +151,13 @@ async def _nats_side(settings: Settings, rt: Runtime, nats_url: str, relay: Rela
                 await asyncio.wait_for(stop.wait(), timeout=2.0)
     if nc is None:
         return
-    try:
-        api = Api(rt.store, rt.accounts, lambda: configured_specs(settings, rt.accounts))
-        await serve_api(api, nc)
-        publisher = AlertPublisher(rt.store, nc.jetstream())
-        await publisher.ensure_stream()
-        watch = RelayLagWatch(rt.store, relay,
-                              threshold=timedelta(seconds=settings.relay_lag_seconds))
-        await asyncio.gather(publisher.run(stop), watch.run(stop))
-    finally:
-        await nc.drain()
+    stack.push_async_callback(nc.drain)
+    api = Api(rt.store, rt.accounts, lambda: configured_specs(settings, rt.accounts))
+    await serve_api(api, nc)
+    publisher = AlertPublisher(rt.store, nc.jetstream())
+    await publisher.ensure_stream()
+    watch = RelayLagWatch(rt.store, relay, threshold=timedelta(seconds=settings.relay_lag_seconds))
+    await asyncio.gather(publisher.run(stop), watch.run(stop))
 
 
 def configured_specs(settings: Settings, accounts: Accounts) -> dict[str, WorkflowSpec]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 
 from rebalancer import embedded
-from rebalancer.cli.common import EXIT_OK
+from rebalancer.cli.common import EXIT_CHECK_FAILED, EXIT_OK
+from rebalancer.errors import ComponentFailedError
 from rebalancer.settings import Settings
 
 
@@ -27,7 +29,12 @@ def worker_serve(args: argparse.Namespace, settings: Settings) -> int:
     else:
         database_url, nats_url = embedded.ensure_urls(settings)
     asyncio.run(migrate(database_url))
-    asyncio.run(serve(settings, database_url, nats_url, tick=args.tick))
+    try:
+        asyncio.run(serve(settings, database_url, nats_url, tick=args.tick))
+    except ComponentFailedError as e:
+        # The log above has the traceback; the last line says why the service is down.
+        print(f"rebalancer: serve: {e}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
     return EXIT_OK
 
 
