@@ -345,7 +345,7 @@ class EventStore:
         if up_to_version is not None:
             query += " and version <= %s"
             params.append(up_to_version)
-        rows = await self._fetchall(query + " order by version", params)
+        rows = await self.fetch_rows(query + " order by version", params)
         return [RecordedEvent(*row) for row in rows]
 
     async def read_all(self, after: Checkpoint = ORIGIN, limit: int = 1000) -> list[RecordedEvent]:
@@ -357,7 +357,7 @@ class EventStore:
         transaction with a lower id has finished, so nothing can appear behind the reader
         later. A long-open transaction anywhere therefore holds readers back.
         """
-        rows = await self._fetchall(
+        rows = await self.fetch_rows(
             f"select {_COLUMNS} from events"
             " where (transaction_id, position) > (%s::text::xid8, %s)"
             " and transaction_id < pg_snapshot_xmin(pg_current_snapshot())"
@@ -390,7 +390,7 @@ class EventStore:
 
     async def verify_stream(self, stream_id: str) -> list[StreamProblem]:
         """Re-check a stored stream: versions contiguous from 1 and the hash chain intact."""
-        rows = await self._fetchall(
+        rows = await self.fetch_rows(
             "select position, version, hash, event_canonical(stream_id, version, type,"
             " schema_version, data, metadata) from events where stream_id = %s"
             " order by version",
@@ -422,7 +422,7 @@ class EventStore:
 
     async def events_of_command(self, command_id: str) -> list[RecordedEvent]:
         """Events appended with `metadata.command_id` = `command_id`, in global order."""
-        rows = await self._fetchall(
+        rows = await self.fetch_rows(
             f"select {_COLUMNS} from events where metadata ->> 'command_id' = %s"
             " and metadata ? 'command_id' order by transaction_id, position",
             (command_id,),
@@ -450,7 +450,7 @@ class EventStore:
     ) -> frozenset[str]:
         """Exchange ids that tasks of `kind` recorded (request_result.id) since `since`, in
         streams other than `other_than`: operations that are somebody else's."""
-        rows = await self._fetchall(
+        rows = await self.fetch_rows(
             "select distinct data -> 'request_result' ->> 'id' from events"
             " where type = 'TaskStateChanged' and recorded_at >= %s and stream_id <> %s"
             " and data ->> 'kind' = %s and data -> 'request_result' ->> 'id' is not null",
@@ -466,7 +466,8 @@ class EventStore:
         """Rows of a read-only query as dicts, database errors translated; for read models."""
         return await self._fetch(query, params, dict_row)
 
-    async def _fetchall(self, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    async def fetch_rows(self, query: Any, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """Rows of a read-only query as tuples, database errors translated."""
         return await self._fetch(query, params, tuple_row)
 
     async def _fetch(self, query: Any, params: Sequence[Any], factory: Any) -> list[Any]:
@@ -476,7 +477,7 @@ class EventStore:
             return list(await cur.fetchall())
 
     async def _fetchone(self, query: str, params: Sequence[Any]) -> tuple[Any, ...] | None:
-        rows = await self._fetchall(query, params)
+        rows = await self.fetch_rows(query, params)
         return rows[0] if rows else None
 
 

@@ -102,7 +102,7 @@ def apply(view: WorkflowView | None, event: RecordedEvent) -> WorkflowView:
         view.state = WorkflowState(data["dest"])
         view.reason = data.get("reason")
     elif event.type == TaskStateChanged.type_name:
-        moved = _decode(event, TaskStateChanged)
+        moved = _decode_move(event)
         task = view.task(moved.task_index, moved.task_name, moved.kind)
         moved.merge_into(task)  # the aggregate's merge: the two folds cannot drift apart
         task.trigger = moved.trigger
@@ -125,12 +125,12 @@ def fold(events: list[RecordedEvent]) -> WorkflowView | None:
     return view
 
 
-def _decode(event: RecordedEvent, expected: type[TaskStateChanged]) -> TaskStateChanged:
+def _decode_move(event: RecordedEvent) -> TaskStateChanged:
     try:
         decoded = event.decode()
     except Exception as e:  # an upcaster may fail in any way on bad stored data
         raise ProjectionError(f"{_where(event)}: {e}") from e
-    assert isinstance(decoded, expected)
+    assert isinstance(decoded, TaskStateChanged)
     return decoded
 
 

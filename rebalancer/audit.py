@@ -9,7 +9,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Final
 
 from psycopg import sql
-from psycopg.rows import tuple_row
 
 from events.catalogue import (
     Catalogue,
@@ -300,8 +299,7 @@ async def _stream_pages(store: EventStore) -> AsyncIterator[list[str]]:
     """Every stream id in the store, in order, a page at a time (keyset paging)."""
     after = ""
     while True:
-        rows = await _fetch(
-            store,
+        rows = await store.fetch_rows(
             "select distinct stream_id from events where stream_id > %s"
             " order by stream_id limit %s",
             (after, STREAM_PAGE),
@@ -346,20 +344,11 @@ class _ReadModel:
         if self._missing:
             return []
         try:
-            return await _fetch(self._store, query, params)
+            return await self._store.fetch_rows(query, params)
         except UndefinedTableError:
             # No read model (projections never set up here): nothing to cross-check against.
             self._missing = True
             return []
-
-
-async def _fetch(
-    store: EventStore, query: str | sql.Composed, params: Sequence[Any]
-) -> list[tuple[Any, ...]]:
-    async with store.connection() as conn:
-        cur = conn.cursor(row_factory=tuple_row)
-        await cur.execute(query, params)
-        return await cur.fetchall()
 
 
 def _count(n: int, noun: str) -> str:

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from events.concurrency import first_of
 from events.database import first_line
 from events.relay import Relay
 from events.store import EventStore
@@ -147,7 +146,10 @@ async def _nats_side(settings: Settings, rt: Runtime, nats_url: str, relay: Rela
         # The client retries a first connect for ever: race it against the stop, so that a
         # SIGTERM while NATS has never answered still ends `serve`.
         attempt = asyncio.ensure_future(connect(nats_url, name="rebalancer-serve"))
-        await first_of(_settled(attempt), stop.wait())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({attempt, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        await asyncio.gather(stopping, return_exceptions=True)
         if not attempt.done():
             attempt.cancel()
             await asyncio.gather(attempt, return_exceptions=True)
@@ -167,12 +169,6 @@ async def _nats_side(settings: Settings, rt: Runtime, nats_url: str, relay: Rela
     await publisher.ensure_stream()
     watch = RelayLagWatch(rt.store, relay, threshold=timedelta(seconds=settings.relay_lag_seconds))
     await asyncio.gather(publisher.run(stop), watch.run(stop))
-
-
-async def _settled(task: asyncio.Future[object]) -> None:
-    # Waits for `task` without taking its result or its error (first_of cancels what it waits
-    # on; the attempt itself must survive to be looked at).
-    await asyncio.wait([task])
 
 
 def configured_specs(settings: Settings, accounts: Accounts) -> dict[str, WorkflowSpec]:
