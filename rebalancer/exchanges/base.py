@@ -33,6 +33,9 @@ class OrderStatus(StrEnum):
     CLOSED = "closed"  # fully filled (or a market order that ended with fills)
     CANCELED = "canceled"
     REJECTED = "rejected"
+    # A raw status the connector's table does not list: never guessed; the task waits and,
+    # past its deadline, goes to an operator naming the raw status.
+    UNKNOWN = "unknown"
 
 
 class TransferStatus(StrEnum):
@@ -42,6 +45,7 @@ class TransferStatus(StrEnum):
     OK = "ok"
     FAILED = "failed"
     CANCELED = "canceled"
+    UNKNOWN = "unknown"  # not in the connector's table: waited on, never guessed
 
 
 def floor_to(value: Decimal, step: Decimal) -> Decimal:
