@@ -29,6 +29,42 @@ class AllowedAddress(Address):
     currency: str
 
 
+# Keys that would put a secret into the file itself.
+_INLINE_SECRETS = ("api_key", "apiKey", "key", "secret", "password", "private_key")
+
+
+class CredentialSource(BaseModel):
+    """Where an account's API key pair is read from at start: an environment variable or a file
+    (mode 600), one of each. The values themselves never appear in the configuration."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    api_key_env: str | None = None
+    api_key_file: Path | None = None
+    secret_env: str | None = None
+    secret_file: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secret(cls, data: object) -> object:
+        if isinstance(data, dict):
+            inline = [k for k in _INLINE_SECRETS if k in data]
+            if inline:
+                raise ValueError(
+                    f"{', '.join(inline)}: a key or secret is never written in the configuration;"
+                    " name where to read it with api_key_env/api_key_file and"
+                    " secret_env/secret_file")
+        return data
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> CredentialSource:
+        for what in ("api_key", "secret"):
+            given = [getattr(self, f"{what}_{where}") for where in ("env", "file")]
+            if sum(g is not None for g in given) != 1:
+                raise ValueError(f"give exactly one of {what}_env and {what}_file")
+        return self
+
+
 class Account(BaseModel):
     """One account on one exchange. Specs refer to its fields as `{param.field}`."""
 
@@ -36,6 +72,11 @@ class Account(BaseModel):
 
     id: str
     exchange: Literal["upbit", "binance"]
+    # Live accounts name their API key pair; an account without credentials is simulated, and
+    # one process never mixes the two (rebalancer/exchanges/live.py).
+    credentials: CredentialSource | None = None
+    read_only: bool = False  # balances and lookups only: every order, withdrawal or transfer
+    # is refused before it is sent
     kind: Literal["personal", "master", "sub"] = "personal"
     interim_account: str | None = None  # where this account's money goes first on a path
     master_account: str | None = None  # for a sub account
@@ -88,6 +129,12 @@ class Accounts(BaseModel):
         return account_id in self.accounts
 
 
+def validation_text(error: ValidationError) -> str:
+    """Where and what, for every problem, without the offending input values."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in error.errors())
+
+
 def load_config_file(path: Path | None = None) -> dict[str, object]:
     """The whole configuration file (accounts, spec directories) as plain data."""
     path = path or DEFAULT_CONFIG
@@ -106,7 +153,8 @@ def load_accounts(path: Path | None = None) -> Accounts:
     try:
         return Accounts.model_validate({"accounts": data.get("accounts") or {}})
     except ValidationError as e:
-        raise SpecError(f"bad accounts in {path or DEFAULT_CONFIG}: {e}") from e
+        # Never pydantic's own text: it quotes the input, which may hold a pasted secret.
+        raise SpecError(f"bad accounts in {path or DEFAULT_CONFIG}: {validation_text(e)}") from None
 
 
 def spec_dirs(path: Path | None = None) -> list[Path]:

@@ -22,8 +22,9 @@ from rebalancer.accounts import Accounts, load_accounts, spec_dirs
 from rebalancer.alerts import AlertPublisher, RelayLagWatch
 from rebalancer.api import Api, NatsUnavailableError, connect, serve_api
 from rebalancer.engine import Engine
-from rebalancer.errors import ComponentFailedError, InfraError
+from rebalancer.errors import ComponentFailedError
 from rebalancer.exchanges.base import Exchanges
+from rebalancer.exchanges.live import LiveExchanges, exchange_mode
 from rebalancer.settings import Settings
 from rebalancer.specs.loading import available_specs
 from rebalancer.specs.models import WorkflowSpec
@@ -54,10 +55,12 @@ async def runtime(settings: Settings, database_url: str) -> AsyncIterator[Runtim
 async def open_exchanges(
     settings: Settings, database_url: str, accounts: Accounts, stack: contextlib.AsyncExitStack
 ) -> Exchanges:
-    if settings.exchanges != "simulated":
-        raise InfraError(
-            f"REBALANCER_EXCHANGES={settings.exchanges!r}: only the simulated world is wired yet"
-        )
+    """The live connectors or the simulated world, as the configuration says (never both);
+    raises SpecError for a configuration that mixes them or misses a credential."""
+    if exchange_mode(settings, accounts) == "live":
+        live = LiveExchanges.from_config(accounts, settings.config)
+        stack.push_async_callback(live.close)
+        return live
     from rebalancer.exchanges.simulated import SimulatedWorld
 
     world = await SimulatedWorld.open(

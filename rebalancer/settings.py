@@ -1,6 +1,8 @@
 """Process settings, read once from the environment at start and passed down."""
 
+import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,9 +20,9 @@ class Settings(BaseSettings):
     nats_subscriber_url: str | None = None
     home: Path = Field(default=Path(".rebalancer"))
     config: Path | None = None
-    # Which exchanges the worker talks to; "simulated" is the default (and, for now, the only
-    # one wired).
-    exchanges: str = "simulated"
+    # Which exchanges the worker talks to: "simulated" or "live"; unset, "live" when the
+    # configuration names credentials, else "simulated" (rebalancer/exchanges/live.py).
+    exchanges: Literal["simulated", "live"] | None = None
     sim_world: Path | None = None
     # The simulated world's knobs: fault spec (e.g. "lost_response=0.1,latency_ms=20"), the seed of
     # its random faults, and the factor that divides its confirmation delays.
@@ -37,3 +39,14 @@ class Settings(BaseSettings):
     def _empty_pg_bin_is_unset(cls, value: object) -> object:
         # REBALANCER_PG_BIN= (set but empty) means "find them", not the current directory.
         return None if value == "" else value
+
+    @field_validator("exchanges", mode="before")
+    @classmethod
+    def _empty_exchanges_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+
+def environment_variable(name: str) -> str | None:
+    """One variable the configuration names (an API key's `api_key_env`): settings stay the
+    only reader of the environment."""
+    return os.environ.get(name)

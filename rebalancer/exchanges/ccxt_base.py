@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
@@ -18,6 +17,7 @@ from rebalancer.accounts import Account, Accounts
 from rebalancer.errors import RejectedError
 from rebalancer.exchanges.base import Wallet
 from rebalancer.exchanges.errors import scrub, translate
+from rebalancer.exchanges.live import Credentials
 
 T = TypeVar("T")
 S = TypeVar("S", bound=StrEnum)
@@ -25,20 +25,6 @@ S = TypeVar("S", bound=StrEnum)
 # ccxt logs every request's headers at DEBUG: the API key, and Upbit's signed JWT. Whatever
 # level the process runs at, its logger never says more than INFO.
 logging.getLogger("ccxt").setLevel(logging.INFO)
-
-
-@dataclass(frozen=True, repr=False)
-class Credentials:
-    """An API key pair, read from the environment or a file the config names; never printed."""
-
-    api_key: str
-    secret: str
-
-    def __repr__(self) -> str:
-        return "Credentials(***)"
-
-    def secrets(self) -> tuple[str, str]:
-        return self.api_key, self.secret
 
 
 def dec(value: object) -> Decimal:
@@ -118,9 +104,11 @@ class CcxtExchange:
 
     exchange: ClassVar[str]
     client_class: ClassVar[type[ccxt_async.Exchange]]
+    has_testnet: ClassVar[bool] = False  # Upbit has none: its set_sandbox_mode raises TypeError
 
     def __init__(self, account: Account, accounts: Accounts, credentials: Credentials | None,
-                 *, read_only: bool = False, options: Mapping[str, Any] | None = None) -> None:
+                 *, read_only: bool = False, testnet: bool = False,
+                 options: Mapping[str, Any] | None = None) -> None:
         self.account = account.id
         self.profile = account
         self.accounts = accounts
@@ -134,6 +122,10 @@ class CcxtExchange:
         # Numbers parsed as strings: Decimal(str) is exact, float is not.
         self.client.number = str
         self.client.verbose = False
+        if testnet:
+            if not self.has_testnet:
+                raise RejectedError(f"{self.exchange} has no testnet")
+            self.client.set_sandbox_mode(True)
 
     async def close(self) -> None:
         await self.client.close()
@@ -209,7 +201,6 @@ class CcxtExchange:
 
 __all__ = [
     "CcxtExchange",
-    "Credentials",
     "dec",
     "from_millis",
     "lookup_status",
