@@ -23,6 +23,10 @@ class RejectedError(RebalancerError):
     """Final refusal: insufficient funds, invalid address, permission, bad request."""
 
 
+class NoSuchWalletError(RejectedError):
+    """The account has no such wallet (Upbit has no futures wallet)."""
+
+
 class UnknownOutcomeError(RebalancerError):
     """Sent, but no answer: reconcile by client id before anything else."""
 
@@ -46,6 +50,7 @@ __all__ = [
     "DuplicateClientIdError",
     "IllegalTransitionError",
     "InfraError",
+    "NoSuchWalletError",
     "RebalancerError",
     "RejectedError",
     "RetryableError",

@@ -13,6 +13,7 @@ from rebalancer.cli.control import (
     workflow_control,
     workflow_start,
 )
+from rebalancer.cli.exchanges import account_balances
 from rebalancer.cli.infra import db_migrate, infra_down, infra_env, infra_status, infra_up
 from rebalancer.cli.reports import (
     read_models_replay,
@@ -130,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="KRW to move (default 1,000,000)")
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(handler=run_demo_command)
+
+    balances = commands.add_parser(
+        "balances", help="what each account holds now, per wallet (read-only calls)")
+    balances.add_argument("account", nargs="?", metavar="ACCOUNT", help="only this account")
+    balances.add_argument("--json", action="store_true")
+    balances.set_defaults(handler=account_balances)
 
     sim = commands.add_parser("sim", help="the simulated exchange world")
     sim_commands = sim.add_subparsers(dest="sim_command", required=True, metavar="ACTION")

@@ -273,7 +273,13 @@ class Exchange(Protocol):
         self, client_id: str, match: HistoryMatch
     ) -> Transfer | None: ...
 
-    async def balance(self, currency: str, wallet: Wallet = Wallet.SPOT) -> Decimal: ...
+    async def balance(self, currency: str, wallet: Wallet = Wallet.SPOT) -> Decimal:
+        """What is free to use in `wallet` now; RejectedError for a wallet the account lacks."""
+        ...
+
+    async def balances(self, wallet: Wallet = Wallet.SPOT) -> dict[str, tuple[Decimal, Decimal]]:
+        """Every currency held in `wallet`: (free, total), zero balances left out."""
+        ...
 
 
 class Exchanges(Protocol):

@@ -14,7 +14,7 @@ import ccxt
 import ccxt.async_support as ccxt_async
 
 from rebalancer.accounts import Account, Accounts
-from rebalancer.errors import RejectedError
+from rebalancer.errors import NoSuchWalletError, RejectedError
 from rebalancer.exchanges.base import Wallet
 from rebalancer.exchanges.errors import scrub, translate
 from rebalancer.exchanges.live import Credentials
@@ -177,7 +177,7 @@ class CcxtExchange:
     def wallet_params(self, wallet: Wallet) -> dict[str, Any]:
         """ccxt params selecting `wallet` on fetch_balance; the spot wallet needs none."""
         if wallet != Wallet.SPOT:
-            raise RejectedError(f"{self.exchange} accounts have no {wallet} wallet")
+            raise NoSuchWalletError(f"{self.exchange} accounts have no {wallet} wallet")
         return {}
 
     async def balance(self, currency: str, wallet: Wallet = Wallet.SPOT) -> Decimal:

@@ -8,7 +8,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, TypeVar
 
 from rebalancer.accounts import Account
-from rebalancer.errors import DuplicateClientIdError, RejectedError
+from rebalancer.errors import DuplicateClientIdError, NoSuchWalletError, RejectedError
 from rebalancer.exchanges.base import (
     Deposit,
     HistoryMatch,
@@ -122,7 +122,7 @@ class SimulatedExchange:
     async def balance(self, currency: str, wallet: Wallet = Wallet.SPOT) -> Decimal:
         """The free (unreserved) amount in one wallet."""
         if wallet == Wallet.FUTURES and not (await self._spec()).futures:
-            raise RejectedError(f"{self.exchange} has no futures wallet")
+            raise NoSuchWalletError(f"{self.exchange} has no futures wallet")
         holder = _wallet_account(self.account, wallet)
 
         async def run(conn: Conn) -> Decimal:
@@ -130,6 +130,19 @@ class SimulatedExchange:
                                    " where account = %s and currency = %s", (holder, currency))
             return row["free"] if row is not None else ZERO
         return await self._read("balance", run)
+
+    async def balances(self, wallet: Wallet = Wallet.SPOT) -> dict[str, tuple[Decimal, Decimal]]:
+        """Every currency held in one wallet: (free, total); zero balances left out."""
+        if wallet == Wallet.FUTURES and not (await self._spec()).futures:
+            raise NoSuchWalletError(f"{self.exchange} has no futures wallet")
+        holder = _wallet_account(self.account, wallet)
+
+        async def run(conn: Conn) -> dict[str, tuple[Decimal, Decimal]]:
+            rows = await fetch_all(conn, "select currency, amount - locked as free, amount"
+                                   " from sim.balances where account = %s and amount <> 0"
+                                   " order by currency", (holder,))
+            return {r["currency"]: (r["free"], r["amount"]) for r in rows}
+        return await self._read("balances", run)
 
     # -- orders ------------------------------------------------------------------------------
 
@@ -312,7 +325,7 @@ class SimulatedExchange:
     async def transfer(self, request: TransferRequest) -> Transfer:
         async def run(conn: Conn) -> Transfer:
             if not (await self._spec()).futures:
-                raise RejectedError(f"{self.exchange} has no futures wallet")
+                raise NoSuchWalletError(f"{self.exchange} has no futures wallet")
             if request.from_wallet == request.to_wallet:
                 raise RejectedError("a transfer needs two different wallets")
             if request.amount <= 0:
@@ -370,7 +383,7 @@ class SimulatedExchange:
                 raise RejectedError("a transfer needs a positive amount")
             if Wallet.FUTURES in (request.from_wallet, request.to_wallet) and \
                     not (await self._spec()).futures:
-                raise RejectedError(f"{self.exchange} has no futures wallet")
+                raise NoSuchWalletError(f"{self.exchange} has no futures wallet")
             await self._claim(conn, "master_transfer", request.client_id)
             book = Book()
             book.move(request.currency, source, dest, request.amount)
