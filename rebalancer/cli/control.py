@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from events.catalogue import WorkflowStateChanged
 from events.vocabulary import WORKFLOW_TERMINAL, WorkflowState
@@ -22,11 +23,18 @@ from rebalancer.cli.common import (
 from rebalancer.cli.format import progress_line
 from rebalancer.settings import Settings
 
+if TYPE_CHECKING:
+    from rebalancer.accounts import Accounts
+    from rebalancer.specs.models import WorkflowSpec
+
 # Where `start --wait` stops following: the workflow ended, or waits for an operator.
 SETTLED = WORKFLOW_TERMINAL | {WorkflowState.NEEDS_ATTENTION}
 
 
-def workflow_start(args: argparse.Namespace, settings: Settings) -> int:
+def checked_start(args: argparse.Namespace, settings: Settings
+                  ) -> tuple[Accounts, WorkflowSpec, dict[str, str]]:
+    """The accounts, the spec `args.spec` names and the `--param`s, checked: a typo is named
+    at once, even when no `serve` is running."""
     from rebalancer.accounts import load_accounts
     from rebalancer.service import configured_specs
     from rebalancer.specs.resolution import resolve_params
@@ -37,9 +45,20 @@ def workflow_start(args: argparse.Namespace, settings: Settings) -> int:
     if args.spec not in specs:
         raise UsageError(f"unknown spec {args.spec!r} (known: {', '.join(sorted(specs))})")
     params = _parse_params(args.param)
-    # Checked here first, so a typo is named at once even when no `serve` is running.
     validate_spec(specs[args.spec], accounts)
     resolve_params(specs[args.spec], params, accounts)
+    return accounts, specs[args.spec], params
+
+
+def workflow_start(args: argparse.Namespace, settings: Settings) -> int:
+    from rebalancer.exchanges.live import exchange_mode
+
+    accounts, spec, params = checked_start(args, settings)
+    # On live exchanges the preview always comes first; on the simulator when asked for.
+    live = exchange_mode(settings, accounts) == "live"
+    wanted = args.confirm_preview or (live and not args.no_preview)
+    if wanted and not _previewed(args, settings, accounts, spec, params):
+        return EXIT_CHECK_FAILED
     command_id = args.command_id or f"cli-{uuid.uuid4()}"
     body = {"command_id": command_id, "spec": args.spec, "params": params}
     reply = request(settings, "start", body)
@@ -54,6 +73,27 @@ def workflow_start(args: argparse.Namespace, settings: Settings) -> int:
     if final is not None and final != WorkflowState.DONE:
         return EXIT_CHECK_FAILED
     return EXIT_OK
+
+
+def _previewed(args: argparse.Namespace, settings: Settings, accounts: Accounts,
+               spec: WorkflowSpec, params: dict[str, str]) -> bool:
+    """Print the preview; True when the start may go ahead: the preview ends done and, with
+    --confirm-preview, the operator said yes (or gave --yes)."""
+    from rebalancer.cli.exchanges import format_preview, preview_report
+
+    report = asyncio.run(preview_report(settings, accounts, spec, params))
+    print(format_preview(report), file=sys.stderr if args.json else sys.stdout)
+    if report["state"] != WorkflowState.DONE:
+        print("rebalancer: not started: the preview does not end done", file=sys.stderr)
+        return False
+    if not args.confirm_preview or args.yes:
+        return True
+    if not sys.stdin.isatty():
+        print("rebalancer: not started: --confirm-preview needs a terminal to answer on,"
+              " or --yes", file=sys.stderr)
+        return False
+    answer = input("start it for real? [y/N] ").strip().lower()
+    return answer in ("y", "yes")
 
 
 def workflow_control(args: argparse.Namespace, settings: Settings) -> int:

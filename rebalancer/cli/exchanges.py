@@ -1,4 +1,4 @@
-"""`rebalancer balances`: what each account holds now, read with read-only calls."""
+"""`rebalancer balances` and `preview`: what the exchanges hold and would do, read-only."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import AsyncIterator
+from typing import Any
 
 from rebalancer.accounts import Accounts, load_accounts
 from rebalancer.balances import Holding, Unreadable, read_balances
@@ -14,6 +15,7 @@ from rebalancer.cli.common import EXIT_CHECK_FAILED, EXIT_OK, database_url
 from rebalancer.cli.format import money, table, to_json
 from rebalancer.exchanges.base import Exchanges
 from rebalancer.settings import Settings
+from rebalancer.specs.models import WorkflowSpec
 
 
 @contextlib.asynccontextmanager
@@ -59,3 +61,64 @@ def account_balances(args: argparse.Namespace, settings: Settings) -> int:
         for u in failed:
             print(f"rebalancer: {u.account} ({u.exchange}): {u.error}", file=sys.stderr)
     return EXIT_CHECK_FAILED if failed else EXIT_OK
+
+
+async def preview_report(settings: Settings, accounts: Accounts, spec: WorkflowSpec,
+                         params: dict[str, str]) -> dict[str, Any]:
+    """The spec run on a throwaway world seeded from the exchanges this process talks to."""
+    from rebalancer.exchanges.live import exchange_mode
+    from rebalancer.exchanges.simulated import SimulatedWorld
+    from rebalancer.preview import (
+        LIVE,
+        SIMULATED,
+        run_preview,
+        world_from_live,
+        world_from_simulated,
+    )
+
+    mode = exchange_mode(settings, accounts)
+    async with opened_exchanges(settings, accounts) as exchanges:
+        if isinstance(exchanges, SimulatedWorld):
+            world = await world_from_simulated(exchanges)
+        else:
+            world = await world_from_live(exchanges, accounts, spec, params)
+    source = SIMULATED if mode == "simulated" else LIVE
+    return await run_preview(database_url(settings), world, spec, params, accounts,
+                             source=source)
+
+
+def spec_preview(args: argparse.Namespace, settings: Settings) -> int:
+    from rebalancer.cli.control import checked_start
+
+    accounts, spec, params = checked_start(args, settings)
+    report = asyncio.run(preview_report(settings, accounts, spec, params))
+    print(to_json(report) if args.json else format_preview(report))
+    return EXIT_OK if report["state"] == "done" else EXIT_CHECK_FAILED
+
+
+def format_preview(report: dict[str, Any]) -> str:
+    lines = [f"preview of {report['spec']} on {report['source']}: it would end"
+             f" {report['state']}" + (f" ({report['reason']})" if report.get("reason") else "")]
+    if report["result"]:
+        lines.append("expected result: " + ", ".join(
+            f"{k} = {v}" for k, v in report["result"].items()))
+    failure = report.get("first_failure")
+    if failure:
+        error = failure.get("error") or {}
+        lines.append(f"first task to stop: {failure['task']} ({failure['kind']}) ->"
+                     f" {failure['state']}: {error.get('message', error)}")
+    rows = [[t["name"], t["kind"], t["state"], t["amount"] or ""] for t in report["tasks"]]
+    lines.append(table(["task", "kind", "state", "amount"], rows, right=frozenset({3})))
+    if report["fees"]:
+        lines.append("fees: " + ", ".join(f"{money(f['amount'])} {f['currency']} ({f['exchange']})"
+                                          for f in report["fees"]))
+    if report["remainders"]:
+        lines.append("left behind: " + ", ".join(
+            f"{r['amount']} {r['currency']} ({r['reason']})" for r in report["remainders"]))
+    if report["balances"]:
+        rows = [[b["account"], b["currency"], money(b["before"]), money(b["after"]),
+                 money(b["change"])] for b in report["balances"]]
+        lines.append(table(["account", "currency", "before", "after", "change"], rows,
+                           right=frozenset({2, 3, 4})))
+    lines.append("assumes: " + "; ".join(report["assumptions"]))
+    return "\n".join(lines)

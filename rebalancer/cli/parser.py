@@ -13,7 +13,7 @@ from rebalancer.cli.control import (
     workflow_control,
     workflow_start,
 )
-from rebalancer.cli.exchanges import account_balances
+from rebalancer.cli.exchanges import account_balances, spec_preview
 from rebalancer.cli.infra import db_migrate, infra_down, infra_env, infra_status, infra_up
 from rebalancer.cli.reports import (
     read_models_replay,
@@ -97,8 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--command-id", help="idempotency key: a repeat starts nothing new")
     start.add_argument("--wait", action="store_true",
                        help="follow it to the end; exit 1 unless it ends done")
+    start.add_argument("--confirm-preview", action="store_true",
+                       help="print the preview first and ask before starting (live: the"
+                       " preview is always printed, and a preview that fails stops the start)")
+    start.add_argument("--yes", action="store_true",
+                       help="with --confirm-preview: do not ask (the preview must end done)")
+    start.add_argument("--no-preview", action="store_true",
+                       help="live: start without the preview (when it cannot model the path)")
     start.add_argument("--json", action="store_true")
     start.set_defaults(handler=workflow_start)
+
+    preview = commands.add_parser(
+        "preview", help="the spec on a throwaway simulated world seeded from the exchanges now")
+    preview.add_argument("spec", metavar="SPEC", help="a spec name (see `specs list`)")
+    preview.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    preview.add_argument("--json", action="store_true")
+    preview.set_defaults(handler=spec_preview)
 
     for name, text in (("cancel", "cancel a workflow (refused while money is in flight)"),
                        ("pause", "pause a running workflow"),
