@@ -21,6 +21,12 @@ TEST_HOME = ROOT / ".rebalancer-test"
 TEMPLATE_DB = "rebalancer_template"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # The opt-in tests against a real exchange's test network (tests/live); off by default.
+    parser.addoption("--exchange", action="append", default=[], metavar="NAME",
+                     help="run tests/live against NAME (binance-testnet); keys from env")
+
+
 @dataclass(frozen=True)
 class Servers:
     """Where the test PostgreSQL (an admin URL) and NATS listen, and who started them."""
