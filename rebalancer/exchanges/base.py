@@ -191,6 +191,7 @@ class Transfer:
     to_account: str
     status: TransferStatus
     created_at: datetime
+    raw_status: str = ""
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
 

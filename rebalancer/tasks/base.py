@@ -117,10 +117,7 @@ class Processor(ABC):
     async def step(self, ctx: TaskContext) -> None:
         state = ctx.task.state
         if state != TaskState.CREATED and ctx.deadline_passed:
-            await ctx.move(
-                TaskTrigger.ESCALATE,
-                error=error("deadline", f"{ctx.task.name} passed its deadline")
-            )
+            await ctx.move(TaskTrigger.ESCALATE, error=deadline_error(ctx.task))
             return
         try:
             if state == TaskState.CREATED:
@@ -174,6 +171,32 @@ async def reconcile_lookup(ctx: TaskContext, lookup: Callable[[], Awaitable[T | 
     if found is None:
         await ctx.move(TaskTrigger.RESET)
     return found
+
+
+def deadline_error(task: TaskRecord) -> dict[str, Any]:
+    """Why a task is handed to an operator at its deadline, naming the exchange's last raw
+    status, above all one the connector's table does not know (it was never guessed)."""
+    last = last_reported(task)
+    message = f"{task.name} passed its deadline"
+    if last is None:
+        return error("deadline", message)
+    status, raw = last
+    if status == "unknown":
+        message += f"; the exchange reports status {raw!r}, which Rebalancer does not know"
+    else:
+        message += f"; the exchange last reported {raw!r}"
+    return error("deadline", message, raw_status=raw, status=status)
+
+
+def last_reported(task: TaskRecord) -> tuple[str, str] | None:
+    """(our status, the exchange's raw status) as last recorded by the task, if any."""
+    refresh = task.refresh_result or {}
+    slices = (refresh.get("extra") or {}).get("slices") or []
+    for record in (refresh.get("result") or {}, slices[-1] if slices else {},
+                   task.request_result or {}):
+        if record.get("raw_status"):
+            return str(record.get("status", "")), str(record["raw_status"])
+    return None
 
 
 def error(code: str, message: str, **details: Any) -> dict[str, Any]:

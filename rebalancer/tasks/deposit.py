@@ -9,7 +9,7 @@ from typing import Any
 from events.vocabulary import TaskKind, TaskState, TaskTrigger
 from rebalancer.exchanges.base import Deposit, TransferStatus
 from rebalancer.specs.models import DepositConfig
-from rebalancer.tasks.base import HISTORY_SLACK, Processor, TaskContext, money
+from rebalancer.tasks.base import HISTORY_SLACK, Processor, TaskContext, error, money
 
 
 class DepositProcessor(Processor):
@@ -47,11 +47,29 @@ class DepositProcessor(Processor):
             await ctx.move(
                 TaskTrigger.COMPLETE, refresh_result={"result": result, "extra": {"status": "done"}}
             )
+        elif deposit.status in (TransferStatus.FAILED, TransferStatus.CANCELED):
+            # The money left the sender and was not credited (a rejected or returned deposit,
+            # Binance's "wrong deposit"): only an operator can recover it.
+            await ctx.move(TaskTrigger.ESCALATE, refresh_result={"result": result}, error=error(
+                "deposit_" + deposit.status.value,
+                f"the exchange reports the deposit {deposit.raw_status!r}"
+                f" ({deposit.amount} {deposit.currency}, txid {deposit.txid})"))
         elif state == TaskState.REQUESTED:
             await ctx.move(
                 TaskTrigger.PROGRESS,
                 refresh_result={"result": result, "extra": {"status": "confirming"}}
             )
+        elif _raw_status_of(ctx) != deposit.raw_status:
+            # Still on its way, in a new raw status (an unknown one included, never guessed):
+            # recorded, so the deadline can name it.
+            await ctx.move(
+                TaskTrigger.UPDATE,
+                refresh_result={"result": result, "extra": {"status": "confirming"}}
+            )
+
+
+def _raw_status_of(ctx: TaskContext) -> str | None:
+    return ((ctx.task.refresh_result or {}).get("result") or {}).get("raw_status")
 
 
 def match_deposit(deposits: list[Deposit], params: dict[str, Any]) -> Deposit | None:

@@ -109,6 +109,7 @@ async def follow(ctx: TaskContext, transfer: Transfer) -> None:
         "id": transfer.exchange_id,
         "amount": money(transfer.amount),
         "status": transfer.status.value,
+        "raw_status": transfer.raw_status,
     }
     if transfer.status == TransferStatus.OK:
         await ctx.move(
@@ -119,7 +120,7 @@ async def follow(ctx: TaskContext, transfer: Transfer) -> None:
             TaskTrigger.FAIL,
             error=error(
                 "transfer_" + transfer.status.value,
-                f"the exchange reports the transfer {transfer.status}",
+                f"the exchange reports the transfer {transfer.raw_status or transfer.status}",
             ),
         )
     elif ctx.task.state == TaskState.REQUESTED:
@@ -129,4 +130,5 @@ async def follow(ctx: TaskContext, transfer: Transfer) -> None:
 
 
 def _request_result(transfer: Transfer) -> dict[str, Any]:
-    return {"id": transfer.exchange_id, "status": transfer.status.value}
+    return {"id": transfer.exchange_id, "status": transfer.status.value,
+            "raw_status": transfer.raw_status}

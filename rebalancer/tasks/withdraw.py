@@ -132,7 +132,10 @@ class WithdrawProcessor(Processor):
                 TaskTrigger.PROGRESS,
                 refresh_result={"result": result, "extra": {"status": "processing"}}
             )
-        elif _txid_of(ctx) != withdrawal.txid:
+        elif _recorded(ctx, "txid") != withdrawal.txid or (
+                _recorded(ctx, "raw_status") != withdrawal.raw_status):
+            # A txid appeared, or a new raw status (an unknown one included, never guessed:
+            # recorded so that the deadline can name it).
             await ctx.move(
                 TaskTrigger.UPDATE,
                 refresh_result={"result": result, "extra": {"status": "processing"}}
@@ -147,9 +150,9 @@ class WithdrawProcessor(Processor):
         return await exchange.fetch_withdrawal(params["client_id"], match)
 
 
-def _txid_of(ctx: TaskContext) -> str | None:
+def _recorded(ctx: TaskContext, key: str) -> str | None:
     result = (ctx.task.refresh_result or {}).get("result") or {}
-    return result.get("txid")
+    return result.get(key)
 
 
 def _request_result(withdrawal: Withdrawal) -> dict[str, Any]:
