@@ -63,7 +63,7 @@ EXAMPLE_RESULTS = {
     "await_deposit_master": {"refresh_result": {"result": {"amount": "0.2164"}}},
     "master_to_sub": {"refresh_result": {"result": {"amount": "0.2164"}}},
     "sell_in_sub_spot": {
-        "refresh_result": {"extra": {"cumulative_cost_excluding_fee": "735.3121"}}
+        "refresh_result": {"extra": {"cumulative_quote_received": "735.3121"}}
     },
     "sub_spot_to_futures": {"refresh_result": {"result": {"amount": "735.3121"}}},
 }
@@ -182,7 +182,7 @@ def seed_in_python() -> WorkflowSpec:
                 "transfer",
                 account="{to_account}",
                 currency="{to_currency}",
-                amount="{$.sell_in_sub_spot.refresh_result.extra.cumulative_cost_excluding_fee}",
+                amount="{$.sell_in_sub_spot.refresh_result.extra.cumulative_quote_received}",
                 from_wallet="spot",
                 to_wallet="futures",
             ),
