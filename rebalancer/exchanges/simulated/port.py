@@ -223,6 +223,8 @@ class SimulatedExchange:
         spec = await world.spec()
         ex = await self._spec()
         rule = await self._withdrawal_spec(request.currency, request.network)
+        # First: a tagged address of ours refuses a withdrawal without its tag (memo).
+        dest = world.owner_of(request.currency, request.address, request.network, request.tag)
         if not self._account.allows(request.currency, request.address, request.network,
                                     request.tag):
             raise RejectedError(
@@ -237,7 +239,6 @@ class SimulatedExchange:
             raise RejectedError(
                 f"{amount.normalize():f} {request.currency} is not a multiple of"
                 f" {rule.multiple.normalize():f}")
-        dest = world.owner_of(request.currency, request.address, request.network, request.tag)
         dest_exchange = (world.accounts.get(dest).exchange if dest is not None
                          else spec.external_account)
         internal = ex.internal_transfers and dest_exchange == self.exchange
