@@ -329,6 +329,20 @@ def test_builtin_yaml_equals_the_python_builders(seed: WorkflowSpec) -> None:
     assert seed_in_python() == seed
 
 
+def test_builtin_spec_moves_what_the_sell_received_not_the_deprecated_alias() -> None:
+    text = (Path(load_spec_file.__code__.co_filename).parent / "builtin" / f"{SEED}.yaml")
+    yaml_text = text.read_text(encoding="utf-8")
+    assert "extra.cumulative_quote_received}" in yaml_text
+    assert "cumulative_cost_excluding_fee" not in yaml_text
+
+
+def test_a_spec_still_on_the_deprecated_alias_validates(accounts: Accounts) -> None:
+    data = seed_in_python().model_dump(mode="json")
+    last = data["tasks"][-1]["config"]
+    last["amount"] = "{$.sell_in_sub_spot.refresh_result.extra.cumulative_cost_excluding_fee}"
+    validate_spec(spec_from_data(data), accounts)
+
+
 def test_builtin_specs_are_listed() -> None:
     assert (SEED, builtin_specs()[SEED].description, 8) in list_specs()
     assert SEED in available_specs()
