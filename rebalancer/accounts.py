@@ -81,8 +81,34 @@ class Account(BaseModel):
     interim_account: str | None = None  # where this account's money goes first on a path
     master_account: str | None = None  # for a sub account
     email: str | None = None  # Binance sub-account transfers name accounts by e-mail
-    deposit_addresses: dict[str, Address] = Field(default_factory=dict)  # by currency
+    # By currency: one address, or a list of them on distinct networks (ETH on ETH and on
+    # ARBITRUM). An address with a tag (memo) needs it: a deposit without it is lost.
+    deposit_addresses: dict[str, Address | list[Address]] = Field(default_factory=dict)
     withdrawal_allowlist: list[AllowedAddress] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_address_per_network(self) -> Account:
+        for currency, given in self.deposit_addresses.items():
+            if isinstance(given, list) and not given:
+                raise ValueError(f"account {self.id}: {currency} lists no deposit address")
+            networks = [a.network for a in self.addresses(currency)]
+            doubled = sorted({n for n in networks if networks.count(n) > 1})
+            if doubled:
+                raise ValueError(
+                    f"account {self.id}: two {currency} deposit addresses on"
+                    f" {', '.join(doubled)} (one per network)")
+        return self
+
+    def addresses(self, currency: str) -> list[Address]:
+        """Every deposit address for `currency`, one per network (none: an empty list)."""
+        given = self.deposit_addresses.get(currency)
+        if given is None:
+            return []
+        return list(given) if isinstance(given, list) else [given]
+
+    def deposit_address(self, currency: str, network: str) -> Address | None:
+        """The deposit address for `currency` on `network`, or None."""
+        return next((a for a in self.addresses(currency) if a.network == network), None)
 
     def allows(self, currency: str, address: str, network: str, tag: str | None = None) -> bool:
         return any(

@@ -29,11 +29,21 @@ _TRADE: Final = (
         "refresh_result.extra",
         "cumulative_amount",  # base filled over all slices
         "cumulative_amount_excluding_fee",  # ... less any fee charged in base
-        "cumulative_cost",  # quote spent (buy) or received (sell) over all slices, gross
-        # ... less any fee charged in quote: what a sell leaves in the account. Added to the
-        # contract for the built-in spec's last transfer; no other recorded field gives it.
+        "cumulative_cost",  # quote paid (buy) or got (sell) at the fill prices, before fees
+        # What left the account in quote for a buy: cost plus any fee taken in quote (null
+        # for a sell).
+        "cumulative_quote_spent",
+        # What a sell left in the account in quote: cost less any fee taken in quote (null
+        # for a buy). The built-in spec's last transfer moves this.
+        "cumulative_quote_received",
+        # Deprecated alias kept for existing specs: cumulative_quote_spent for a buy,
+        # cumulative_quote_received for a sell. Misnamed: a buy's includes the fee.
         "cumulative_cost_excluding_fee",
+        # The fee total when every fee was in one currency (result.fee_currency); null when
+        # fees came in several (see fees).
         "cumulative_fee",
+        # {currency: total}: every fee by the currency charged, a third one (BNB) included.
+        "fees",
         "status",
     )
 )

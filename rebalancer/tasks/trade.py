@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from decimal import Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Any
 
 from events.vocabulary import TaskKind, TaskState, TaskTrigger
 from rebalancer.errors import RejectedError
 from rebalancer.exchanges.base import (
     Exchange,
+    MarketRules,
     Order,
     OrderRequest,
     OrderStatus,
@@ -26,24 +27,50 @@ FINISHED = (OrderStatus.CLOSED, OrderStatus.CANCELED, OrderStatus.REJECTED)
 
 @dataclass(frozen=True)
 class Plan:
-    """The slices of one trade: amounts in `unit` ("quote": spend this much, "base": this much)."""
+    """The slices of one trade: amounts in `unit` ("quote": spend this much, "base": this much).
+
+    `price` is a limit order's price on the market's tick (None for a market order).
+    """
 
     unit: str
     amounts: list[Decimal]
     interval: float
+    price: Decimal | None = None
 
     def to_data(self) -> dict[str, Any]:
         return {
             "unit": self.unit,
             "amounts": [str(a) for a in self.amounts],
             "interval_seconds": self.interval,
+            "price": _str(self.price),
         }
 
     @classmethod
     def from_data(cls, data: dict[str, Any]) -> Plan:
+        # Plans stored before prices were rounded carry no "price": the config's is used.
+        price = data.get("price")
         return cls(
-            data["unit"], [Decimal(a) for a in data["amounts"]], float(data["interval_seconds"])
+            data["unit"], [Decimal(a) for a in data["amounts"]], float(data["interval_seconds"]),
+            Decimal(price) if price is not None else None,
         )
+
+
+def round_price(rules: MarketRules, price: Decimal, side: Side) -> Decimal:
+    """`price` on the market's tick: a buy rounds down, a sell rounds up.
+
+    Both directions keep the user's limit a limit: a buy never pays more than the price
+    asked, a sell never sells for less. Where the tick depends on the price (Upbit's KRW
+    table), rounding up can cross into a coarser band, so it repeats until the price sits on
+    its own band's tick.
+    """
+    rounding = ROUND_FLOOR if side == Side.BUY else ROUND_CEILING
+    rounded = price
+    for _ in range(len(rules.price_ticks) + 1):
+        tick = rules.price_tick(rounded)
+        rounded = (rounded / tick).to_integral_value(rounding=rounding) * tick
+        if rounded % rules.price_tick(rounded) == 0:
+            break
+    return rounded
 
 
 def plan_slices(
@@ -103,6 +130,20 @@ class TradeProcessor(Processor):
         spec = ctx.workflow.spec.tasks[ctx.task.index]
         wanted = spec.twap.slices if spec.twap else 1
         interval = spec.twap.interval_seconds if spec.twap else 0.0
+        price: Decimal | None = None
+        if config.order_type == OrderType.LIMIT and config.price is not None:
+            price = round_price(rules, config.price, Side(config.side))
+            if price <= 0:
+                await ctx.move(
+                    TaskTrigger.FAIL,
+                    error=error(
+                        "invalid_price",
+                        f"price {config.price} rounds to {price} on {symbol}'s tick of"
+                        f" {rules.price_tick(config.price)} {rules.quote}",
+                        price=str(config.price),
+                    ),
+                )
+                return None
         if config.quote_amount is not None:
             if config.side != "buy":
                 await ctx.move(
@@ -116,9 +157,24 @@ class TradeProcessor(Processor):
             unit = "quote"
         else:
             assert config.amount is not None
-            price = config.price or await exchange.ticker_price(symbol)
+            if (
+                config.side == "buy" and config.order_type == OrderType.MARKET
+                and rules.market_buy_by_quote_only
+            ):
+                # Refused here, before any intent: the exchange would only refuse it after.
+                await ctx.move(
+                    TaskTrigger.FAIL,
+                    error=error(
+                        "unsupported",
+                        f"{exchange.exchange} buys {symbol} at market by {rules.quote} amount"
+                        f" only: give quote_amount (how much {rules.quote} to spend) instead"
+                        f" of amount",
+                    ),
+                )
+                return None
+            notional_price = price or await exchange.ticker_price(symbol)
             amounts = plan_slices(
-                config.amount, wanted, rules.min_notional, price, rules.amount_step
+                config.amount, wanted, rules.min_notional, notional_price, rules.amount_step
             )
             unit = "base"
         if not amounts:
@@ -132,7 +188,7 @@ class TradeProcessor(Processor):
                 ),
             )
             return None
-        return Plan(unit, amounts, interval)
+        return Plan(unit, amounts, interval, price)
 
     def _waiting(self, ctx: TaskContext, plan: Plan) -> bool:
         """Slices after the first wait `interval` seconds after the previous slice's intent."""
@@ -148,6 +204,7 @@ class TradeProcessor(Processor):
         amount = plan.amounts[index]
         client_id = ctx.next_client_id()
         symbol = f"{config.base_currency}/{config.quote_currency}"
+        price = plan.price if plan.price is not None else config.price
         params = {
             "account": config.account,
             "symbol": symbol,
@@ -155,7 +212,8 @@ class TradeProcessor(Processor):
             "order_type": config.order_type,
             "base_currency": config.base_currency,
             "quote_currency": config.quote_currency,
-            "price": _str(config.price),
+            "price": _str(price),  # as sent: on the market's tick
+            "requested_price": _str(config.price),
             "amount": str(amount) if plan.unit == "base" else None,
             "quote_amount": str(amount) if plan.unit == "quote" else None,
             "slice": index,
@@ -170,7 +228,7 @@ class TradeProcessor(Processor):
             type=OrderType(config.order_type),
             amount=amount if plan.unit == "base" else None,
             quote_amount=amount if plan.unit == "quote" else None,
-            price=config.price,
+            price=price,
         )
         carried: dict[str, Any] = {"request_params": params}
         if trigger == TaskTrigger.NEXT_SLICE:
@@ -286,32 +344,43 @@ def _filled(slices: list[dict[str, Any]]) -> Decimal:
 
 
 def _refresh(slices: list[dict[str, Any]], ctx: TaskContext) -> dict[str, Any]:
-    """Cumulative figures over every slice; what later tasks reference."""
+    """Cumulative figures over every slice; what later tasks reference.
+
+    A fee in a third currency (BNB at Binance) is neither base nor quote: it shows in `fees`
+    (by currency) and leaves the base and quote figures alone.
+    """
     params = ctx.task.request_params or {}
     base, quote = params.get("base_currency"), params.get("quote_currency")
-    filled = cost = base_fee = quote_fee = Decimal(0)
+    filled = cost = Decimal(0)
+    fees: dict[str, Decimal] = {}
     for s in slices:
         filled += Decimal(s.get("filled", "0"))
         cost += Decimal(s.get("cost", "0"))
-        fee = Decimal(s.get("fee", "0"))
-        if s.get("fee_currency") == base:
-            base_fee += fee
-        elif s.get("fee_currency") == quote:
-            quote_fee += fee
+        fee, currency = Decimal(s.get("fee", "0")), s.get("fee_currency")
+        if fee and currency:
+            fees[currency] = fees.get(currency, Decimal(0)) + fee
+    base_fee = fees.get(str(base), Decimal(0))
+    quote_fee = fees.get(str(quote), Decimal(0))
     side = params.get("side")
-    # What the account holds afterwards: a buy keeps base minus base fees; a sell keeps
-    # the quote received minus quote fees.
-    cost_net = cost - quote_fee if side == "sell" else cost + quote_fee
+    # A buy spends the cost plus any fee taken in quote; a sell receives the cost less it.
+    spent = cost + quote_fee if side == "buy" else None
+    received = cost - quote_fee if side == "sell" else None
     average = (cost / filled) if filled else None
     status = "done" if slices and all(s["status"] != "open" for s in slices) else "open"
-    fee_total = base_fee + quote_fee
+    # One fee figure needs one currency: with fees in several, it is null (see `fees`).
+    if len(fees) > 1:
+        fee_total: str | None = None
+        fee_currency: str | None = None
+    else:
+        (fee_currency, amount), = fees.items() if fees else ((quote, Decimal(0)),)
+        fee_total = str(amount)
     return {
         "result": {
             "amount": str(filled),
             "filled": str(filled),
             "cost": str(cost),
-            "fee": str(fee_total),
-            "fee_currency": base if base_fee else quote,
+            "fee": fee_total,
+            "fee_currency": fee_currency,
             "average_price": _str(average),
             "status": status,
         },
@@ -320,8 +389,12 @@ def _refresh(slices: list[dict[str, Any]], ctx: TaskContext) -> dict[str, Any]:
             "cumulative_amount": str(filled),
             "cumulative_amount_excluding_fee": str(filled - base_fee),
             "cumulative_cost": str(cost),
-            "cumulative_cost_excluding_fee": str(cost_net),
-            "cumulative_fee": str(fee_total),
+            "cumulative_quote_spent": _str(spent),
+            "cumulative_quote_received": _str(received),
+            # Deprecated alias (misnamed: it is spent for a buy, received for a sell).
+            "cumulative_cost_excluding_fee": str(spent if spent is not None else received),
+            "cumulative_fee": fee_total,
+            "fees": {currency: str(amount) for currency, amount in sorted(fees.items())},
             "status": status,
         },
     }

@@ -24,13 +24,32 @@ class WithdrawProcessor(Processor):
     async def request(self, ctx: TaskContext) -> None:
         config = ctx.config(WithdrawConfig)
         source = ctx.accounts.get(config.from_account)
-        target = ctx.accounts.get(config.to_account).deposit_addresses.get(config.currency)
-        if target is None or target.network != config.network:
+        dest = ctx.accounts.get(config.to_account)
+        target = dest.deposit_address(config.currency, config.network)
+        if target is None:
+            networks = [a.network for a in dest.addresses(config.currency)]
+            where = f"it has {config.currency} on {', '.join(networks)}" if networks else (
+                f"it has no {config.currency} address at all")
             await ctx.move(
                 TaskTrigger.FAIL,
                 error=error(
                     "no_deposit_address",
-                    f"{config.to_account} has no {config.currency} address on {config.network}",
+                    f"{config.to_account} has no {config.currency} address on"
+                    f" {config.network} ({where})",
+                    networks=networks,
+                ),
+            )
+            return
+        # The address's own tag (memo) is the one sent; a spec naming another is a mistake
+        # that would lose the deposit.
+        if config.tag is not None and config.tag != target.tag:
+            await ctx.move(
+                TaskTrigger.FAIL,
+                error=error(
+                    "tag_mismatch",
+                    f"tag {config.tag!r} is not the tag of {config.to_account}'s"
+                    f" {config.currency} address on {config.network}"
+                    f" ({target.tag!r})",
                 ),
             )
             return

@@ -35,6 +35,13 @@ async def fetch_all(conn: Conn, sql: str, params: Any = None) -> list[DictRow]:
     return await cur.fetchall()
 
 
+async def free_balance(conn: Conn, account: str, currency: str) -> Decimal:
+    """What `account` holds of `currency` unreserved."""
+    row = await fetch_one(conn, "select amount - locked as free from sim.balances"
+                                " where account = %s and currency = %s", (account, currency))
+    return row["free"] if row is not None else ZERO
+
+
 class Book:
     """Balance changes collected during one operation, applied together in a fixed order."""
 
@@ -98,15 +105,39 @@ def _fee(gross: Decimal, rate: Decimal) -> Decimal:
     return (gross * rate).quantize(_FEE_QUANTUM, rounding=ROUND_HALF_UP)
 
 
+def third_currency_fee(ex: ExchangeSpec, symbol: str, market: MarketSpec, amount: Decimal,
+                       price: Decimal) -> tuple[str, Decimal] | None:
+    """The taker fee of a fill in the market's `fee_currency` (None: the market has none)."""
+    if market.fee_currency is None:
+        return None
+    quote = symbol.split("/")[1]
+    fee_price = ex.markets[f"{market.fee_currency}/{quote}"].mid
+    return market.fee_currency, _fee(amount * price / fee_price, market.taker_fee)
+
+
 def book_fill(book: Book, ex: ExchangeSpec, account: str, symbol: str, market: MarketSpec,
               side: Side, amount: Decimal, price: Decimal, *, reserved: bool = False,
-              ) -> tuple[Decimal, Decimal]:
-    """Book one fill against the market maker; the fee comes out of what the account receives.
+              third_fee: tuple[str, Decimal] | None = None,
+              ) -> tuple[Decimal, Decimal, str]:
+    """Book one fill against the market maker; the fee comes out of what the account receives,
+    or, given `third_fee` (currency, fee), out of the account's holding of that currency.
 
-    `reserved`: the paying side was locked when the order started resting. Returns (cost, fee).
+    `reserved`: the paying side was locked when the order started resting. Returns (cost, fee,
+    fee currency).
     """
     base, quote = symbol.split("/")
     cost = amount * price
+    if third_fee is not None:
+        currency, fee = third_fee
+        paying, paid, receiving, received = (
+            (quote, cost, base, amount) if side == Side.BUY else (base, amount, quote, cost))
+        book.add(account, paying, -paid, -paid if reserved else ZERO)
+        book.add(ex.market_maker, paying, paid)
+        book.add(ex.market_maker, receiving, -received)
+        book.add(account, receiving, received)
+        book.add(account, currency, -fee)
+        book.add(ex.fee_account, currency, fee)
+        return cost, fee, currency
     if side == Side.BUY:
         fee = _fee(amount, market.taker_fee)
         book.add(account, quote, -cost, -cost if reserved else ZERO)
@@ -121,7 +152,7 @@ def book_fill(book: Book, ex: ExchangeSpec, account: str, symbol: str, market: M
         book.add(ex.market_maker, quote, -cost)
         book.add(account, quote, cost - fee)
         book.add(ex.fee_account, quote, fee)
-    return cost, fee
+    return cost, fee, base if side == Side.BUY else quote
 
 
 async def settle_due(conn: Conn, spec: WorldSpec) -> None:
@@ -144,7 +175,7 @@ async def settle_due(conn: Conn, spec: WorldSpec) -> None:
         fill = target - order["amount"]
         if fill <= 0:
             continue
-        cost, fee = book_fill(book, ex, order["account"], order["symbol"], market,
+        cost, fee, _ = book_fill(book, ex, order["account"], order["symbol"], market,
                               Side(order["side"]), fill, order["price"], reserved=True)
         await conn.execute("""
             update sim.operations set amount = amount + %s, cost = cost + %s,

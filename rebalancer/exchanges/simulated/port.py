@@ -32,6 +32,8 @@ from rebalancer.exchanges.simulated.ledger import (
     book_fill,
     fetch_all,
     fetch_one,
+    free_balance,
+    third_currency_fee,
 )
 from rebalancer.exchanges.simulated.orders import price_order
 from rebalancer.exchanges.simulated.rows import (
@@ -126,9 +128,7 @@ class SimulatedExchange:
         holder = _wallet_account(self.account, wallet)
 
         async def run(conn: Conn) -> Decimal:
-            row = await fetch_one(conn, "select amount - locked as free from sim.balances"
-                                   " where account = %s and currency = %s", (holder, currency))
-            return row["free"] if row is not None else ZERO
+            return await free_balance(conn, holder, currency)
         return await self._read("balance", run)
 
     async def balances(self, wallet: Wallet = Wallet.SPOT) -> dict[str, tuple[Decimal, Decimal]]:
@@ -171,11 +171,15 @@ class SimulatedExchange:
                 book.add(self.account, base, ZERO, amount)
             delay = self._world.scaled((await self._world.spec()).delays.limit_fill_seconds)
             cost = fee = filled = ZERO
+            fee_currency = base if side == Side.BUY else quote
             status, raw = "open", raw_status(self.exchange, "order_open")
         else:
             filled = amount
-            cost, fee = book_fill(book, ex, self.account, request.symbol, market, side, amount,
-                                  price)
+            third = third_currency_fee(ex, request.symbol, market, amount, price)
+            if third is not None and await free_balance(conn, self.account, third[0]) < third[1]:
+                third = None  # as at Binance: without enough BNB the usual fee applies
+            cost, fee, fee_currency = book_fill(book, ex, self.account, request.symbol, market,
+                                                side, amount, price, third_fee=third)
             delay = 0.0
             refunded = quote_amount is not None and cost < quote_amount
             status = "closed"
@@ -189,7 +193,7 @@ class SimulatedExchange:
                 case when %s then now() + make_interval(secs => %s) end)
             returning *""", (
             self.exchange, self.account, request.client_id, base, filled, fee,
-            base if side == Side.BUY else quote, status, raw, request.client_id, request.symbol,
+            fee_currency, status, raw, request.client_id, request.symbol,
             side.value, OrderType(request.type).value,
             request.price if request.type == OrderType.LIMIT else None,
             amount if quote_amount is None else None, quote_amount, cost,
@@ -232,6 +236,8 @@ class SimulatedExchange:
         spec = await world.spec()
         ex = await self._spec()
         rule = await self._withdrawal_spec(request.currency, request.network)
+        # First: a tagged address of ours refuses a withdrawal without its tag (memo).
+        dest = world.owner_of(request.currency, request.address, request.network, request.tag)
         if not self._account.allows(request.currency, request.address, request.network,
                                     request.tag):
             raise RejectedError(
@@ -246,7 +252,6 @@ class SimulatedExchange:
             raise RejectedError(
                 f"{amount.normalize():f} {request.currency} is not a multiple of"
                 f" {rule.multiple.normalize():f}")
-        dest = world.owner_of(request.currency, request.address, request.network, request.tag)
         dest_exchange = (world.accounts.get(dest).exchange if dest is not None
                          else spec.external_account)
         internal = ex.internal_transfers and dest_exchange == self.exchange

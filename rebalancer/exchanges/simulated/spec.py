@@ -61,6 +61,11 @@ class MarketSpec(_Frozen):
     min_notional: Decimal = Field(ge=0)
     amount_step: Decimal = Field(gt=0)
     market_buy_by_quote_only: bool = False
+    # A third currency the taker fee is charged in (BNB at Binance), priced at this exchange's
+    # `<fee_currency>/<quote>` mid. Charged only on orders that fill when placed, and only when
+    # the account holds enough of it; otherwise (and when None) the fee comes out of what the
+    # account receives, as usual.
+    fee_currency: str | None = None
     price_ticks: tuple[tuple[Decimal, Decimal], ...] = ((ZERO, Decimal("0.00000001")),)
 
     @field_validator("price_ticks")
@@ -159,6 +164,13 @@ def validate_world(world: WorldSpec, accounts: Accounts) -> None:
             if symbol.count("/") != 1:
                 raise SpecError(f"world: market {symbol!r} is not BASE/QUOTE")
             rules = market.rules(symbol)
+            if market.fee_currency is not None:
+                if market.fee_currency in (rules.base, rules.quote):
+                    raise SpecError(f"world: {name} {symbol} fee_currency must be a third one")
+                if f"{market.fee_currency}/{rules.quote}" not in exchange.markets:
+                    raise SpecError(
+                        f"world: {name} {symbol} charges fees in {market.fee_currency}: it needs"
+                        f" a {market.fee_currency}/{rules.quote} market to price them")
             for side, price in (("bid", market.bid), ("ask", market.ask)):
                 if price <= 0 or price % rules.price_tick(price) != 0:
                     raise SpecError(f"world: {name} {symbol} {side} {price} is not on a tick")

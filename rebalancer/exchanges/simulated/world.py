@@ -18,7 +18,12 @@ from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from rebalancer.accounts import Accounts, load_accounts
-from rebalancer.errors import DuplicateClientIdError, RetryableError, UnknownOutcomeError
+from rebalancer.errors import (
+    DuplicateClientIdError,
+    RejectedError,
+    RetryableError,
+    UnknownOutcomeError,
+)
 from rebalancer.exchanges.simulated import ledger
 from rebalancer.exchanges.simulated.faults import Faults, faulted
 from rebalancer.exchanges.simulated.ledger import Book, Conn, apply_book, fetch_all, fetch_one
@@ -63,11 +68,13 @@ class SimulatedWorld:
         self.time_scale = time_scale
         self._spec: WorldSpec | None = None
         self._ports: dict[str, SimulatedExchange] = {}
-        # (currency, lower-case address, network, tag) -> the account that owns it
-        self._owners: dict[tuple[str, str, str, str | None], str] = {
-            (currency, a.address.lower(), a.network, a.tag): account.id
+        # (currency, lower-case address, network) -> the account that owns it, and the tag
+        # (memo) a deposit to it needs
+        self._owners: dict[tuple[str, str, str], tuple[str, str | None]] = {
+            (currency, a.address.lower(), a.network): (account.id, a.tag)
             for account in accounts.accounts.values()
-            for currency, a in account.deposit_addresses.items()
+            for currency in account.deposit_addresses
+            for a in account.addresses(currency)
         }
 
     @classmethod
@@ -239,8 +246,21 @@ class SimulatedWorld:
 
     def owner_of(self, currency: str, address: str, network: str,
                  tag: str | None) -> str | None:
-        """The configured account a deposit address belongs to (None: not one of ours)."""
-        return self._owners.get((currency, address.lower(), network, tag))
+        """The configured account a deposit address belongs to (None: not one of ours).
+
+        Raises RejectedError when the address needs a tag (memo) and `tag` is not it: the
+        money would arrive unattributed.
+        """
+        found = self._owners.get((currency, address.lower(), network))
+        if found is None:
+            return None
+        owner, needed = found
+        if needed is not None and tag != needed:
+            given = "no tag" if tag is None else f"tag {tag!r}"
+            raise RejectedError(
+                f"{address} ({network}) takes {currency} deposits only with its tag (memo):"
+                f" {given} given")
+        return owner
 
     def scaled(self, seconds: float) -> float:
         """Seconds of simulated time as seconds of the database clock."""

@@ -63,7 +63,7 @@ EXAMPLE_RESULTS = {
     "await_deposit_master": {"refresh_result": {"result": {"amount": "0.2164"}}},
     "master_to_sub": {"refresh_result": {"result": {"amount": "0.2164"}}},
     "sell_in_sub_spot": {
-        "refresh_result": {"extra": {"cumulative_cost_excluding_fee": "735.3121"}}
+        "refresh_result": {"extra": {"cumulative_quote_received": "735.3121"}}
     },
     "sub_spot_to_futures": {"refresh_result": {"result": {"amount": "735.3121"}}},
 }
@@ -182,7 +182,7 @@ def seed_in_python() -> WorkflowSpec:
                 "transfer",
                 account="{to_account}",
                 currency="{to_currency}",
-                amount="{$.sell_in_sub_spot.refresh_result.extra.cumulative_cost_excluding_fee}",
+                amount="{$.sell_in_sub_spot.refresh_result.extra.cumulative_quote_received}",
                 from_wallet="spot",
                 to_wallet="futures",
             ),
@@ -327,6 +327,20 @@ def test_builtin_params_refuse_a_destination_account_without_a_master(
 
 def test_builtin_yaml_equals_the_python_builders(seed: WorkflowSpec) -> None:
     assert seed_in_python() == seed
+
+
+def test_builtin_spec_moves_what_the_sell_received_not_the_deprecated_alias() -> None:
+    text = (Path(load_spec_file.__code__.co_filename).parent / "builtin" / f"{SEED}.yaml")
+    yaml_text = text.read_text(encoding="utf-8")
+    assert "extra.cumulative_quote_received}" in yaml_text
+    assert "cumulative_cost_excluding_fee" not in yaml_text
+
+
+def test_a_spec_still_on_the_deprecated_alias_validates(accounts: Accounts) -> None:
+    data = seed_in_python().model_dump(mode="json")
+    last = data["tasks"][-1]["config"]
+    last["amount"] = "{$.sell_in_sub_spot.refresh_result.extra.cumulative_cost_excluding_fee}"
+    validate_spec(spec_from_data(data), accounts)
 
 
 def test_builtin_specs_are_listed() -> None:

@@ -1,10 +1,11 @@
-"""TWAP slicing: the count is capped by the minimum notional, the remainder folds into the last."""
+"""TWAP slicing (the count capped by the minimum notional, the remainder in the last) and prices."""
 
 from decimal import Decimal
 
 import pytest
 
-from rebalancer.tasks.trade import plan_slices
+from rebalancer.exchanges.base import MarketRules, Side
+from rebalancer.tasks.trade import plan_slices, round_price
 
 D = Decimal
 
@@ -42,3 +43,34 @@ def test_rounding_down_each_slice_keeps_the_total_exact() -> None:
 @pytest.mark.parametrize("wanted", [1, 2, 7, 20])
 def test_never_more_slices_than_asked(wanted: int) -> None:
     assert len(plan_slices(D("10000000"), wanted, D("5000"), D(1), D(1))) == wanted
+
+
+def _rules(*ticks: tuple[str, str]) -> MarketRules:
+    return MarketRules(
+        symbol="ETH/KRW", base="ETH", quote="KRW", min_notional=D(0), amount_step=D(1),
+        taker_fee=D(0), market_buy_by_quote_only=False,
+        price_ticks=tuple((D(floor), D(tick)) for floor, tick in ticks),
+    )
+
+
+def test_a_buy_rounds_down_and_a_sell_up_so_the_limit_is_never_worse() -> None:
+    rules = _rules(("0", "0.01"))
+    assert round_price(rules, D("2950.009"), Side.BUY) == D("2950.00")
+    assert round_price(rules, D("2950.001"), Side.SELL) == D("2950.01")
+    assert round_price(rules, D("2950.01"), Side.SELL) == D("2950.01")
+
+
+def test_a_price_already_on_the_tick_is_kept() -> None:
+    rules = _rules(("1000000", "1000"), ("0", "1"))
+    assert round_price(rules, D("4001000"), Side.BUY) == D("4001000")
+
+
+def test_a_sell_rounded_up_into_a_coarser_band_lands_on_that_band_s_tick() -> None:
+    rules = _rules(("100", "10"), ("0", "7"))
+    # 99 up to the 7s is 105, which sits in the 10s band: 110.
+    assert round_price(rules, D("99"), Side.SELL) == D("110")
+    assert round_price(rules, D("99"), Side.BUY) == D("98")
+
+
+def test_a_tiny_buy_price_rounds_to_zero() -> None:
+    assert round_price(_rules(("0", "0.01")), D("0.004"), Side.BUY) == 0
