@@ -75,10 +75,13 @@ def classify(
     order, withdrawal or transfer call.
 
     A money call answered with HTTP 5xx is an unknown outcome whatever the body says (Binance:
-    "the execution status is unknown"); a refusal that names a used client id is a duplicate.
+    "the execution status is unknown"), a read so answered is retryable; a refusal that names a
+    used client id is a duplicate.
     """
-    if moves_money and http_status is not None and http_status >= 500:
-        return U
+    if http_status is not None and http_status >= 500:
+        # The exchange broke, whatever its body said: a read is asked again, a money call
+        # may have been executed.
+        return U if moves_money else R
     if moves_money and isinstance(error, ccxt.ExchangeError) and DUPLICATE_MARKERS.search(
             str(error)):
         return D

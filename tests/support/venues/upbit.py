@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
 from rebalancer.accounts import Accounts
-from rebalancer.exchanges.ccxt_base import Credentials
+from rebalancer.exchanges.live import Credentials
 from rebalancer.exchanges.upbit import UpbitExchange
 from tests.support.venues.chain import Chain
 from tests.support.venues.http import Fault, Request, Response, Wire, install

@@ -53,8 +53,8 @@ CASES = [
     (500, None, R, U),
     (502, {"error": "Bad Gateway"}, R, U),
     # A 5xx with an Upbit error body is an ExchangeError to ccxt (its handle_errors runs before
-    # the HTTP status): final on a read today, though a retry might succeed (reported).
-    (503, named("server_error", "잠시 후 다시 시도해주세요"), F, U),
+    # the HTTP status); the status it came with still makes it retryable on a read.
+    (503, named("server_error", "잠시 후 다시 시도해주세요"), R, U),
 ]
 
 
