@@ -273,10 +273,13 @@ class BinanceExchange(CcxtExchange):
     async def fetch_withdrawal(self, client_id: str, match: HistoryMatch) -> Withdrawal | None:
         since = to_millis(match.since)
         # By withdrawOrderId the window is at most 7 days; ccxt would ask for 90 (and `until`
-        # is ignored with `since`), so endTime goes in the params.
-        params = {"withdrawOrderId": client_id, "endTime": since + _WITHDRAW_LOOKUP_WINDOW_MS}
+        # is ignored with `since`). And ccxt drops rows older than `since` by `applyTime`,
+        # which has whole seconds only: a withdrawal made in the same second would vanish. So
+        # the window goes in the params and ccxt gets no `since`.
+        params = {"withdrawOrderId": client_id, "startTime": since,
+                  "endTime": since + _WITHDRAW_LOOKUP_WINDOW_MS}
         rows = await self.read(f"withdrawal {client_id}", lambda: self.client.fetch_withdrawals(
-            match.currency, since, None, params))
+            match.currency, None, None, params))
         found = [self._withdrawal(r["info"]) for r in rows
                  if (r.get("info") or {}).get("withdrawOrderId") == client_id]
         if match.exchange_id is not None:

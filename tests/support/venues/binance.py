@@ -125,7 +125,7 @@ class FakeBinance:
         holder = self.holders[name]
         port = BinanceExchange(accounts.get(name), accounts,
                                credentials or Credentials(holder.api_key, holder.secret),
-                               read_only=read_only)
+                               read_only=read_only, options={"enableRateLimit": False})
         return port, install(port.client, self, faults)
 
     def credit_deposit(self, account: str, currency: str, amount: Decimal, *, network: str,
