@@ -36,13 +36,13 @@ from rebalancer.exchanges.base import (
 )
 from rebalancer.exchanges.ccxt_base import (
     CcxtExchange,
-    Credentials,
     dec,
     from_millis,
     lookup_status,
     normalise_txid,
     to_millis,
 )
+from rebalancer.exchanges.live import Credentials
 
 OS, T = OrderStatus, TransferStatus
 
@@ -111,15 +111,18 @@ class BinanceExchange(CcxtExchange):
 
     exchange = "binance"
     client_class = ccxt_async.binance
+    has_testnet = True  # the spot testnet: no withdrawals, deposits or transfers there
 
     def __init__(self, account: Account, accounts: Accounts, credentials: Credentials | None,
-                 *, read_only: bool = False, options: Mapping[str, Any] | None = None) -> None:
+                 *, read_only: bool = False, testnet: bool = False,
+                 options: Mapping[str, Any] | None = None) -> None:
         config = dict(options or {})
         # Spot markets only: load_markets must not call the futures and coin-M endpoints, nor
         # the margin pairs (the futures wallet balance needs no market).
         config["options"] = {"fetchMarkets": {"types": ["spot"]}, "fetchMargins": False,
                              "defaultType": "spot", **dict(config.get("options") or {})}
-        super().__init__(account, accounts, credentials, read_only=read_only, options=config)
+        super().__init__(account, accounts, credentials, read_only=read_only, testnet=testnet,
+                         options=config)
 
     # -- market data -----------------------------------------------------------------------
 

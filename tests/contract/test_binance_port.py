@@ -53,7 +53,7 @@ class TestBinancePort(ExchangePortContract):
             # The connector looks a client id up before it sends an order (Binance accepts a
             # filled order's id again): that first lookup answers, the order and every later
             # lookup time out. A kind http.py does not know lets the request through.
-            timing_out=port(trader, [Fault("answer", *lookup, times=1), Fault("timeout", *order),
+            timing_out=port(trader, [Fault("pass", *lookup, times=1), Fault("timeout", *order),
                                      Fault("timeout", *lookup)]),
             losing_answers=port(trader, [Fault("lost_response", *order)]),
         )

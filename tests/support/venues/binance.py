@@ -16,7 +16,7 @@ from typing import Any
 
 from rebalancer.accounts import Accounts
 from rebalancer.exchanges.binance import BinanceExchange
-from rebalancer.exchanges.ccxt_base import Credentials
+from rebalancer.exchanges.live import Credentials
 from tests.support.venues.chain import Chain
 from tests.support.venues.http import Fault, Request, Response, Wire, install
 

@@ -49,7 +49,8 @@ class LostAnswer(Exception):
 class Fault:
     """What goes wrong with requests matching `method` and `path` (None: any), `times` times
     (None: always): "rate_limit" (refused unexecuted), "timeout" (never reached the venue),
-    "lost_response" (executed, the answer lost) or "server_error" (executed, HTTP 502)."""
+    "lost_response" (executed, the answer lost), "server_error" (executed, HTTP 502) or "pass"
+    (answered as usual: lets the first matches through before a later fault applies)."""
 
     kind: str
     method: str | None = None

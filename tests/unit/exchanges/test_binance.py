@@ -425,7 +425,7 @@ async def test_a_master_transfer_is_refused_before_any_request_unless_master_of_
 async def test_a_signature_made_with_the_wrong_secret_is_refused(
     make: PortMaker, fake: FakeBinance,
 ) -> None:
-    from rebalancer.exchanges.ccxt_base import Credentials
+    from rebalancer.exchanges.live import Credentials
 
     holder = fake.holders["binance-personal"]
     port, _ = make(credentials=Credentials(holder.api_key, "not-the-secret"))

@@ -47,11 +47,12 @@ def raised(status: int, body: dict[str, object], url: str = SPOT) -> BaseExcepti
     (401, {"code": -2015, "msg": "Invalid API-key, IP, or permissions for action."}, SPOT, F, F),
     (400, {"code": -1022, "msg": "Signature for this request is not valid."}, SPOT, F, F),
     (400, {"code": -4026, "msg": "User has insufficient balance"}, SAPI, F, F),
-    # Any HTTP 5xx on a money call: Binance says the outcome is unknown, whatever the body.
+    # Any HTTP 5xx on a money call: Binance says the outcome is unknown, whatever the body; a
+    # read so answered is asked again.
     (502, {"error": "Bad Gateway"}, SPOT, R, U),
     (503, {"code": -1008, "msg": "Service Unavailable."}, SAPI, R, U),
     (500, {"code": -2010, "msg": "Account has insufficient balance for requested action."},
-     SPOT, F, U),
+     SPOT, R, U),
 ])
 def test_binance_answers_sort_into_the_right_category(
     status: int, body: dict[str, object], url: str, on_read: Category, on_money: Category,
