@@ -208,6 +208,9 @@ class MarketRules:
     market_buy_by_quote_only: bool  # Upbit: a market buy is given in KRW only
     # (lowest price, tick) rows, highest first: Upbit's KRW tick depends on the price.
     price_ticks: tuple[tuple[Decimal, Decimal], ...] = ((Decimal(0), Decimal("0.00000001")),)
+    # Upbit: a buy's fee is charged in the quote on top of what the order spends, so an order
+    # of X KRW takes X * (1 + fee) from the balance.
+    buy_fee_on_top: bool = False
 
     def price_tick(self, price: Decimal) -> Decimal:
         for floor, tick in self.price_ticks:

@@ -120,7 +120,8 @@ class UpbitExchange(CcxtExchange):
             ticks = ((Decimal(0), tick),)
         return MarketRules(symbol=symbol, base=market["base"], quote=market["quote"],
                            min_notional=minimum, amount_step=step, taker_fee=taker,
-                           market_buy_by_quote_only=True, price_ticks=ticks)
+                           market_buy_by_quote_only=True, price_ticks=ticks,
+                           buy_fee_on_top=True)
 
     # -- orders --------------------------------------------------------------------------------
 

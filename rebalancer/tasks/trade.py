@@ -151,9 +151,12 @@ class TradeProcessor(Processor):
                 )
                 return None
             quantum = Decimal(1) if config.quote_currency == "KRW" else Decimal("0.00000001")
-            amounts = plan_slices(
-                config.quote_amount, wanted, rules.min_notional, Decimal(1), quantum
-            )
+            total = config.quote_amount
+            if rules.buy_fee_on_top:
+                # Where the fee comes on top (Upbit), the orders spend less, so that orders and
+                # fees together stay within the amount the spec gives.
+                total = floor_to(total / (1 + rules.taker_fee), quantum)
+            amounts = plan_slices(total, wanted, rules.min_notional, Decimal(1), quantum)
             unit = "quote"
         else:
             assert config.amount is not None
