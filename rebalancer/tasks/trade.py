@@ -181,12 +181,12 @@ class TradeProcessor(Processor):
             )
             unit = "base"
         if not amounts:
-            total = config.quote_amount or config.amount
+            given = config.quote_amount or config.amount
             await ctx.move(
                 TaskTrigger.FAIL,
                 error=error(
                     "below_minimum",
-                    f"{total} is below the minimum order of {rules.min_notional}"
+                    f"{given} is below the minimum order of {rules.min_notional}"
                     f" {rules.quote} on {symbol}",
                 ),
             )
