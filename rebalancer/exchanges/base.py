@@ -55,6 +55,17 @@ def floor_to(value: Decimal, step: Decimal) -> Decimal:
     return (value / step).to_integral_value(rounding=ROUND_DOWN) * step
 
 
+def normalise_txid(txid: object) -> str | None:
+    """Lower-case, no 0x, no "Internal transfer " prefix: how two exchanges' txids compare."""
+    if txid is None or str(txid).strip() == "":
+        return None
+    text = str(txid).strip()
+    if text.lower().startswith("internal transfer"):
+        text = text[len("internal transfer"):].strip()
+    text = text.lower()
+    return text[2:] if text.startswith("0x") else text
+
+
 # -- requests ---------------------------------------------------------------------------------
 
 
@@ -315,4 +326,5 @@ __all__ = [
     "Withdrawal",
     "WithdrawalRules",
     "floor_to",
+    "normalise_txid",
 ]

@@ -15,7 +15,7 @@ import ccxt.async_support as ccxt_async
 
 from rebalancer.accounts import Account, Accounts
 from rebalancer.errors import NoSuchWalletError, RejectedError
-from rebalancer.exchanges.base import Wallet
+from rebalancer.exchanges.base import Wallet, normalise_txid
 from rebalancer.exchanges.errors import scrub, translate
 from rebalancer.exchanges.live import Credentials
 
@@ -58,17 +58,6 @@ def lookup_status(table: Mapping[str, S], raw: object, unknown: S) -> S:
     """Our status for the exchange's raw one; a raw status the table does not list is `unknown`
     (the task keeps waiting and names it), never a guess."""
     return table.get(str(raw), unknown)
-
-
-def normalise_txid(txid: object) -> str | None:
-    """Lower-case, no 0x, no "Internal transfer " prefix: how two exchanges' txids compare."""
-    if txid is None or str(txid).strip() == "":
-        return None
-    text = str(txid).strip()
-    if text.lower().startswith("internal transfer"):
-        text = text[len("internal transfer"):].strip()
-    text = text.lower()
-    return text[2:] if text.startswith("0x") else text
 
 
 def _keep_http_status(base: type[ccxt_async.Exchange]) -> type[ccxt_async.Exchange]:

@@ -7,7 +7,7 @@ from decimal import Decimal
 from typing import Any
 
 from events.vocabulary import TaskKind, TaskState, TaskTrigger
-from rebalancer.exchanges.base import Deposit, TransferStatus
+from rebalancer.exchanges.base import Deposit, TransferStatus, normalise_txid
 from rebalancer.specs.models import DepositConfig
 from rebalancer.tasks.base import HISTORY_SLACK, Processor, TaskContext, error, money
 
@@ -78,22 +78,15 @@ def match_deposit(deposits: list[Deposit], params: dict[str, Any]) -> Deposit | 
     Amount matching can only tell deposits apart by amount: two workflows awaiting the same
     amount of the same currency on the same account at the same time would be ambiguous.
     """
-    txid = _normal(params.get("txid"))
+    txid = normalise_txid(params.get("txid"))
     if txid:
-        return next((d for d in deposits if _normal(d.txid) == txid), None)
+        return next((d for d in deposits if normalise_txid(d.txid) == txid), None)
     amount = params.get("amount")
     if amount is None:
         return None
     wanted = Decimal(amount)
     candidates = [d for d in deposits if d.amount == wanted]
     return candidates[0] if candidates else None
-
-
-def _normal(txid: str | None) -> str | None:
-    if not txid:
-        return None
-    text = txid.strip().lower().removeprefix("internal transfer ")
-    return text.removeprefix("0x")
 
 
 def _result(deposit: Deposit) -> dict[str, Any]:
