@@ -89,6 +89,8 @@ class AppendResult:
     version: int
     positions: tuple[int, ...]
     transaction_id: int
+    # The rows as stored, so the appender can apply them without reading them back.
+    records: tuple[RecordedEvent, ...] = ()
 
     @property
     def checkpoint(self) -> Checkpoint:
@@ -245,6 +247,7 @@ class EventStore:
             raise InvalidEventError("expected_version must be >= 0")
         shared = json.dumps(dict(metadata or {}), separators=(",", ":"), default=str)
         parts: list[str] = []
+        stored: list[tuple[Event, str, str]] = []
         for event in events:
             model, own = self._validated(event)
             meta = (
@@ -259,11 +262,12 @@ class EventStore:
                 f'{{"type":{json.dumps(model.type_name)},"schema_version":'
                 f'{model.schema_version},"data":{data},"metadata":{meta}}}'
             )
+            stored.append((model, data, meta))
         try:
             async with self.connection() as conn:
                 cur = await conn.execute(
-                    "select out_position, out_transaction_id, out_version"
-                    " from append_events(%s, %s, %s::jsonb)",
+                    "select out_position, out_transaction_id, out_version, out_recorded_at,"
+                    " out_hash from append_events(%s, %s, %s::jsonb)",
                     (stream_id, expected_version, "[" + ",".join(parts) + "]"),
                 )
                 rows = await cur.fetchall()
@@ -275,11 +279,20 @@ class EventStore:
             raise
         self._wake_followers()
         rows.sort(key=lambda r: r[2])
+        records = tuple(
+            # The data as the database holds it: the JSON sent, parsed back.
+            RecordedEvent(position, transaction_id, stream_id, version, model.type_name,
+                          model.schema_version, json.loads(data), json.loads(meta),
+                          recorded_at, bytes(digest))
+            for (position, transaction_id, version, recorded_at, digest), (model, data, meta)
+            in zip(rows, stored, strict=True)
+        )
         return AppendResult(
             stream_id=stream_id,
             version=rows[-1][2],
             positions=tuple(row[0] for row in rows),
             transaction_id=rows[0][1],
+            records=records,
         )
 
     def _validated(self, event: Event | NewEvent) -> tuple[Event, dict[str, Any]]:

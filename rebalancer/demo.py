@@ -21,7 +21,6 @@ from events.vocabulary import WORKFLOW_TERMINAL, WorkflowState
 from rebalancer.api import follow
 from rebalancer.cli.format import move_text
 from rebalancer.commands import start_workflow
-from rebalancer.engine import Engine
 from rebalancer.exchanges.simulated import SimulatedWorld
 from rebalancer.service import runtime
 from rebalancer.settings import Settings
@@ -74,7 +73,7 @@ async def run_demo(
             command_id=f"demo-{uuid.uuid4()}",
             actor="demo",
         )
-        engine = Engine(rt.store, world, rt.accounts, owner="demo")
+        engine = rt.engine("demo", follow_projections=True)
         relay = Relay(rt.store, nats_url)
         # The stream must exist before the live view subscribes to it (a fresh NATS has none).
         await relay.ensure_stream()

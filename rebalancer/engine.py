@@ -1,29 +1,43 @@
-"""The worker: each pass advances every active workflow by at most one step."""
+"""The worker: claims due workflows from the schedule and drives each until it has to wait."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 from events.catalogue import TaskStateChanged, WorkflowStateChanged
+from events.concurrency import first_of
+from events.database import first_line
 from events.errors import ConcurrencyError, StoreQueryError, StoreUnavailableError
 from events.store import EventStore
-from events.vocabulary import WORKFLOW_DRIVEN, TaskKind
+from events.vocabulary import TaskKind, TaskTrigger, WorkflowState, WorkflowTrigger
 from projections.runner import ProjectionRunner, default_projections
 from rebalancer.accounts import Accounts
 from rebalancer.errors import IllegalTransitionError, RetryableError, UnknownOutcomeError
 from rebalancer.exchanges.base import Exchange, Exchanges
-from rebalancer.leases import Leases
-from rebalancer.machines import workflow_machine
+from rebalancer.machines import task_machine, workflow_machine
+from rebalancer.polling import (
+    DEFAULT_POLLS,
+    FAILURE_BASE,
+    FAILURE_CAP,
+    RETRY_BASE,
+    RETRY_CAP,
+    SHORTEST,
+    Poll,
+    backoff,
+    poll_delay,
+)
+from rebalancer.schedule import Claim, Schedule
 from rebalancer.specs.resolution import resolve_config, resolve_params
 from rebalancer.tasks.base import DEFAULT_DEADLINES, Processor, TaskContext
 from rebalancer.tasks.deposit import DepositProcessor
@@ -44,6 +58,10 @@ PROCESSORS: Mapping[TaskKind, Processor] = {
         MasterTransferProcessor(),
     )
 }
+
+
+# Steps one worker takes for one workflow before handing it back (fair to the others).
+CHAIN_LIMIT = 100
 
 
 class StepOutcome(StrEnum):
@@ -115,35 +133,22 @@ class ThrottledExchanges:
 
 
 @dataclass
-class Backoff:
-    """Exponential backoff with full jitter, per workflow, in memory (a restart retries at once)."""
+class Driven:
+    """What driving one claimed workflow came to: its last outcome and the steps it moved."""
 
-    base: float = 0.5
-    cap: float = 30.0
-    failures: dict[str, int] = field(default_factory=dict)
-    until: dict[str, float] = field(default_factory=dict)
-
-    def failed(self, key: str) -> float:
-        n = self.failures.get(key, 0) + 1
-        self.failures[key] = n
-        delay = random.uniform(0, min(self.cap, self.base * 2 ** (n - 1)))
-        self.until[key] = time.monotonic() + delay
-        return delay
-
-    def succeeded(self, key: str) -> None:
-        self.failures.pop(key, None)
-        self.until.pop(key, None)
-
-    def ready(self, key: str) -> bool:
-        return time.monotonic() >= self.until.get(key, 0.0)
+    outcome: StepOutcome
+    moved: int = 0
 
 
 class Engine:
     """Folds, decides and acts for workflows; safe to run in several processes on one database.
 
-    A lease per workflow (short, taken per step) keeps each workflow to one driver at a time;
-    the expected stream version on every append is the last guard. The database being away
-    is waited out; a statement it refuses (StoreQueryError) stops `run`, as any other bug does.
+    Work is found in the schedule (rebalancer/schedule.py), never through a read model: a due
+    workflow is claimed, folded once, and stepped in memory while a step is actionable; a wait
+    hands it back due at its next poll. The expected stream version on every append is the
+    guard against a second driver. One workflow's surprise (an unexpected exception, a stream
+    that cannot be folded) is logged, backed off and after `max_failures` in a row handed to an
+    operator; the database being away is waited out. Nothing here ends `run` but `stop`.
     """
 
     def __init__(
@@ -153,81 +158,89 @@ class Engine:
         accounts: Accounts,
         *,
         owner: str | None = None,
-        concurrency: int = 8,
-        lease_seconds: float = 30.0,
+        concurrency: int = 256,
+        lease_seconds: float = 3.0,
         rate_per_exchange: float = 20.0,
         deadlines: Mapping[TaskKind, float] | None = None,
         clock: Callable[[], datetime] | None = None,
         follow_projections: bool = True,
+        polls: Mapping[TaskKind, Poll] | None = None,
+        poll_scale: float = 1.0,
+        max_failures: int = 3,
+        seed: int | None = None,
     ) -> None:
         self.store = store
         self.exchanges = ThrottledExchanges(exchanges, rate_per_exchange)
         self.accounts = accounts
         self.owner = owner or f"worker-{os.getpid()}-{random.getrandbits(32):08x}"
-        self.lease_seconds = lease_seconds
-        self.leases = Leases(store, self.owner, lease_seconds)
+        self.concurrency = concurrency
+        self.schedule = Schedule(store, self.owner, lease_seconds)
         self.deadlines = dict(deadlines or DEFAULT_DEADLINES)
         self.clock = clock or (lambda: datetime.now(UTC))
-        self.backoff = Backoff()
+        self.polls = dict(polls or DEFAULT_POLLS)
+        self.poll_scale = poll_scale
+        self.max_failures = max_failures
+        self._rng = random.Random(seed)
         # Standalone (demo, tests) the engine keeps the read models current itself; under
         # `serve` a ProjectionRunner already follows every append, so it would only repeat it.
         self.runner = ProjectionRunner(store, default_projections()) if follow_projections else None
-        self._semaphore = asyncio.Semaphore(concurrency)
-        self.broken: dict[str, str] = {}  # workflow id -> why its stream cannot be folded
+        self._inflight: dict[str, asyncio.Task[Driven]] = {}
+        self._stopping = False
 
-    # -- one workflow ------------------------------------------------------------------------
+    # -- one step ------------------------------------------------------------------------------
 
     async def step(self, workflow_id: str) -> StepOutcome:
-        """Advance one workflow by at most one step."""
-        stream_id = f"workflow-{workflow_id}"
-        events = await self.store.read_stream(stream_id)
+        """Advance one workflow by at most one step, outside the schedule (tests, preview).
+        Unexpected exceptions propagate: the bulkhead is `run`'s."""
         try:
-            workflow = fold(events)
+            workflow = await self._load(workflow_id)
         except IllegalTransitionError as e:
-            self.broken[workflow_id] = str(e)
-            log.error("workflow %s cannot be folded, skipping it: %s", workflow_id, e)
+            log.error("workflow %s cannot be folded: %s", workflow_id, e)
             return StepOutcome.BROKEN
-        before = workflow.version
+        action = decide(workflow)
+        if action is None:
+            return StepOutcome.IDLE
         try:
-            await self._act(workflow)
+            _, moved = await self._act(workflow, action)
         except ConcurrencyError:
             return StepOutcome.CONFLICT
         except (RetryableError, UnknownOutcomeError) as e:
-            delay = self.backoff.failed(workflow_id)
-            log.info("workflow %s: %s; retrying in %.1f s", workflow_id, e, delay)
+            log.info("workflow %s: %s", workflow_id, e)
             return StepOutcome.RETRY
-        self.backoff.succeeded(workflow_id)
-        return StepOutcome.MOVED if workflow.version > before else StepOutcome.IDLE
+        return StepOutcome.MOVED if moved else StepOutcome.IDLE
 
-    async def _act(self, workflow: Workflow) -> None:
-        action = decide(workflow)
+    async def _load(self, workflow_id: str) -> Workflow:
+        return fold(await self.store.read_stream(f"workflow-{workflow_id}"))
+
+    async def _act(self, workflow: Workflow, action: MoveWorkflow | StepTask) -> tuple[
+            TaskContext | None, bool]:
+        """Carry out one decided action; (the task's context, whether anything was appended)."""
+        before = workflow.version
         if isinstance(action, MoveWorkflow):
             source = workflow.state
             dest = workflow_machine().next_state(source, action.trigger)
             await self._append(
                 workflow,
-                [
-                    WorkflowStateChanged(
-                        trigger=action.trigger, source=source, dest=dest, reason=action.reason
-                    )
-                ],
+                [WorkflowStateChanged(trigger=action.trigger, source=source, dest=dest,
+                                      reason=action.reason)],
             )
-        elif isinstance(action, StepTask):
-            task = action.task
-            ctx = TaskContext(
-                workflow=workflow,
-                task=task,
-                exchanges=self.exchanges,
-                accounts=self.accounts,
-                now=self.clock(),
-                append=lambda evs: self._append(workflow, list(evs)),
-                resolve=self._resolve,
-                claimed=lambda kind, since: self.store.claimed_exchange_ids(
-                    kind, since, workflow.stream_id
-                ),
-                deadlines=self.deadlines,
-            )
-            await PROCESSORS[task.kind].step(ctx)
+            return None, True
+        task = action.task
+        ctx = TaskContext(
+            workflow=workflow,
+            task=task,
+            exchanges=self.exchanges,
+            accounts=self.accounts,
+            now=self.clock(),
+            append=lambda evs: self._append(workflow, list(evs)),
+            resolve=self._resolve,
+            claimed=lambda kind, since: self.store.claimed_exchange_ids(
+                kind, since, workflow.stream_id
+            ),
+            deadlines=self.deadlines,
+        )
+        await PROCESSORS[task.kind].step(ctx)
+        return ctx, workflow.version > before
 
     async def _append(
         self, workflow: Workflow, events: list[TaskStateChanged] | list[WorkflowStateChanged]
@@ -238,63 +251,227 @@ class Engine:
             workflow.version,
             metadata=step_metadata(workflow, self.owner),
         )
-        for recorded in await self.store.read_stream(
-            workflow.stream_id, after_version=workflow.version, up_to_version=result.version
-        ):
+        # The store hands back the rows as stored: the fold goes on without reading them.
+        for recorded in result.records:
             workflow.apply(recorded)
 
     def _resolve(self, workflow: Workflow, index: int) -> Any:
         params = resolve_params(workflow.spec, workflow.params, self.accounts)
         return resolve_config(workflow.spec, index, params, workflow.results())
 
-    # -- passes ------------------------------------------------------------------------------
+    # -- one claimed workflow --------------------------------------------------------------------
 
-    async def active(self) -> list[str]:
-        """Workflows that may need a step, from the `workflows` read model."""
-        if self.runner is not None:
-            await self.runner.catch_up()
-        async with self.store.connection() as conn:
-            cur = await conn.execute(
-                "select workflow_id::text from workflows where state = any(%s) order by updated_at",
-                (sorted(WORKFLOW_DRIVEN),),
-            )
-            return [row[0] for row in await cur.fetchall() if row[0] not in self.broken]
+    async def drive(self, claim: Claim) -> Driven:
+        """Step a claimed workflow while a step is actionable, then hand it back: due at its
+        next poll when it waits on the exchange, dropped from the schedule when the worker has
+        nothing more to do for it. Never raises but CancelledError."""
+        workflow_id = claim.workflow_id
+        try:
+            return await self._drive(claim)
+        except StoreUnavailableError as e:
+            # Its claim runs out and it is anyone's again: nothing to hand back by hand.
+            log.warning("workflow %s: database unavailable (%s); left to its claim's expiry",
+                        workflow_id, e)
+            return Driven(StepOutcome.RETRY)
+        except Exception:
+            # Handing it back failed (the schedule's own SQL): the claim's expiry frees it.
+            log.exception("workflow %s: could not hand it back to the schedule", workflow_id)
+            return Driven(StepOutcome.BROKEN)
+
+    async def _drive(self, claim: Claim) -> Driven:
+        workflow_id = claim.workflow_id
+        try:
+            workflow = await self._load(workflow_id)
+        except IllegalTransitionError as e:
+            log.error("workflow %s cannot be folded, parked until someone looks: %s",
+                      workflow_id, e)
+            await self.schedule.park(workflow_id, str(e))
+            return Driven(StepOutcome.BROKEN)
+        except StoreUnavailableError:
+            raise
+        except Exception as e:  # a stream the code cannot read is this workflow's problem
+            return await self._failed(claim, None, e)
+        moved = 0
+        while True:
+            if self._stopping or moved >= CHAIN_LIMIT:
+                # Draining, or fair to the others: due again now, possibly elsewhere.
+                await self.schedule.release(workflow_id, workflow.version, 0)
+                return Driven(StepOutcome.MOVED, moved)
+            action = decide(workflow)
+            if action is None:
+                await self.schedule.finish(workflow_id, workflow.version)
+                return Driven(StepOutcome.MOVED if moved else StepOutcome.IDLE, moved)
+            try:
+                ctx, stepped = await self._act(workflow, action)
+            except ConcurrencyError:
+                # Someone appended first (a command, another worker): hand it back due now.
+                await self.schedule.release(workflow_id, -1, 0)
+                return Driven(StepOutcome.CONFLICT, moved)
+            except (RetryableError, UnknownOutcomeError) as e:
+                retries = claim.retries + 1
+                delay = backoff(retries, RETRY_BASE, RETRY_CAP, self._retry_scale, self._rng)
+                log.info("workflow %s: %s; retrying in %.1f s", workflow_id, e, delay)
+                await self.schedule.release(workflow_id, workflow.version, delay,
+                                            retries=retries)
+                return Driven(StepOutcome.RETRY, moved)
+            except StoreUnavailableError:
+                raise
+            except Exception as e:
+                return await self._failed(claim, workflow, e)
+            if not stepped:
+                delay = self._wait(workflow, ctx)
+                await self.schedule.release(workflow_id, workflow.version, delay)
+                return Driven(StepOutcome.IDLE if not moved else StepOutcome.MOVED, moved)
+            moved += 1
+            claim = Claim(workflow_id, workflow.version, 0, 0)
+
+    def _wait(self, workflow: Workflow, ctx: TaskContext | None) -> float:
+        """Seconds until a workflow that waits on the exchange (or on time) is looked at again."""
+        now = self.clock()
+        delay = poll_delay(workflow.current, now, self.polls, self.poll_scale, self._rng)
+        if ctx is not None and ctx.wake_at is not None:
+            delay = min(delay, max(SHORTEST, (ctx.wake_at - now).total_seconds()))
+        return delay
+
+    @property
+    def _retry_scale(self) -> float:
+        return min(1.0, self.poll_scale * 100)
+
+    async def _failed(self, claim: Claim, workflow: Workflow | None, error: Exception) -> Driven:
+        """The bulkhead: an unexpected error stepping one workflow is logged and backed off;
+        after `max_failures` in a row its task is handed to an operator."""
+        workflow_id = claim.workflow_id
+        failures = claim.failures + 1
+        what = f"{type(error).__name__}: {first_line(error)}"
+        log.error("workflow %s: unexpected %s (%d of %d)", workflow_id, what, failures,
+                  self.max_failures, exc_info=failures == 1)
+        version = workflow.version if workflow is not None else claim.version
+        if failures >= self.max_failures and workflow is None:
+            await self.schedule.park(workflow_id, what[:500])
+            return Driven(StepOutcome.BROKEN)
+        if failures >= self.max_failures and workflow is not None:
+            try:
+                if await self._escalate(workflow, what, failures):
+                    await self.schedule.release(workflow_id, workflow.version, 0)
+                    return Driven(StepOutcome.BROKEN)
+            except ConcurrencyError:
+                await self.schedule.release(workflow_id, -1, 0)
+                return Driven(StepOutcome.CONFLICT)
+        delay = backoff(failures, FAILURE_BASE, FAILURE_CAP, self._retry_scale, self._rng)
+        await self.schedule.release(workflow_id, version, delay, failures=failures,
+                                    error=what[:500])
+        return Driven(StepOutcome.BROKEN)
+
+    async def _escalate(self, workflow: Workflow, what: str, failures: int) -> bool:
+        """Park the workflow's current task (or the workflow) in needs_attention with the
+        error; False when there is nothing it could be moved to."""
+        message = f"{failures} unexpected errors in a row: {what}"
+        error = {"code": "internal", "message": message, "attempts": failures}
+        task = workflow.current
+        if workflow.state == WorkflowState.RUNNING and task is not None:
+            machine = task_machine(task.kind)
+            if machine.may(task.state, TaskTrigger.ESCALATE):
+                dest = machine.next_state(task.state, TaskTrigger.ESCALATE)
+                await self._append(workflow, [TaskStateChanged(
+                    task_index=task.index, task_name=task.name, kind=task.kind,
+                    trigger=TaskTrigger.ESCALATE, source=task.state, dest=dest, error=error)])
+                return True
+        if workflow_machine().may(workflow.state, WorkflowTrigger.ESCALATE):
+            await self._append(workflow, [WorkflowStateChanged(
+                trigger=WorkflowTrigger.ESCALATE, source=workflow.state,
+                dest=workflow_machine().next_state(workflow.state, WorkflowTrigger.ESCALATE),
+                reason=message)])
+            return True
+        return False
+
+    # -- the loop --------------------------------------------------------------------------------
 
     async def run_pass(self) -> dict[str, int]:
-        """One step for every active workflow that is not backing off; counts outcomes."""
+        """Claim every due workflow (up to `concurrency`) and drive each until it waits; counts
+        the outcomes. For tests and tools; `run` is the service's loop."""
+        claims = await self.schedule.claim(self.concurrency)
+        driven = await asyncio.gather(*(self.drive(c) for c in claims))
+        if self.runner is not None:
+            await self.runner.catch_up()
         outcomes: dict[str, int] = {}
-
-        async def one(workflow_id: str) -> None:
-            async with self._semaphore:
-                if not await self.leases.acquire(workflow_id):
-                    outcome = StepOutcome.LEASED
-                else:
-                    try:
-                        outcome = await self.step(workflow_id)
-                    finally:
-                        await self.leases.release(workflow_id)
-            outcomes[outcome] = outcomes.get(outcome, 0) + 1
-
-        ready = [w for w in await self.active() if self.backoff.ready(w)]
-        await asyncio.gather(*(one(w) for w in ready))
+        for d in driven:
+            key = StepOutcome.MOVED if d.moved else d.outcome
+            outcomes[key] = outcomes.get(key, 0) + 1
         return outcomes
 
-    async def run(self, stop: asyncio.Event, tick: float = 0.5) -> None:
-        """Pass after pass until `stop`; a pass in flight finishes first (SIGTERM drains)."""
+    async def run(self, stop: asyncio.Event, tick: float = 1.0) -> None:
+        """Claim and drive due workflows until `stop`, waking on NOTIFY, on a driver finishing
+        and at the next due time (at least every `tick` seconds, so an expired claim of a dead
+        worker is taken over promptly). On `stop`, steps in flight finish, claims are handed
+        back. Never raises for a database outage or for one workflow's failure."""
+        self._stopping = False
+        slot_freed = asyncio.Event()
+        companions = [asyncio.create_task(self._renew(stop), name="claims")]
+        if self.runner is not None:
+            companions.append(asyncio.create_task(self.runner.run(stop), name="projections"))
+        outage = 0
+        try:
+            while not stop.is_set():
+                try:
+                    async with self.store.listen() as notifications:
+                        outage = 0
+                        while not stop.is_set():
+                            wait = await self._fill(slot_freed, tick)
+                            await first_of(notifications.wait(wait), slot_freed.wait(),
+                                           stop.wait())
+                            slot_freed.clear()
+                except StoreUnavailableError as e:
+                    outage += 1
+                    log.warning("worker %s: database unavailable (%s); retrying", self.owner, e)
+                except StoreQueryError as e:
+                    # The worker's own SQL refused (a migration missing?): loud, but it keeps
+                    # trying rather than ending the service.
+                    outage += 1
+                    log.error("worker %s: PostgreSQL refused a statement (SQLSTATE %s): %s",
+                              self.owner, e.sqlstate, e)
+                if not stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), min(5.0, 0.2 * 2 ** min(outage, 5)))
+        finally:
+            self._stopping = True
+            if self._inflight:
+                await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+            for companion in companions:
+                companion.cancel()
+            await asyncio.gather(*companions, return_exceptions=True)
+            with contextlib.suppress(StoreUnavailableError, StoreQueryError):
+                await self.schedule.release_all()
+
+    async def _fill(self, slot_freed: asyncio.Event, tick: float) -> float:
+        """Claim due workflows into the free driver slots; seconds to wait before looking again."""
+        free = self.concurrency - len(self._inflight)
+        if free <= 0:
+            return tick
+        claims = await self.schedule.claim(free)
+        for claim in claims:
+            task = asyncio.create_task(self.drive(claim), name=f"workflow-{claim.workflow_id}")
+            self._inflight[claim.workflow_id] = task
+            task.add_done_callback(functools.partial(self._done, claim.workflow_id, slot_freed))
+        if len(claims) == free:
+            return 0.0  # there may be more due than slots: look again when one frees
+        due = await self.schedule.next_due()
+        return tick if due is None else max(0.0, min(tick, due))
+
+    def _done(self, workflow_id: str, slot_freed: asyncio.Event, _: object) -> None:
+        self._inflight.pop(workflow_id, None)
+        slot_freed.set()
+
+    async def _renew(self, stop: asyncio.Event) -> None:
+        """Keep this worker's claims alive while it works (one statement for all of them)."""
+        period = self.schedule.lease_seconds / 3
         while not stop.is_set():
-            try:
-                outcomes = await self.run_pass()
-            except StoreUnavailableError as e:
-                log.warning("database unavailable (%s); retrying", e)
-                outcomes = {}
-            except StoreQueryError as e:
-                log.error("engine %s: PostgreSQL refused a statement (SQLSTATE %s), stopping: %s",
-                          self.owner, e.sqlstate, e)
-                raise
-            # Idle: wait for a tick (or stop); busy: go again at once.
-            if not outcomes.get(StepOutcome.MOVED):
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=tick)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), period)
+            if self._inflight:
+                try:
+                    await self.schedule.renew()
+                except (StoreUnavailableError, StoreQueryError) as e:
+                    log.warning("worker %s could not renew its claims: %s", self.owner, e)
 
 
 def step_metadata(workflow: Workflow, actor: str) -> dict[str, str]:

@@ -39,6 +39,13 @@ class Runtime:
     store: EventStore
     exchanges: Exchanges
     accounts: Accounts
+    # Poll intervals are shrunk by this for a simulated world whose clock runs faster.
+    poll_scale: float = 1.0
+
+    def engine(self, owner: str | None = None, *, follow_projections: bool = False) -> Engine:
+        """The worker for these exchanges and accounts."""
+        return Engine(self.store, self.exchanges, self.accounts, owner=owner,
+                      follow_projections=follow_projections, poll_scale=self.poll_scale)
 
 
 @contextlib.asynccontextmanager
@@ -49,7 +56,8 @@ async def runtime(settings: Settings, database_url: str) -> AsyncIterator[Runtim
         stack.push_async_callback(store.close)
         accounts = load_accounts(settings.config)
         exchanges = await open_exchanges(settings, database_url, accounts, stack)
-        yield Runtime(store, exchanges, accounts)
+        live = isinstance(exchanges, LiveExchanges)
+        yield Runtime(store, exchanges, accounts, 1.0 if live else 1 / settings.sim_time_scale)
 
 
 async def open_exchanges(
@@ -96,7 +104,7 @@ async def serve(settings: Settings, database_url: str, nats_url: str | None, *,
     # API's among them, end with it), then the relay, then the exchanges and the store.
     async with contextlib.AsyncExitStack() as stack:
         rt = await stack.enter_async_context(runtime(settings, database_url))
-        engine = Engine(rt.store, rt.exchanges, rt.accounts, follow_projections=False)
+        engine = rt.engine()
         runner = ProjectionRunner(rt.store, default_projections())
         log.info("serving as %s", engine.owner)
         components: list[Component] = [

@@ -53,6 +53,9 @@ class TaskContext:
     # Exchange ids other workflows' tasks of a kind recorded since a time (see history_match).
     claimed: Callable[[str, datetime], Awaitable[frozenset[str]]] | None = None
     deadlines: dict[TaskKind, float] = field(default_factory=lambda: dict(DEFAULT_DEADLINES))
+    # A step that waits for a time it knows (a TWAP's next slice) says so: the worker looks
+    # again then rather than at its next poll.
+    wake_at: datetime | None = None
 
     async def move(self, trigger: TaskTrigger, **carried: Any) -> None:
         """Record one move of this task; refused before anything is stored if the table says no."""

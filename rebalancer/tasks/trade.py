@@ -197,7 +197,11 @@ class TradeProcessor(Processor):
         """Slices after the first wait `interval` seconds after the previous slice's intent."""
         if not _slices(ctx) or ctx.task.intent_at is None:
             return False
-        return ctx.now < ctx.task.intent_at + timedelta(seconds=plan.interval)
+        due = ctx.task.intent_at + timedelta(seconds=plan.interval)
+        if ctx.now < due:
+            ctx.wake_at = due
+            return True
+        return False
 
     async def _send_slice(
         self, ctx: TaskContext, config: TradeConfig, exchange: Exchange, plan: Plan,

@@ -108,7 +108,7 @@ class Worker:
             raise AssertionError(f"the worker exited on its own with status {code}\n{self.tail()}")
 
     def kill(self) -> None:
-        """SIGKILL: no clean-up, no draining, leases left behind."""
+        """SIGKILL: no clean-up, no draining, claims left behind."""
         assert self.process is not None
         self.check_alive()
         self.process.send_signal(signal.SIGKILL)
@@ -266,9 +266,11 @@ async def test_worker_killed_at_random_moments_moves_no_money_twice(
             else:
                 await asyncio.sleep(delay)
             worker.kill()
-            # Leases the dead worker left behind: workflows it killed in the middle of a step.
+            # Claims the dead worker left behind: workflows it killed in the middle of a step.
             with psycopg.connect(database_url) as conn:
-                orphans.update(conn.execute("select workflow_id, owner from workflow_leases"))
+                orphans.update(conn.execute(
+                    "select workflow_id, claimed_by from workflow_schedule"
+                    " where claimed_by is not null"))
             if len(ids) < WORKFLOWS:
                 await start_next()
             if time.monotonic() > deadline:

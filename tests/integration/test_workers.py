@@ -65,8 +65,9 @@ async def test_two_workers_drive_twenty_workflows_to_done_without_executing_twic
 ) -> None:
     spec = builtin_specs()[SEED_SPEC]
     async with (
-        Worker(database_url, owner="worker-a", clock=ahead) as first,
-        Worker(database_url, owner="worker-b", clock=ahead) as second,
+        # Each takes at most five at a time, so neither can hold all twenty.
+        Worker(database_url, owner="worker-a", clock=ahead, concurrency=5) as first,
+        Worker(database_url, owner="worker-b", clock=ahead, concurrency=5) as second,
     ):
         ids = [
             (await start_workflow(store, spec, {**SEED_PARAMS, "from_amount": AMOUNT},

@@ -74,6 +74,7 @@ class Worker:
         owner: str = "test-worker",
         clock: Callable[[], datetime] | None = None,
         seed: int = 11,
+        concurrency: int = 256,
     ) -> None:
         self.database_url = database_url
         self.accounts = accounts or load_accounts()
@@ -83,6 +84,7 @@ class Worker:
         self.owner = owner
         self.clock = clock
         self.seed = seed
+        self.concurrency = concurrency
         self._store: EventStore | None = None
         self._world: SimulatedWorld | None = None
         self._engine: Engine | None = None
@@ -113,6 +115,8 @@ class Worker:
             owner=self.owner,
             rate_per_exchange=1000.0,
             clock=self.clock,
+            poll_scale=1 / self.time_scale,
+            concurrency=self.concurrency,
         )
 
     async def close(self) -> None:

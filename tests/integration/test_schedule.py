@@ -1,0 +1,228 @@
+"""The worker's schedule: claims, hand-backs and due times, the bulkhead around one workflow's
+surprise, and work found while a foreign transaction holds the followers back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from events.store import EventStore
+from events.vocabulary import TaskKind
+from rebalancer import engine as engine_module
+from rebalancer.accounts import Accounts
+from rebalancer.commands import start_workflow
+from rebalancer.engine import Engine
+from rebalancer.schedule import Schedule
+from rebalancer.specs.builders import task, workflow
+from rebalancer.specs.models import WorkflowSpec
+from rebalancer.tasks.base import Processor, TaskContext
+from tests.support import Worker, eventually, load, operations, write_world
+
+POISON = "0.013"  # the amount of the one workflow whose processor blows up
+
+
+def to_futures(accounts: Accounts) -> WorkflowSpec:
+    return workflow(
+        "transfer_once",
+        {"account": "account", "amount": "amount"},
+        [task("move_to_futures", "transfer", account="{account}", currency="ETH",
+              amount="{amount}", from_wallet="spot", to_wallet="futures")],
+        accounts=accounts,
+    )
+
+
+@pytest.fixture(scope="module")
+def world_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_world(tmp_path_factory.mktemp("world"),
+                       balances={"binance-corp-sub": {"ETH": "10"}})
+
+
+async def start(store: EventStore, worker: Worker, amount: str) -> str:
+    workflow_id, _ = await start_workflow(
+        store, to_futures(worker.accounts), {"account": "binance-corp-sub", "amount": amount},
+        worker.accounts,
+    )
+    return workflow_id
+
+
+@contextlib.asynccontextmanager
+async def running(engine: Engine) -> AsyncIterator[asyncio.Task[None]]:
+    """`engine.run` in the background; stopped (and checked to stop cleanly) afterwards."""
+    stop = asyncio.Event()
+    task_ = asyncio.create_task(engine.run(stop, tick=0.05))
+    try:
+        yield task_
+    finally:
+        stop.set()
+        await asyncio.wait_for(task_, 20)
+
+
+async def schedule_row(database_url: str, workflow_id: str) -> dict[str, object] | None:
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cur = await conn.execute(
+            "select version, claimed_by, next_run_at > now() as later, failures, last_error"
+            " from workflow_schedule where workflow_id = %s", (workflow_id,))
+        row = await cur.fetchone()
+    if row is None:
+        return None
+    return dict(zip(("version", "claimed_by", "later", "failures", "last_error"), row,
+                    strict=True))
+
+
+async def test_an_append_makes_a_workflow_due_and_a_claim_is_one_owners(
+    database_url: str, store: EventStore, world_file: Path
+) -> None:
+    async with Worker(database_url, world=world_file) as worker:
+        workflow_id = await start(store, worker, "0.01")
+        # Written by the append itself: no projection involved.
+        assert await schedule_row(database_url, workflow_id) == {
+            "version": 1, "claimed_by": None, "later": False, "failures": 0, "last_error": None}
+        mine, theirs = Schedule(store, "a", 30), Schedule(store, "b", 30)
+        assert [c.workflow_id for c in await mine.claim(10)] == [workflow_id]
+        assert await theirs.claim(10) == []
+        assert await mine.holders() == {workflow_id: "a"}
+        # Handed back due later: nobody may take it before then...
+        await mine.release(workflow_id, 1, 60)
+        assert await theirs.claim(10) == []
+        # ...unless an append (a command, say) makes it due now.
+        await worker.step(workflow_id)
+        assert [c.workflow_id for c in await theirs.claim(10)] == [workflow_id]
+        # A hand-back with a stale version keeps it due now: the append is not lost.
+        await theirs.release(workflow_id, 1, 60)
+        assert [c.workflow_id for c in await mine.claim(10)] == [workflow_id]
+        # Nothing more to do: the row goes; the version must be the stream's.
+        await mine.finish(workflow_id, 1)
+        assert await schedule_row(database_url, workflow_id) is not None
+        assert [c.workflow_id for c in await mine.claim(10)] == [workflow_id]
+        await mine.finish(workflow_id, 2)
+        assert await schedule_row(database_url, workflow_id) is None
+
+
+async def test_an_expired_claim_is_taken_over(
+    database_url: str, store: EventStore, world_file: Path
+) -> None:
+    async with Worker(database_url, world=world_file) as worker:
+        workflow_id = await start(store, worker, "0.01")
+        dead = Schedule(store, "dead", 0.1)
+        assert len(await dead.claim(10)) == 1
+        assert await Schedule(store, "alive", 30).claim(10) == []
+        await asyncio.sleep(0.3)
+        assert [c.workflow_id for c in await Schedule(store, "alive", 30).claim(10)] == [
+            workflow_id]
+        assert await dead.renew() == 0  # not ours any more
+
+
+class Poisoned(Processor):
+    """The transfer processor, except that it raises for one workflow's amount."""
+
+    kind = TaskKind.TRANSFER
+
+    def __init__(self, inner: Processor) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    async def step(self, ctx: TaskContext) -> None:
+        if ctx.workflow.params.get("amount") == POISON:
+            self.calls += 1
+            raise ZeroDivisionError("a bug that only this workflow meets")
+        await self.inner.step(ctx)
+
+    async def request(self, ctx: TaskContext) -> None:
+        raise AssertionError("not reached")
+
+    async def refresh(self, ctx: TaskContext) -> None:
+        raise AssertionError("not reached")
+
+
+async def test_one_workflows_unexpected_error_goes_to_an_operator_and_the_others_finish(
+    database_url: str, store: EventStore, world_file: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    poisoned = Poisoned(engine_module.PROCESSORS[TaskKind.TRANSFER])
+    monkeypatch.setitem(engine_module.PROCESSORS, TaskKind.TRANSFER, poisoned)  # type: ignore[index]
+    async with Worker(database_url, world=world_file) as worker:
+        healthy = [await start(store, worker, f"0.1{i:02d}") for i in range(20)]
+        bad = await start(store, worker, POISON)
+        async with running(worker.engine) as service:
+            flows = await eventually(
+                lambda: asyncio.gather(*(load(store, w) for w in [*healthy, bad])),
+                lambda fs: all(f.state == "done" for f in fs[:-1])
+                and fs[-1].state == "needs_attention",
+                timeout=30, what="20 done and the poisoned one handed to an operator",
+                describe=lambda fs: [f.state for f in fs])
+            assert not service.done()  # the worker is still up
+        poisoned_task = flows[-1].tasks[0]
+        assert poisoned_task.state == "needs_attention"
+        assert poisoned_task.error is not None
+        assert poisoned_task.error["code"] == "internal"
+        assert poisoned_task.error["attempts"] == 3
+        assert "ZeroDivisionError" in poisoned_task.error["message"]
+        assert poisoned.calls == 3  # three attempts, then no more
+        assert flows[-1].reason and "unexpected errors" in flows[-1].reason
+        # It moved nothing; every healthy one moved exactly its amount once.
+        moved = await operations(database_url, "transfer")
+        assert sorted(Decimal(op["amount"]) for op in moved) == sorted(
+            Decimal(f"0.1{i:02d}") for i in range(20))
+        # Logged with its workflow id and the error's class.
+        logged = [r.getMessage() for r in caplog.records if bad in r.getMessage()]
+        assert any("ZeroDivisionError" in m for m in logged), logged
+        # Waiting on an operator: off the schedule until a command appends.
+        assert await schedule_row(database_url, bad) is None
+
+
+async def test_a_foreign_transaction_held_open_does_not_stop_the_worker(
+    database_url: str, store: EventStore, world_file: Path
+) -> None:
+    async with (
+        Worker(database_url, world=world_file) as worker,
+        await psycopg.AsyncConnection.connect(database_url) as psql,
+    ):
+        # A session with a transaction id, left open: it holds the snapshot barrier (and so
+        # every follower of the global order) back for as long as it stays open.
+        await psql.execute("select pg_current_xact_id()")
+        held_since = time.monotonic()
+        async with running(worker.engine):
+            await asyncio.sleep(2)  # the hold is well in place
+            workflow_id = await start(store, worker, "0.02")
+            started = time.monotonic()
+            flow = await eventually(lambda: load(store, workflow_id),
+                                    lambda f: f.version > 1, timeout=10, interval=0.01,
+                                    what="the workflow's first move")
+            first_move = time.monotonic() - started
+            flow = await eventually(lambda: load(store, workflow_id),
+                                    lambda f: f.state == "done", timeout=20,
+                                    what="the workflow ending")
+            # The followers really were held back all along.
+            assert await store.head() < (await store.read_stream(flow.stream_id))[0].checkpoint
+            await asyncio.sleep(max(0.0, 30 - (time.monotonic() - held_since)))
+            assert time.monotonic() - held_since >= 30
+        await psql.rollback()
+    assert first_move < 1.0, f"first move after {first_move:.2f} s"
+
+
+async def test_the_worker_outlives_its_own_sql_being_refused(
+    database_url: str, store: EventStore, world_file: Path
+) -> None:
+    async with Worker(database_url, world=world_file) as worker:
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            # The claim query no longer matches the table: every claim is refused.
+            await conn.execute("alter table workflow_schedule rename column claimed_by to held_by")
+            workflow_id = await start(store, worker, "0.02")
+            async with running(worker.engine) as service:
+                await asyncio.sleep(1.0)
+                assert not service.done()
+                assert (await load(store, workflow_id)).state == "created"
+                await conn.execute(
+                    "alter table workflow_schedule rename column held_by to claimed_by")
+                flow = await eventually(lambda: load(store, workflow_id),
+                                        lambda f: f.state == "done", timeout=20,
+                                        what="the workflow ending once the table is back")
+        assert flow.state == "done"
+
