@@ -312,7 +312,7 @@ class Engine:
                 delay = backoff(retries, RETRY_BASE, RETRY_CAP, self._retry_scale, self._rng)
                 log.info("workflow %s: %s; retrying in %.1f s", workflow_id, e, delay)
                 await self.schedule.release(workflow_id, workflow.version, delay,
-                                            retries=retries)
+                                            retries=retries, failures=claim.failures)
                 return Driven(StepOutcome.RETRY, moved)
             except StoreUnavailableError:
                 raise
@@ -322,8 +322,10 @@ class Engine:
                 delay = self._wait(workflow, ctx)
                 await self.schedule.release(workflow_id, workflow.version, delay)
                 return Driven(StepOutcome.IDLE if not moved else StepOutcome.MOVED, moved)
+            # The counters of the claim stay until the drive ends cleanly: a step that moves
+            # and then blows up (an intent stored, the call raising) would otherwise reset them
+            # for ever and never reach an operator.
             moved += 1
-            claim = Claim(workflow_id, workflow.version, 0, 0)
 
     def _wait(self, workflow: Workflow, ctx: TaskContext | None) -> float:
         """Seconds until a workflow that waits on the exchange (or on time) is looked at again."""

@@ -39,13 +39,18 @@ class Runtime:
     store: EventStore
     exchanges: Exchanges
     accounts: Accounts
+    settings: Settings
     # Poll intervals are shrunk by this for a simulated world whose clock runs faster.
     poll_scale: float = 1.0
 
     def engine(self, owner: str | None = None, *, follow_projections: bool = False) -> Engine:
-        """The worker for these exchanges and accounts."""
-        return Engine(self.store, self.exchanges, self.accounts, owner=owner,
-                      follow_projections=follow_projections, poll_scale=self.poll_scale)
+        """The worker for these exchanges and accounts, as the settings size it."""
+        return Engine(
+            self.store, self.exchanges, self.accounts, owner=owner,
+            follow_projections=follow_projections, poll_scale=self.poll_scale,
+            concurrency=self.settings.worker_concurrency,
+            lease_seconds=self.settings.claim_seconds, max_failures=self.settings.max_failures,
+        )
 
 
 @contextlib.asynccontextmanager
@@ -57,7 +62,8 @@ async def runtime(settings: Settings, database_url: str) -> AsyncIterator[Runtim
         accounts = load_accounts(settings.config)
         exchanges = await open_exchanges(settings, database_url, accounts, stack)
         live = isinstance(exchanges, LiveExchanges)
-        yield Runtime(store, exchanges, accounts, 1.0 if live else 1 / settings.sim_time_scale)
+        yield Runtime(store, exchanges, accounts, settings,
+                      1.0 if live else 1 / settings.sim_time_scale)
 
 
 async def open_exchanges(

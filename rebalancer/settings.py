@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     pg_bin: Path | None = None
     # A relay this far behind the store raises a `relay_lag` alert.
     relay_lag_seconds: float = 30.0
+    # The worker: workflows it drives at once, how long its claim on one lasts unrenewed (a
+    # dead worker's workflows wait this long), unexpected errors in a row before a task goes
+    # to an operator.
+    worker_concurrency: int = Field(default=256, ge=1, le=100_000)
+    claim_seconds: float = Field(default=3.0, ge=0.5, le=3600, allow_inf_nan=False)
+    max_failures: int = Field(default=3, ge=1, le=1000)
 
     @field_validator("pg_bin", mode="before")
     @classmethod

@@ -132,6 +132,12 @@ class Processor(ABC):
         except SpecError as e:
             # A reference that cannot be rendered now will not render later either.
             await ctx.move(TaskTrigger.FAIL, error=error("spec", str(e)))
+        except RejectedError as e:
+            if state != TaskState.CREATED:
+                raise  # an operation may be in flight: never failed on a guess
+            # Refused before any intent (no such market, say): nothing moved, it will not
+            # change by asking again.
+            await ctx.move(TaskTrigger.FAIL, error=error("rejected", str(e)))
 
     @abstractmethod
     async def request(self, ctx: TaskContext) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -21,11 +22,17 @@ from rebalancer.commands import start_workflow
 from rebalancer.engine import Engine
 from rebalancer.schedule import Schedule
 from rebalancer.specs.builders import task, workflow
+from rebalancer.specs.loading import builtin_specs
 from rebalancer.specs.models import WorkflowSpec
 from rebalancer.tasks.base import Processor, TaskContext
-from tests.support import Worker, eventually, load, operations, write_world
+from tests.support import SEED_PARAMS, SEED_SPEC, Worker, eventually, load, operations, write_world
 
 POISON = "0.013"  # the amount of the one workflow whose processor blows up
+
+
+def ahead() -> datetime:
+    """A clock past the seed path's 2 s TWAP interval, so its slices go at once."""
+    return datetime.now(UTC) + timedelta(seconds=2)
 
 
 def to_futures(accounts: Accounts) -> WorkflowSpec:
@@ -41,7 +48,8 @@ def to_futures(accounts: Accounts) -> WorkflowSpec:
 @pytest.fixture(scope="module")
 def world_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_world(tmp_path_factory.mktemp("world"),
-                       balances={"binance-corp-sub": {"ETH": "10"}})
+                       balances={"binance-corp-sub": {"ETH": "10"},
+                                 "binance-personal": {"USDT": "1000"}})
 
 
 async def start(store: EventStore, worker: Worker, amount: str) -> str:
@@ -226,3 +234,35 @@ async def test_the_worker_outlives_its_own_sql_being_refused(
                                         what="the workflow ending once the table is back")
         assert flow.state == "done"
 
+
+
+async def test_real_bad_input_that_blows_up_a_step_does_not_stop_the_worker(
+    database_url: str, store: EventStore, world_file: Path
+) -> None:
+    # Inputs the start command does not refuse yet, each of which raised inside a step and
+    # used to end `serve` on every restart.
+    spec = builtin_specs()[SEED_SPEC]
+    async with Worker(database_url, world=world_file, clock=ahead) as worker:
+        bad = [
+            (await start_workflow(store, spec, {**SEED_PARAMS, **params}, worker.accounts))[0]
+            for params in ({"from_amount": "1e999"},
+                           {"from_amount": "200000", "interim_currency": "BTC"})
+        ]
+        good = (await start_workflow(store, spec, {**SEED_PARAMS, "from_amount": "200000"},
+                                     worker.accounts))[0]
+        async with running(worker.engine) as service:
+            flows = await eventually(
+                lambda: asyncio.gather(*(load(store, w) for w in [*bad, good])),
+                lambda fs: all(f.state in ("done", "failed", "needs_attention") for f in fs),
+                timeout=60, what="every workflow ending or handed to an operator",
+                describe=lambda fs: [(f.state, f.reason) for f in fs])
+            assert not service.done()
+    huge, no_market, healthy = flows
+    assert healthy.state == "done"
+    # The amount blew up inside the exchange call, after its intent: kept, for an operator.
+    assert huge.state == "needs_attention", huge.reason
+    assert huge.reason and "3 unexpected errors in a row: InvalidOperation" in huge.reason
+    assert huge.tasks[0].state == "needs_attention" and huge.tasks[0].request_params
+    # No such market, known before any intent: a plain failure, nothing moved.
+    assert no_market.state == "failed", no_market.reason
+    assert no_market.reason and "no market BTC/KRW" in no_market.reason
