@@ -270,9 +270,10 @@ def _positive(value: object, what: str) -> float:
 def bucket_options(value: object) -> object:
     """`unlimited` for a whole exchange or one bucket, as BucketOption data."""
     if value == "unlimited":
-        return {"*": {"per_second": None}}
+        return {"*": {"per_second": "unlimited"}}
     if isinstance(value, dict):
-        return {k: ({"per_second": None} if v == "unlimited" else v) for k, v in value.items()}
+        lifted = {"per_second": "unlimited"}
+        return {k: (lifted if v == "unlimited" else v) for k, v in value.items()}
     return value
 
 
