@@ -340,6 +340,11 @@ class Budgets:
     def __iter__(self) -> Iterator[Budget]:
         return iter(list(self._budgets.values()))
 
+    def counters(self) -> dict[str, dict[str, float]]:
+        """Per budget: requests granted, tokens spent, seconds waited, waiting now (metrics)."""
+        return {b.name: {"granted": b.granted, "spent": b.spent, "waited": b.waited,
+                         "waiting": b.waiting} for b in self}
+
     def charges(self, exchange: str, account: str, method: str) -> tuple[tuple[Budget, int], ...]:
         """The (budget, cost) pairs one call of `method` on `account` takes."""
         key = (exchange, account, method)

@@ -184,6 +184,14 @@ async def test_a_lifted_budget_grants_at_once_and_only_counts() -> None:
     assert budget.next_free(1e9) == 0 and clock.pending == 0 and budget.waited == 0
 
 
+async def test_the_counters_report_each_budget() -> None:
+    budgets = Budgets("live")
+    budget = budgets.charges("upbit", "u1", "fetch_order")[0][0]
+    await budget.acquire()
+    assert budgets.counters() == {
+        "upbit/u1/default": {"granted": 1, "spent": 1, "waited": 0, "waiting": 0}}
+
+
 # -- the budgets of one process --------------------------------------------------------------
 
 
