@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rebalancer.accounts import (
     Account,
@@ -19,6 +19,7 @@ from rebalancer.accounts import (
     load_config_file,
     validation_text,
 )
+from rebalancer.budgets import BucketOption, bucket_options, budget_rates
 from rebalancer.errors import SpecError
 from rebalancer.exchanges.base import Exchange
 from rebalancer.settings import Settings, environment_variable
@@ -56,6 +57,14 @@ class ExchangeOptions(BaseModel):
 
     testnet: bool = False  # Binance's spot testnet (it has no withdrawals or transfers)
     timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    # Request budgets by bucket over the published defaults (rebalancer/budgets.py); the
+    # whole exchange or one bucket may be `unlimited` (benchmarks).
+    budgets: dict[str, BucketOption] = Field(default_factory=dict)
+
+    @field_validator("budgets", mode="before")
+    @classmethod
+    def _unlimited(cls, value: object) -> object:
+        return bucket_options(value)
 
 
 def exchange_options(path: Path | None) -> dict[str, ExchangeOptions]:
@@ -65,12 +74,19 @@ def exchange_options(path: Path | None) -> dict[str, ExchangeOptions]:
         raise SpecError("the configuration's `exchanges:` must map exchange names to options")
     options: dict[str, ExchangeOptions] = {}
     for name, values in section.items():
-        if name not in CONNECTORS:
-            raise SpecError(f"exchanges: unknown exchange {name!r} (known: upbit, binance)")
+        if name not in CONNECTORS and name != "simulated":
+            raise SpecError(
+                f"exchanges: unknown exchange {name!r} (known: upbit, binance, simulated)")
         try:
             options[name] = ExchangeOptions.model_validate(values or {})
         except ValidationError as e:
             raise SpecError(f"exchanges.{name}: {validation_text(e)}") from None
+        if name == "simulated" and options[name].model_fields_set - {"budgets"}:
+            raise SpecError("exchanges.simulated: only `budgets` applies to the simulated world")
+        try:
+            budget_rates(name, options[name].budgets)
+        except ValueError as e:
+            raise SpecError(f"exchanges.{name}.budgets.{e}") from None
     if options.get("upbit", ExchangeOptions()).testnet:
         raise SpecError("exchanges.upbit: Upbit has no testnet")
     return options
