@@ -8,7 +8,6 @@ import functools
 import logging
 import os
 import random
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,8 +22,9 @@ from events.store import EventStore
 from events.vocabulary import TaskKind, TaskTrigger, WorkflowState, WorkflowTrigger
 from projections.runner import ProjectionRunner, default_projections
 from rebalancer.accounts import Accounts
+from rebalancer.budgets import BudgetedExchanges, Budgets
 from rebalancer.errors import IllegalTransitionError, RetryableError, UnknownOutcomeError
-from rebalancer.exchanges.base import Exchange, Exchanges
+from rebalancer.exchanges.base import Exchanges
 from rebalancer.machines import task_machine, workflow_machine
 from rebalancer.polling import (
     DEFAULT_POLLS,
@@ -75,63 +75,6 @@ class StepOutcome(StrEnum):
     LEASED = "leased"  # another worker holds it
 
 
-class RateLimiter:
-    """A token bucket per exchange: at most `rate` calls a second, bursts of `burst`."""
-
-    def __init__(self, rate: float, burst: int = 5) -> None:
-        self._rate = rate
-        self._burst = burst
-        self._tokens = float(burst)
-        self._stamp = time.monotonic()
-        self._lock = asyncio.Lock()
-
-    async def acquire(self) -> None:
-        async with self._lock:
-            while True:
-                now = time.monotonic()
-                self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
-                self._stamp = now
-                if self._tokens >= 1:
-                    self._tokens -= 1
-                    return
-                await asyncio.sleep((1 - self._tokens) / self._rate)
-
-
-class _Throttled:
-    """Wraps one exchange port so that every call first takes a token from its bucket."""
-
-    def __init__(self, inner: Exchange, limiter: RateLimiter) -> None:
-        self._inner = inner
-        self._limiter = limiter
-        self.exchange = inner.exchange
-        self.account = inner.account
-
-    def __getattr__(self, name: str) -> Any:
-        target = getattr(self._inner, name)
-        if not callable(target):
-            return target
-
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            await self._limiter.acquire()
-            return await target(*args, **kwargs)
-
-        return call
-
-
-class ThrottledExchanges:
-    """Exchanges seen through per-exchange rate limits."""
-
-    def __init__(self, inner: Exchanges, rate_per_exchange: float) -> None:
-        self._inner = inner
-        self._rate = rate_per_exchange
-        self._limiters: dict[str, RateLimiter] = {}
-
-    def for_account(self, account: str) -> Exchange:
-        exchange = self._inner.for_account(account)
-        limiter = self._limiters.setdefault(exchange.exchange, RateLimiter(self._rate))
-        return _Throttled(exchange, limiter)
-
-
 @dataclass
 class Driven:
     """What driving one claimed workflow came to: its last outcome and the steps it moved."""
@@ -160,7 +103,7 @@ class Engine:
         owner: str | None = None,
         concurrency: int = 256,
         lease_seconds: float = 3.0,
-        rate_per_exchange: float = 20.0,
+        budgets: Budgets | None = None,
         deadlines: Mapping[TaskKind, float] | None = None,
         clock: Callable[[], datetime] | None = None,
         follow_projections: bool = True,
@@ -170,7 +113,9 @@ class Engine:
         seed: int | None = None,
     ) -> None:
         self.store = store
-        self.exchanges = ThrottledExchanges(exchanges, rate_per_exchange)
+        # Every exchange call takes from its budget first: the budget, not the engine, is
+        # what limits a worker's pace on a live exchange.
+        self.exchanges = BudgetedExchanges(exchanges, budgets or Budgets("simulated"))
         self.accounts = accounts
         self.owner = owner or f"worker-{os.getpid()}-{random.getrandbits(32):08x}"
         self.concurrency = concurrency

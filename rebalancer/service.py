@@ -21,6 +21,7 @@ from projections.runner import ProjectionRunner, default_projections
 from rebalancer.accounts import Accounts, load_accounts, spec_dirs
 from rebalancer.alerts import AlertPublisher, RelayLagWatch
 from rebalancer.api import Api, NatsUnavailableError, connect, serve_api
+from rebalancer.budgets import Budgets
 from rebalancer.engine import Engine
 from rebalancer.errors import ComponentFailedError
 from rebalancer.exchanges.base import Exchanges
@@ -40,6 +41,7 @@ class Runtime:
     exchanges: Exchanges
     accounts: Accounts
     settings: Settings
+    budgets: Budgets
     # Poll intervals are shrunk by this for a simulated world whose clock runs faster.
     poll_scale: float = 1.0
 
@@ -50,6 +52,7 @@ class Runtime:
             follow_projections=follow_projections, poll_scale=self.poll_scale,
             concurrency=self.settings.worker_concurrency,
             lease_seconds=self.settings.claim_seconds, max_failures=self.settings.max_failures,
+            budgets=self.budgets,
         )
 
 
@@ -63,6 +66,7 @@ async def runtime(settings: Settings, database_url: str) -> AsyncIterator[Runtim
         exchanges = await open_exchanges(settings, database_url, accounts, stack)
         live = isinstance(exchanges, LiveExchanges)
         yield Runtime(store, exchanges, accounts, settings,
+                      Budgets.from_settings(settings, accounts),
                       1.0 if live else 1 / settings.sim_time_scale)
 
 

@@ -14,6 +14,7 @@ from psycopg.rows import dict_row
 
 from events.store import EventStore, RecordedEvent
 from rebalancer.accounts import DEFAULT_CONFIG, Accounts, load_accounts
+from rebalancer.budgets import Budgets
 from rebalancer.engine import Engine
 from rebalancer.exchanges.simulated import DEFAULT_WORLD, SimulatedWorld
 from rebalancer.specs.builders import task, workflow
@@ -107,13 +108,13 @@ class Worker:
             time_scale=self.time_scale,
             max_size=4,
         )
-        # A high rate limit: the tests' worlds answer in milliseconds.
+        # No budget: the tests' worlds answer in milliseconds.
         self._engine = Engine(
             self._store,
             self._world,
             self.accounts,
             owner=self.owner,
-            rate_per_exchange=1000.0,
+            budgets=Budgets.lifted(),
             clock=self.clock,
             poll_scale=1 / self.time_scale,
             concurrency=self.concurrency,
