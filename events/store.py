@@ -25,9 +25,11 @@ from events.catalogue import Catalogue, Event
 from events.catalogue import catalogue as default_catalogue
 from events.database import (
     SESSION_OPTIONS,
+    UNAVAILABLE,
     Session,
     check_reachable,
     connect,
+    first_line,
     open_pool,
     translated,
     where,
@@ -206,7 +208,16 @@ class EventStore:
         StoreQueryError (the statement or its data refused; UndefinedTableError for a missing
         table), the original as its cause."""
         async with translated(), self._pool.connection() as conn:
-            yield conn
+            try:
+                yield conn
+            except psycopg.Error as e:
+                # Whatever PostgreSQL said last, a connection that broke under the block is an
+                # outage (a backend killed mid-statement, a server restarting), never a SQL bug.
+                if (conn.broken or conn.closed) and not isinstance(e, UNAVAILABLE):
+                    raise StoreUnavailableError(
+                        f"PostgreSQL unavailable: the connection broke ({first_line(e)})"
+                    ) from e
+                raise
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
@@ -309,7 +320,11 @@ class EventStore:
             self._notify_wanted.clear()
             try:
                 await self._notify_once()
-            except psycopg.Error:
+            except Exception:  # PostgreSQL away (any way): a task must not die of it
+                conn, self._notify_conn = self._notify_conn, None
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
                 if not self._closing:
                     await asyncio.sleep(0.5)  # the followers' poll covers the lost wake-up
             if self._closing:
@@ -323,7 +338,7 @@ class EventStore:
         # appends alternate between two server backends, which cost them about a quarter.
         if self._notify_conn is None or self._notify_conn.closed:
             self._notify_conn = await psycopg.AsyncConnection.connect(
-                self._conninfo, autocommit=True, options=SESSION_OPTIONS
+                self._conninfo, autocommit=True, options=SESSION_OPTIONS, connect_timeout=5
             )
         await self._notify_conn.execute("select pg_notify(%s, '')", (NOTIFY_CHANNEL,))
 
@@ -502,14 +517,18 @@ class Notifications:
         if self._conn is not None:
             await self._conn.close()
 
-    async def wait(self, timeout: float) -> bool:
-        """True when at least one notification arrived within `timeout` seconds; raises
-        StoreUnavailableError when the connection is lost."""
+    async def wait(self, timeout: float, coalesce: float = 0.0) -> bool:
+        """True when at least one notification arrived within `timeout` seconds; then, for
+        `coalesce` seconds more, takes in those that follow, so that a burst of appends wakes
+        the follower once. Raises StoreUnavailableError when the connection is lost."""
         assert self._conn is not None, "use Notifications as an async context manager"
         woke = False
         async with translated():
             async for _ in self._conn.notifies(timeout=timeout, stop_after=1):
                 woke = True
+            if woke and coalesce > 0:
+                async for _ in self._conn.notifies(timeout=coalesce):
+                    pass
         return woke
 
 
