@@ -363,8 +363,12 @@ class EventStore:
         rows = await self.fetch_rows(query + " order by version", params)
         return [RecordedEvent(*row) for row in rows]
 
-    async def read_all(self, after: Checkpoint = ORIGIN, limit: int = 1000) -> list[RecordedEvent]:
-        """Up to `limit` events of the global order after `after`, never skipping one.
+    async def read_all(
+        self, after: Checkpoint = ORIGIN, limit: int = 1000,
+        *, on: psycopg.AsyncConnection[Any] | None = None,
+    ) -> list[RecordedEvent]:
+        """Up to `limit` events of the global order after `after`, never skipping one; `on` a
+        connection of the caller's (a Session's) instead of a pooled one.
 
         Positions come from a sequence and are taken before commit, so a transaction that
         commits late can insert a position below one a reader has already passed. The order
@@ -372,13 +376,19 @@ class EventStore:
         transaction with a lower id has finished, so nothing can appear behind the reader
         later. A long-open transaction anywhere therefore holds readers back.
         """
-        rows = await self.fetch_rows(
+        query = (
             f"select {_COLUMNS} from events"
             " where (transaction_id, position) > (%s::text::xid8, %s)"
             " and transaction_id < pg_snapshot_xmin(pg_current_snapshot())"
-            " order by transaction_id, position limit %s",
-            (str(after.transaction_id), after.position, limit),
+            " order by transaction_id, position limit %s"
         )
+        params = (str(after.transaction_id), after.position, limit)
+        if on is None:
+            rows = await self.fetch_rows(query, params)
+        else:
+            cur = on.cursor(row_factory=tuple_row)
+            await cur.execute(query, params)
+            rows = await cur.fetchall()
         return [RecordedEvent(*row) for row in rows]
 
     async def iter_all(

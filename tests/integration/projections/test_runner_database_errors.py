@@ -17,8 +17,8 @@ from events.errors import StoreQueryError, StoreUnavailableError
 from events.store import EventStore
 from projections.runner import ProjectionRunner, default_projections
 from tests.integration.projections.test_runner import append_all, read_model
-from tests.support.synthetic import make_history
 from tests.support import eventually
+from tests.support.synthetic import make_history
 
 
 async def _rename(database_url: str, old: str, new: str) -> None:
