@@ -1,5 +1,9 @@
 """Catch-up runner: feeds the global event order to projections, each with its own checkpoint."""
 
+# Over ~400 lines for a reason: the shared read, the compare-and-set claim of the checkpoints
+# and the poison search are one invariant (each event applied once to each projection, a poison
+# event stopping only its own) and read best together.
+
 from __future__ import annotations
 
 import asyncio
