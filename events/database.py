@@ -25,6 +25,7 @@ SESSION_OPTIONS = (
     "-c application_name=rebalancer"
 )
 XID8_OID = 5069
+CONNECT_TIMEOUT = 10  # seconds, for connections outside the pool (sessions, LISTEN)
 
 # The split that decides whether anyone retries. Unavailable: the server, the network or the
 # pool failed us (lost connection, server shutting down, pool exhausted or closed, lock and
@@ -95,8 +96,9 @@ async def connect(conninfo: str) -> psycopg.AsyncConnection[Any]:
     """One autocommit connection outside any pool; raises StoreUnavailableError or
     StoreQueryError."""
     async with translated():
+        # Bounded: a server that does not answer at all (a host gone) must not hang a follower.
         conn = await psycopg.AsyncConnection.connect(
-            conninfo, autocommit=True, options=SESSION_OPTIONS
+            conninfo, autocommit=True, options=SESSION_OPTIONS, connect_timeout=CONNECT_TIMEOUT
         )
     await configure(conn)
     return conn

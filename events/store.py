@@ -25,9 +25,11 @@ from events.catalogue import Catalogue, Event
 from events.catalogue import catalogue as default_catalogue
 from events.database import (
     SESSION_OPTIONS,
+    UNAVAILABLE,
     Session,
     check_reachable,
     connect,
+    first_line,
     open_pool,
     translated,
     where,
@@ -208,7 +210,16 @@ class EventStore:
         StoreQueryError (the statement or its data refused; UndefinedTableError for a missing
         table), the original as its cause."""
         async with translated(), self._pool.connection() as conn:
-            yield conn
+            try:
+                yield conn
+            except psycopg.Error as e:
+                # Whatever PostgreSQL said last, a connection that broke under the block is an
+                # outage (a backend killed mid-statement, a server restarting), never a SQL bug.
+                if (conn.broken or conn.closed) and not isinstance(e, UNAVAILABLE):
+                    raise StoreUnavailableError(
+                        f"PostgreSQL unavailable: the connection broke ({first_line(e)})"
+                    ) from e
+                raise
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
@@ -322,7 +333,11 @@ class EventStore:
             self._notify_wanted.clear()
             try:
                 await self._notify_once()
-            except psycopg.Error:
+            except Exception:  # PostgreSQL away (any way): a task must not die of it
+                conn, self._notify_conn = self._notify_conn, None
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
                 if not self._closing:
                     await asyncio.sleep(0.5)  # the followers' poll covers the lost wake-up
             if self._closing:
@@ -336,7 +351,7 @@ class EventStore:
         # appends alternate between two server backends, which cost them about a quarter.
         if self._notify_conn is None or self._notify_conn.closed:
             self._notify_conn = await psycopg.AsyncConnection.connect(
-                self._conninfo, autocommit=True, options=SESSION_OPTIONS
+                self._conninfo, autocommit=True, options=SESSION_OPTIONS, connect_timeout=5
             )
         await self._notify_conn.execute("select pg_notify(%s, '')", (NOTIFY_CHANNEL,))
 
@@ -361,8 +376,12 @@ class EventStore:
         rows = await self.fetch_rows(query + " order by version", params)
         return [RecordedEvent(*row) for row in rows]
 
-    async def read_all(self, after: Checkpoint = ORIGIN, limit: int = 1000) -> list[RecordedEvent]:
-        """Up to `limit` events of the global order after `after`, never skipping one.
+    async def read_all(
+        self, after: Checkpoint = ORIGIN, limit: int = 1000,
+        *, on: psycopg.AsyncConnection[Any] | None = None,
+    ) -> list[RecordedEvent]:
+        """Up to `limit` events of the global order after `after`, never skipping one; `on` a
+        connection of the caller's (a Session's) instead of a pooled one.
 
         Positions come from a sequence and are taken before commit, so a transaction that
         commits late can insert a position below one a reader has already passed. The order
@@ -370,13 +389,19 @@ class EventStore:
         transaction with a lower id has finished, so nothing can appear behind the reader
         later. A long-open transaction anywhere therefore holds readers back.
         """
-        rows = await self.fetch_rows(
+        query = (
             f"select {_COLUMNS} from events"
             " where (transaction_id, position) > (%s::text::xid8, %s)"
             " and transaction_id < pg_snapshot_xmin(pg_current_snapshot())"
-            " order by transaction_id, position limit %s",
-            (str(after.transaction_id), after.position, limit),
+            " order by transaction_id, position limit %s"
         )
+        params = (str(after.transaction_id), after.position, limit)
+        if on is None:
+            rows = await self.fetch_rows(query, params)
+        else:
+            cur = on.cursor(row_factory=tuple_row)
+            await cur.execute(query, params)
+            rows = await cur.fetchall()
         return [RecordedEvent(*row) for row in rows]
 
     async def iter_all(
@@ -515,14 +540,18 @@ class Notifications:
         if self._conn is not None:
             await self._conn.close()
 
-    async def wait(self, timeout: float) -> bool:
-        """True when at least one notification arrived within `timeout` seconds; raises
-        StoreUnavailableError when the connection is lost."""
+    async def wait(self, timeout: float, coalesce: float = 0.0) -> bool:
+        """True when at least one notification arrived within `timeout` seconds; then, for
+        `coalesce` seconds more, takes in those that follow, so that a burst of appends wakes
+        the follower once. Raises StoreUnavailableError when the connection is lost."""
         assert self._conn is not None, "use Notifications as an async context manager"
         woke = False
         async with translated():
             async for _ in self._conn.notifies(timeout=timeout, stop_after=1):
                 woke = True
+            if woke and coalesce > 0:
+                async for _ in self._conn.notifies(timeout=coalesce):
+                    pass
         return woke
 
 

@@ -72,10 +72,12 @@ async def pending_alerts(store: EventStore, limit: int = 100) -> list[dict[str, 
         return await cur.fetchall()
 
 
-async def mark_delivered(store: EventStore, key: str) -> None:
+async def mark_delivered(store: EventStore, *keys: str) -> None:
+    """Record these alerts as delivered (one statement for all of them)."""
     async with store.connection() as conn:
         await conn.execute(
-            "insert into alert_deliveries (key) values (%s) on conflict (key) do nothing", (key,)
+            "insert into alert_deliveries (key) select unnest(%s::text[])"
+            " on conflict (key) do nothing", (list(keys),)
         )
 
 

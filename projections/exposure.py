@@ -47,9 +47,6 @@ class ExposureProjection:
             " amount = excluded.amount, last_version = excluded.last_version"
             " where {}.last_version < excluded.last_version"
         ).format(table, table)
-        self._close = sql.SQL(
-            "delete from {} where workflow_id = %s and task_index = %s"
-        ).format(table)
         self._watched = sql.SQL(
             "delete from {} where workflow_id = %s and task_index = %s and kind = %s"
         ).format(table)
@@ -63,41 +60,58 @@ class ExposureProjection:
         ).format(t=table)
 
     async def apply_batch(self, conn: AsyncConnection[Any], events: list[RecordedEvent]) -> None:
-        # Pipelined: no statement needs the previous one's result, so the batch is sent
-        # without waiting for a round trip per event.
+        # Moves of withdrawals and transfers touch only their own task's row, so between two
+        # deposit moves (which match rows across tasks) they are sent as a few multi-row
+        # statements: the n-th move of every task in one round, rounds in order. Deposit moves
+        # go one by one, in their place. Pipelined: no statement needs another's result.
         async with conn.pipeline(), conn.cursor() as cur:
+            rounds: dict[tuple[str, int], list[tuple[str, tuple[Any, ...]]]] = {}
             for event in events:
                 if event.type != TaskStateChanged.type_name:
                     continue
                 data = event.data
-                kind, dest = data["kind"], data["dest"]
+                kind = data["kind"]
                 workflow_id = workflow_id_of(event.stream_id)
                 if kind == K.DEPOSIT:
+                    await self._flush(cur, rounds)
                     await self._deposit(cur, event, workflow_id)
                     continue
-                if kind not in CLOSING:
-                    continue
-                index = data["task_index"]
-                if dest in CLOSING[kind] or data["trigger"] == TaskTrigger.RESET:
-                    await cur.execute(self._close, (workflow_id, index))
-                elif dest == S.SUBMITTING:
-                    params = data.get("request_params") or {}
-                    await cur.execute(
-                        self._open,
-                        (workflow_id, index, kind, params.get("from_account"),
-                         params.get("to_account"), params.get("currency"),
-                         _amount(params, event), dest, event.recorded_at, event.version),
-                    )
-                elif dest in IN_TRANSIT:
-                    # The status follows the task; amounts stay as they were requested.
-                    await cur.execute(
-                        sql.SQL(
-                            "update {} set status = %s, last_version = %s where workflow_id = %s"
-                            " and task_index = %s and last_version < %s"
-                        ).format(sql.Identifier(self.schema, "exposure_items")),
-                        (dest, event.version, workflow_id, index, event.version),
-                    )
+                if kind in CLOSING:
+                    move = self._move(event, workflow_id)
+                    if move is not None:
+                        rounds.setdefault((workflow_id, data["task_index"]), []).append(move)
+            await self._flush(cur, rounds)
 
+    def _move(self, event: RecordedEvent, workflow_id: str) -> tuple[str, tuple[Any, ...]] | None:
+        data = event.data
+        kind, dest, index = data["kind"], data["dest"], data["task_index"]
+        if dest in CLOSING[kind] or data["trigger"] == TaskTrigger.RESET:
+            return "close", (workflow_id, index)
+        if dest == S.SUBMITTING:
+            params = data.get("request_params") or {}
+            return "open", (workflow_id, index, kind, params.get("from_account"),
+                            params.get("to_account"), params.get("currency"),
+                            _amount(params, event), dest, event.recorded_at, event.version)
+        if dest in IN_TRANSIT:
+            # The status follows the task; amounts stay as they were requested.
+            return "status", (workflow_id, index, dest, event.version)
+        return None
+
+    async def _flush(
+        self, cur: Any, moves: dict[tuple[str, int], list[tuple[str, tuple[Any, ...]]]]
+    ) -> None:
+        table = sql.Identifier(self.schema, "exposure_items")
+        depth = max((len(m) for m in moves.values()), default=0)
+        for n in range(depth):
+            by_kind: dict[str, list[tuple[Any, ...]]] = {}
+            for task_moves in moves.values():
+                if n < len(task_moves):
+                    what, values = task_moves[n]
+                    by_kind.setdefault(what, []).append(values)
+            for what, rows in by_kind.items():
+                await cur.execute(_statement(what, table, len(rows)),
+                                  [value for row in rows for value in row])
+        moves.clear()
 
     async def _deposit(self, cur: Any, event: RecordedEvent, workflow_id: str) -> None:
         # The deposit's account and currency come with its first move (`watch`); later moves
@@ -116,6 +130,35 @@ class ExposureProjection:
             if data["dest"] == S.DONE:
                 await cur.execute(self._arrived, (workflow_id, index, K.DEPOSIT, K.WITHDRAW))
             await cur.execute(self._watched, (workflow_id, index, K.DEPOSIT))
+
+
+_OPEN_COLUMNS = ("workflow_id, task_index, kind, from_account, to_account, currency, amount,"
+                 " status, since, last_version")
+
+
+def _statement(what: str, table: sql.Identifier, rows: int) -> sql.Composed:
+    """One statement doing `what` (open, status, close) for `rows` distinct tasks."""
+    if what == "open":
+        row = sql.SQL("({})").format(sql.SQL(", ").join(sql.Placeholder() * 10))
+        return sql.SQL(
+            "insert into {t} (" + _OPEN_COLUMNS + ") values {v}"
+            " on conflict (workflow_id, task_index) do update set status = excluded.status,"
+            " amount = excluded.amount, last_version = excluded.last_version"
+            " where {t}.last_version < excluded.last_version"
+        ).format(t=table, v=sql.SQL(", ").join([row] * rows))
+    if what == "status":
+        values = sql.SQL(", ").join(
+            [sql.SQL("(%s::uuid, %s::int, %s::text, %s::int)")] * rows)
+        return sql.SQL(
+            "update {t} e set status = v.status, last_version = v.version from (values {v})"
+            " v(workflow_id, task_index, status, version) where e.workflow_id = v.workflow_id"
+            " and e.task_index = v.task_index and e.last_version < v.version"
+        ).format(t=table, v=values)
+    values = sql.SQL(", ").join([sql.SQL("(%s::uuid, %s::int)")] * rows)
+    return sql.SQL(
+        "delete from {t} e using (values {v}) v(workflow_id, task_index)"
+        " where e.workflow_id = v.workflow_id and e.task_index = v.task_index"
+    ).format(t=table, v=values)
 
 
 def _amount(params: dict[str, Any], event: RecordedEvent) -> Decimal:

@@ -193,6 +193,9 @@ def _task_view(stored: dict[str, Any]) -> TaskView:
     return TaskView(**{**stored, "state": TaskState(stored["state"])})
 
 
+UPSERT_CHUNK = 500  # rows per statement: 20 parameters each, well under PostgreSQL's 65,535
+
+
 class WorkflowsProjection:
     """Keeps `<schema>.workflows` in step with the events, one row per workflow."""
 
@@ -205,16 +208,9 @@ class WorkflowsProjection:
         self._select = sql.SQL("select {} from {} where workflow_id = any(%s::uuid[])").format(
             sql.SQL(", ").join(map(sql.Identifier, COLUMNS)), table
         )
-        self._upsert = sql.SQL(
-            "insert into {} ({}) values ({}) on conflict (workflow_id) do update set {}"
-        ).format(
-            table,
-            sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
-            sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS)),
-            sql.SQL(", ").join(
-                sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c)) for c in COLUMNS[1:]
-            ),
-        )
+        self._table = table
+        self._row = sql.SQL("({})").format(sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS)))
+        self._upserts: dict[int, bytes] = {}
 
     async def apply_batch(self, conn: AsyncConnection[Any], events: list[RecordedEvent]) -> None:
         """Apply events inside the caller's transaction: each workflow is read and written once."""
@@ -224,8 +220,30 @@ class WorkflowsProjection:
             workflow_id = workflow_id_of(event.stream_id)
             views[workflow_id] = apply(views.get(workflow_id), event)
         rows = [to_row(view) for view in views.values() if view is not None]
+        # One multi-row statement per chunk rather than one per workflow (executemany).
         async with conn.cursor() as cur:
-            await cur.executemany(self._upsert, rows)
+            for start in range(0, len(rows), UPSERT_CHUNK):
+                chunk = rows[start:start + UPSERT_CHUNK]
+                await cur.execute(
+                    self._upsert(conn, len(chunk)), [value for row in chunk for value in row]
+                )
+
+    def _upsert(self, conn: AsyncConnection[Any], rows: int) -> bytes:
+        query = self._upserts.get(rows)
+        if query is None:
+            query = sql.SQL(
+                "insert into {} ({}) values {} on conflict (workflow_id) do update set {}"
+            ).format(
+                self._table,
+                sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
+                sql.SQL(", ").join([self._row] * rows),
+                sql.SQL(", ").join(
+                    sql.SQL("{0} = excluded.{0}").format(sql.Identifier(c)) for c in COLUMNS[1:]
+                ),
+            ).as_bytes(conn)
+            if rows <= 32:  # the usual sizes, kept; a rebuild's big chunks are composed anew
+                self._upserts[rows] = query
+        return query
 
     async def _load(
         self, conn: AsyncConnection[Any], workflow_ids: list[str]

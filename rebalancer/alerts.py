@@ -12,21 +12,24 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
-from events.errors import StoreQueryError
+from events.errors import StoreQueryError, StoreUnavailableError
 from events.relay import Relay
 from events.store import EventStore
 from projections.alerts import mark_delivered, pending_alerts, raise_alert
+from projections.runner import backoff
 
 log = logging.getLogger(__name__)
 
 STREAM = "REBALANCER_ALERTS"
 SUBJECTS = "rebalancer.alerts.>"
+MAX_BACKOFF = 30.0  # seconds between rounds after failures in a row
 
 
 def alert_stream() -> StreamConfig:
@@ -50,33 +53,34 @@ class AlertPublisher:
     def __init__(self, store: EventStore, js: JetStreamContext) -> None:
         self.store = store
         self.js = js
+        self._stream_ready = False
 
     async def ensure_stream(self) -> None:
         try:
             await self.js.add_stream(alert_stream())
         except Exception:
             await self.js.update_stream(alert_stream())
+        self._stream_ready = True
 
     async def publish_pending(self) -> int:
-        sent = 0
-        for alert in await pending_alerts(self.store):
-            await self.js.publish(f"rebalancer.alerts.{alert['kind']}", body_of(alert),
-                                  headers={"Nats-Msg-Id": alert["key"]}, timeout=5)
-            await mark_delivered(self.store, alert["key"])
-            sent += 1
-        return sent
+        if not self._stream_ready:
+            await self.ensure_stream()
+        sent: list[str] = []
+        try:
+            for alert in await pending_alerts(self.store):
+                await self.js.publish(f"rebalancer.alerts.{alert['kind']}", body_of(alert),
+                                      headers={"Nats-Msg-Id": alert["key"]}, timeout=5)
+                sent.append(alert["key"])
+        finally:
+            # One statement for the round; what JetStream took is recorded even if a later
+            # publish failed (a crash before this re-publishes, and JetStream drops the copy).
+            if sent:
+                await mark_delivered(self.store, *sent)
+        return len(sent)
 
     async def run(self, stop: asyncio.Event, interval: float = 1.0) -> None:
-        while not stop.is_set():
-            try:
-                await self.publish_pending()
-            except StoreQueryError as e:  # a SQL bug: retrying would only hide it
-                log.error("alerts: PostgreSQL refused a statement (SQLSTATE %s), stopping: %s",
-                          e.sqlstate, e)
-                raise
-            except Exception as e:  # NATS or PostgreSQL away: nothing is lost, try again
-                log.warning("alerts not published yet: %s", e)
-            await _sleep_or_stop(stop, interval)
+        """Publish every `interval` until `stop`; never ends for a failure (see _keep_going)."""
+        await _keep_going("alerts not published yet", self.publish_pending, stop, interval)
 
 
 class RelayLagWatch:
@@ -106,16 +110,32 @@ class RelayLagWatch:
             f" was recorded at {oldest.isoformat()}", oldest)
 
     async def run(self, stop: asyncio.Event, interval: float = 5.0) -> None:
-        while not stop.is_set():
-            try:
-                await self.check()
-            except StoreQueryError as e:
-                log.error("relay lag watch: PostgreSQL refused a statement (SQLSTATE %s),"
-                          " stopping: %s", e.sqlstate, e)
-                raise
-            except Exception as e:
-                log.warning("relay lag not checked: %s", e)
-            await _sleep_or_stop(stop, interval)
+        """Check every `interval` until `stop`; never ends for a failure (see _keep_going)."""
+        await _keep_going("relay lag not checked", self.check, stop, interval)
+
+
+async def _keep_going(what: str, once: Callable[[], Awaitable[object]], stop: asyncio.Event,
+                      interval: float) -> None:
+    # A follower that ended would end `serve` and the worker with it. NATS or PostgreSQL away
+    # is a WARNING; a statement PostgreSQL refuses, or any other failure, is an ERROR with its
+    # traceback. Either way the next round comes later and later (up to 30 s), and it comes.
+    failures = 0
+    while not stop.is_set():
+        try:
+            await once()
+            failures = 0
+        except StoreQueryError as e:
+            failures += 1
+            log.error("%s: PostgreSQL refused a statement (SQLSTATE %s): %s", what, e.sqlstate,
+                      e, exc_info=True)
+        except StoreUnavailableError as e:
+            failures += 1
+            log.warning("%s: %s", what, e)
+        except Exception as e:  # NATS away, mostly: nothing is lost, try again
+            failures += 1
+            log.warning("%s: %s: %s", what, type(e).__name__, e)
+        delay = backoff(interval, failures, MAX_BACKOFF) if failures else interval
+        await _sleep_or_stop(stop, delay)
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

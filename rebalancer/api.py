@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from events.errors import StoreUnavailableError
 from events.store import EventStore
 from events.vocabulary import Outcome
 from projections.workflows import list_workflows, read_workflow
@@ -24,6 +25,9 @@ from rebalancer.specs.models import WorkflowSpec
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024  # bytes; a spec name and a few params need far less
+# Seconds a request may wait on PostgreSQL before it is answered as unavailable: under the
+# command line's 10 s request timeout, so that an outage gets a reply rather than silence.
+REPLY_WITHIN = 5.0
 COMMANDS = "rebalancer.cmd"
 QUERIES = "rebalancer.query"
 QUEUE = "rebalancer-api"  # several `serve` processes share the requests
@@ -73,6 +77,21 @@ def error(code: str, message: str, **details: Any) -> Reply:
     return {"ok": False, "error": {"code": code, "message": message, "details": details}}
 
 
+def unavailable(why: str) -> Reply:
+    """The reply while PostgreSQL is away. The contract's codes (docs/contracts.md §3) have no
+    "unavailable", so it is `internal`, told apart by `details.retryable`: the command may or
+    may not have been applied, and a repeat of its command_id says which (or applies it)."""
+    return error("internal", f"the database is unavailable ({why}); repeat the request with"
+                 " the same command_id once it is back", retryable=True,
+                 cause="database_unavailable")
+
+
+def _retrieve(work: asyncio.Future[Any]) -> None:
+    # A request answered as unavailable that finished later: its outcome stays for a repeat.
+    if not work.cancelled() and work.exception() is not None:
+        log.warning("a request answered as unavailable ended later: %s", work.exception())
+
+
 class Api:
     """Answers one request at a time; `handle` knows nothing of NATS so it is tested directly."""
 
@@ -81,10 +100,13 @@ class Api:
         store: EventStore,
         accounts: Accounts,
         specs: Callable[[], Mapping[str, WorkflowSpec]],
+        *,
+        reply_within: float = REPLY_WITHIN,
     ) -> None:
         self.store = store
         self.accounts = accounts
         self.specs = specs
+        self.reply_within = reply_within
 
     async def handle(self, subject: str, data: bytes) -> Reply:
         """The reply to one request; never raises for bad input."""
@@ -107,12 +129,22 @@ class Api:
             problems = [{"field": ".".join(str(p) for p in item["loc"]) or "(body)",
                          "problem": item["msg"]} for item in e.errors()]
             return error("invalid_request", "the body does not fit the command", problems=problems)
+        # Not cancelled when it takes too long: a cancel could land between an append and its
+        # reply; left to finish, its outcome is what a repeat of the command_id returns.
+        work = asyncio.ensure_future(action(self, request))
+        done, _ = await asyncio.wait({work}, timeout=self.reply_within)
+        if not done:
+            work.add_done_callback(_retrieve)
+            return unavailable(f"no answer from PostgreSQL within {self.reply_within:g} s")
         try:
-            reply: Reply = await action(self, request)
+            reply: Reply = work.result()
         except CommandError as e:
             return e.reply()
         except SpecError as e:
             return error("invalid_request", str(e))
+        except StoreUnavailableError as e:
+            log.warning("request on %s: %s", subject, e)
+            return unavailable(str(e))
         except Exception:
             log.exception("request on %s failed", subject)
             return error("internal", "the request failed inside the service; see its log")

@@ -186,8 +186,7 @@ async def _nats_side(settings: Settings, rt: Runtime, nats_url: str, relay: Rela
     stack.push_async_callback(nc.drain)
     api = Api(rt.store, rt.accounts, lambda: configured_specs(settings, rt.accounts))
     await serve_api(api, nc)
-    publisher = AlertPublisher(rt.store, nc.jetstream())
-    await publisher.ensure_stream()
+    publisher = AlertPublisher(rt.store, nc.jetstream())  # makes its stream on its first round
     watch = RelayLagWatch(rt.store, relay, threshold=timedelta(seconds=settings.relay_lag_seconds))
     await asyncio.gather(publisher.run(stop), watch.run(stop))
 

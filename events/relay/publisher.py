@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 EXPECTED_LAST_MSG_ID = "Nats-Expected-Last-Msg-Id"
 WRONG_LAST_MSG_ID = 10070  # JetStream API error code of a broken chain
 MAX_BACKOFF = 5.0
+# After a NOTIFY, wait this long (seconds) for more: a burst of appends is one round.
+COALESCE = 0.03
 # Two-key advisory lock space: this class id plus hashtext(name). The migration lock uses the
 # one-bigint form, which PostgreSQL keeps apart from the two-int form.
 _LOCK_CLASS = 0x7265_6C79  # "rely"
@@ -64,7 +66,7 @@ class Relay:
     and `Nats-Msg-Id` makes JetStream drop those copies. `relay_once` raises
     RelayUnavailableError when NATS does not acknowledge and StoreUnavailableError when
     PostgreSQL cannot be reached; `run` retries both until stopped. A StoreQueryError (a
-    statement PostgreSQL refused) is not an outage: `run` logs it and raises it.
+    statement PostgreSQL refused) is not an outage: `run` logs it as an ERROR and backs off.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class Relay:
         publish_timeout: float = 5.0,
         connect_timeout: float = 5.0,
         max_backoff: float = MAX_BACKOFF,
+        coalesce: float = COALESCE,
         **connect_options: Any,
     ) -> None:
         if batch < 1 or window < 1:
@@ -92,14 +95,18 @@ class Relay:
         self._publish_timeout = publish_timeout
         self._connect_timeout = connect_timeout
         self._max_backoff = max_backoff
+        self._coalesce = coalesce
         self._connect_options = connect_options
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
         self._acks: Acks | None = None
         self._stream_ready = False
         self._nats_back = asyncio.Event()
-        # The checkpoint's own connection (see "checkpoint" below).
+        # The checkpoint's own connection (see "checkpoint" below), whether it holds the lock,
+        # and the checkpoint as this relay last stored it (valid while it holds the lock).
         self._session = store.session()
+        self._locked = False
+        self._checkpoint: Checkpoint | None = None
         # Test hook: called with each acknowledged batch before its checkpoint is written.
         self.before_checkpoint: Callable[[list[RecordedEvent]], Awaitable[None]] | None = None
 
@@ -177,6 +184,7 @@ class Relay:
             except _NATS_FAILURES:
                 await nc.close()
         self._nc = None
+        self._locked, self._checkpoint = False, None
         await self._session.close()
 
     async def _on_error(self, error: Exception) -> None:
@@ -205,23 +213,32 @@ class Relay:
         if not self._stream_ready:
             await self.ensure_stream()
         acks = self._acks
+        if not self._session.opened:
+            self._locked, self._checkpoint = False, None  # the lock died with its connection
         # A database error in here closes the session, which releases the lock for certain.
         async with self._session.connection() as conn:
-            if not await self._lock(conn):
-                log.debug("relay %s: another relay holds the checkpoint", self._name)
-                return 0
+            if not self._locked:
+                if not await self._lock(conn):
+                    log.debug("relay %s: another relay holds the checkpoint", self._name)
+                    return 0
+                self._locked, self._checkpoint = True, None
             try:
                 return await self._relay_locked(acks, conn)
-            finally:
+            except RelayUnavailableError:
+                # NATS failed this relay: let a relay that may reach it take over meanwhile.
                 await self._unlock(conn)
+                raise
 
     async def _relay_locked(self, acks: Acks, conn: AsyncConnection[Any]) -> int:
-        checkpoint = await self._load_checkpoint(conn)
+        if self._checkpoint is None:
+            self._checkpoint = await self._load_checkpoint(conn)
         total = 0
         while True:
-            events = await self._store.read_all(checkpoint, self._batch)
+            checkpoint = self._checkpoint
+            # On the lock's own connection: a round that finds it dead stops before publishing.
+            read = await self._store.read_all(checkpoint, self._batch, on=conn)
             # Re-delivery guard: never publish what the checkpoint already covers.
-            events = [e for e in events if e.checkpoint > checkpoint]
+            events = [e for e in read if e.checkpoint > checkpoint]
             if not events:
                 return total
             acked, failure = await self._publish(acks, events)
@@ -230,9 +247,11 @@ class Relay:
                 if self.before_checkpoint is not None:
                     await self.before_checkpoint(done)
                 await self._save_checkpoint(conn, checkpoint, done)
-                checkpoint = done[-1].checkpoint
+                self._checkpoint = done[-1].checkpoint
                 total += acked
             if failure is None:
+                if len(read) < self._batch:
+                    return total  # caught up: no second read to find nothing
                 continue
             if _broken_chain(failure) and acked:
                 # JetStream held a different last message than the one this publish followed
@@ -292,9 +311,12 @@ class Relay:
     # -- checkpoint ------------------------------------------------------------------------
 
     # The checkpoint row lives on a connection of its own (the store's Session, outside the pool)
-    # that holds a session advisory lock while a batch is published, so a second relay process
-    # with the same name waits its turn instead of publishing the same events in parallel (which
-    # would break the publish chain and double the traffic). A row lock (select ... for update)
+    # that holds a session advisory lock while this relay publishes, so a second relay process
+    # with the same name stands by instead of publishing the same events in parallel (which
+    # would break the publish chain and double the traffic). The lock is kept from one round to
+    # the next, so a round costs a read and a checkpoint write, not a lock, a load and an unlock
+    # too; it is given up when NATS fails this relay, so a standby that can reach NATS takes over.
+    # A row lock (select ... for update)
     # would do the same but needs an open transaction, whose xid would hold the snapshot barrier
     # (docs/contracts.md §1) - and so every follower - back for as long as NATS takes to answer. The
     # session lock holds no snapshot and dies with the connection, so a crashed relay releases it.
@@ -309,6 +331,7 @@ class Relay:
         return bool(row and row[0])
 
     async def _unlock(self, conn: AsyncConnection[Any]) -> None:
+        self._locked, self._checkpoint = False, None
         try:
             await conn.execute(
                 "select pg_advisory_unlock(%s, hashtext(%s))", (_LOCK_CLASS, self._name)
@@ -347,6 +370,7 @@ class Relay:
              str(old.transaction_id), old.position),
         )
         if cur.rowcount != 1:
+            self._checkpoint = None
             raise RelayUnavailableError(
                 f"relay {self._name}: the checkpoint moved under this relay (lock lost?)"
             )
@@ -381,9 +405,11 @@ class Relay:
     async def run(self, stop: asyncio.Event) -> None:
         """Relay, then wait for NOTIFY, the poll interval or `stop`, until `stop` is set.
 
-        NATS or PostgreSQL being down is logged and retried with backoff; nothing is skipped.
-        A statement PostgreSQL refuses (StoreQueryError) is logged and raised: retrying a SQL
-        bug would only hide it. Closes the NATS connection when it returns.
+        NATS or PostgreSQL being down is a WARNING, retried with backoff; nothing is skipped.
+        Never ends before `stop`, since a follower that stopped would end `serve` (and the
+        worker): a statement PostgreSQL refuses (StoreQueryError) or any other failure is an
+        ERROR with its traceback, retried with a longer backoff, so it shows in the log and
+        heals once fixed. Closes the NATS connection when it returns.
         """
         failures = 0
         try:
@@ -410,23 +436,30 @@ class Relay:
                                 failures = 0
                             if published:
                                 log.debug("relay %s: published %d", self._name, published)
-                            await first_of(notifications.wait(self._poll_interval),
-                                            stop.wait())
+                            await first_of(
+                                notifications.wait(self._poll_interval, coalesce=self._coalesce),
+                                stop.wait(),
+                            )
                 except StoreUnavailableError as e:
                     failures += 1
                     delay = self._backoff(failures)
                     log.warning("relay %s: database unavailable (%s); retrying in %.1fs",
                                 self._name, e, delay)
                     await first_of(asyncio.sleep(delay), stop.wait())
-        except StoreQueryError as e:
-            log.error("relay %s: PostgreSQL refused a statement (SQLSTATE %s), stopping: %s",
-                      self._name, e.sqlstate, e)
-            raise
+                except Exception as e:
+                    failures += 1
+                    delay = self._backoff(failures, self._max_backoff * 6)
+                    sqlstate = e.sqlstate if isinstance(e, StoreQueryError) else None
+                    log.error("relay %s failed (%s%s); retrying in %.1fs", self._name,
+                              f"SQLSTATE {sqlstate}: " if sqlstate else "", e, delay,
+                              exc_info=True)
+                    await first_of(asyncio.sleep(delay), stop.wait())
         finally:
             await self.close()
 
-    def _backoff(self, failures: int) -> float:
-        return float(min(self._max_backoff, self._poll_interval * 2 ** min(failures - 1, 10)))
+    def _backoff(self, failures: int, cap: float | None = None) -> float:
+        cap = self._max_backoff if cap is None else cap
+        return float(min(cap, max(self._poll_interval, 0.05) * 2 ** min(failures - 1, 10)))
 
 
 def _broken_chain(error: BaseException) -> bool:

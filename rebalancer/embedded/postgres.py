@@ -276,7 +276,10 @@ def ensure_database(state: State) -> None:
             conn.execute(f'create database "{DB_NAME}"')
 
 
-def stop_postgres(state: State) -> bool:
+def stop_postgres(state: State, modes: tuple[str, ...] = ("fast", "immediate")) -> bool:
+    """Stop the postmaster, trying each pg_ctl shutdown mode in turn; False when none ran.
+
+    `modes=("immediate",)` is a crash as far as clients are concerned (the outage tests)."""
     data = state.pg_dir / "data"
     pid_file = data / "postmaster.pid"
     pid = postmaster_pid(state)
@@ -286,7 +289,7 @@ def stop_postgres(state: State) -> bool:
         pid_file.unlink(missing_ok=True)
         return False
     pg_ctl = str(state.pg_bin_dir / "pg_ctl")
-    for mode in ("fast", "immediate"):
+    for mode in modes:
         _pg_run(state, [pg_ctl, "-D", str(data), "-m", mode, "-w", "-t", "60", "stop"])
         if not wait_gone(pid, "postgres", 10.0):
             continue

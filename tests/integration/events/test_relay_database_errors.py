@@ -1,8 +1,11 @@
-"""The relay and the database: an outage is retried, a statement PostgreSQL refuses is not."""
+"""The relay and the database: an outage is waited out; a statement PostgreSQL refuses is an
+ERROR in the log, retried with backoff, and the relay goes on once it is fixed."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 
 import psycopg
 import pytest
@@ -10,6 +13,9 @@ import pytest
 from events.errors import StoreQueryError, StoreUnavailableError
 from events.relay import Relay
 from events.store import EventStore
+from tests.integration.projections.test_runner import append_all
+from tests.support import eventually
+from tests.support.synthetic import make_history
 
 
 async def break_checkpoint_table(database_url: str) -> None:
@@ -29,14 +35,29 @@ async def test_a_sql_bug_in_the_relay_is_a_query_error_not_an_outage(
     assert caught.value.sqlstate == "42703"  # undefined column
 
 
-async def test_the_relay_loop_stops_on_a_sql_bug_instead_of_retrying_it(
-    store: EventStore, database_url: str, nats_url: str
+async def test_the_relay_loop_logs_a_sql_bug_as_an_error_and_recovers_once_fixed(
+    store: EventStore, database_url: str, nats_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     await break_checkpoint_table(database_url)
-    relay = Relay(store, nats_url, name="sql-bug-loop", poll_interval=0.05)
-    with pytest.raises(StoreQueryError):
-        # Before, this was taken for an outage and retried with backoff until stopped.
-        await asyncio.wait_for(relay.run(asyncio.Event()), 20)
+    history = make_history(random.Random(9))
+    await append_all(store, [history])
+    relay = Relay(store, nats_url, name="sql-bug-loop", poll_interval=0.05, max_backoff=0.2)
+    stop = asyncio.Event()
+    caplog.set_level(logging.ERROR, logger="events.relay.publisher")
+    task = asyncio.create_task(relay.run(stop))
+    try:
+        # Before, this ended the loop (and with it `serve`).
+        await eventually(lambda: [r for r in caplog.records if "42703" in r.getMessage()],
+                         timeout=10, what="an ERROR naming the SQLSTATE")
+        assert not task.done()
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as c:
+            await c.execute("alter table relay_checkpoints rename column pos to position")
+        await eventually(relay.lag, lambda lag: lag.events_behind == 0, timeout=10,
+                         what="the relay catching up once the schema is fixed")
+        assert await relay.checkpoint() == await store.head()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
 
 
 async def test_a_killed_checkpoint_connection_is_an_outage_and_the_relay_recovers(
@@ -46,9 +67,9 @@ async def test_a_killed_checkpoint_connection_is_an_outage_and_the_relay_recover
         assert await relay.relay_once() == 0
         async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as c:
             cur = await c.execute(
-                "select pg_terminate_backend(pid) from pg_stat_activity"
-                " where datname = current_database() and pid <> pg_backend_pid()"
-                " and query like '%pg_advisory_unlock%'"
+                # The relay's checkpoint connection: the one holding its advisory lock.
+                "select pg_terminate_backend(pid) from pg_locks where locktype = 'advisory'"
+                " and database = (select oid from pg_database where datname = current_database())"
             )
             assert [row[0] for row in await cur.fetchall()] == [True]
         with pytest.raises(StoreUnavailableError):

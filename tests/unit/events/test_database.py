@@ -19,6 +19,12 @@ UNAVAILABLE = [
     pg_errors.QueryCanceled("canceling statement due to statement timeout"),
     pg_errors.LockNotAvailable("canceling statement due to lock timeout"),
     pg_errors.SerializationFailure("could not serialize access"),
+    # What a restart (`pg_ctl restart -m immediate`) was seen to raise, and its neighbours.
+    pg_errors.CrashShutdown("terminating connection because of crash of another server process"),
+    pg_errors.CannotConnectNow("the database system is starting up"),
+    pg_errors.ConnectionFailure("server closed the connection unexpectedly"),
+    pg_errors.TooManyConnections("sorry, too many clients already"),
+    pg_errors.DeadlockDetected("deadlock detected"),
 ]
 REFUSED = [
     psycopg.ProgrammingError("syntax error at or near \"selec\""),
