@@ -43,6 +43,7 @@ from tests.bench.engine_harness import (
     five_transfers,
     make_engine,
     running,
+    seed_exchanges,
     seed_spec,
     start_many,
     transition_count,
@@ -166,11 +167,6 @@ async def vs_dbos(admin_url: str, accounts: Accounts) -> list[bool]:
 
 
 # -- 2. overlap ---------------------------------------------------------------------------------
-
-def seed_exchanges(accounts: Accounts) -> MemoryExchanges:
-    """100 ms per call; every operation completes (and a deposit arrives) 100 ms after it."""
-    return MemoryExchanges(accounts, latency=0.1, settle=0.1, balances=MEMORY_BALANCES)
-
 
 async def overlap(accounts: Accounts, budget: Budget = DEFAULT) -> list[bool]:
     spec, params = seed_spec(), SEED_PARAMS

@@ -26,6 +26,7 @@ from rebalancer.exchanges.base import Exchanges
 from rebalancer.specs.builders import task, workflow
 from rebalancer.specs.loading import builtin_specs
 from rebalancer.specs.models import WorkflowSpec
+from tests.bench.memory_exchange import MemoryExchanges
 
 # A budget is requests per second per exchange: a number, LIFTED (no limit worth the name)
 # or DEFAULT (whatever the engine uses when given none).
@@ -224,3 +225,8 @@ async def followers_caught_up(store: EventStore) -> bool:
             " select position from relay_checkpoints) c) as bench_poll from events")
         row = await cur.fetchone()
     return bool(row and row[0])
+
+
+def seed_exchanges(accounts: Accounts) -> MemoryExchanges:
+    """100 ms per call; every operation completes (and a deposit arrives) 100 ms after it."""
+    return MemoryExchanges(accounts, latency=0.1, settle=0.1, balances=MEMORY_BALANCES)

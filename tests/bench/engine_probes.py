@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -21,10 +22,13 @@ import psycopg
 
 from events.store import EventStore
 from rebalancer.accounts import Accounts, load_accounts
+from rebalancer.exchanges.base import Exchanges
+from rebalancer.specs.models import WorkflowSpec
 from tests.bench.common import HOME, note, report, scratch_database
 from tests.bench.engine_harness import (
     LIFTED,
     MEMORY_BALANCES,
+    SEED_PARAMS,
     all_workflow_ids,
     five_transfers,
     followers_caught_up,
@@ -32,6 +36,8 @@ from tests.bench.engine_harness import (
     never_arriving_deposit,
     poll_until,
     running,
+    seed_exchanges,
+    seed_spec,
     start_many,
     transition_count,
     wait_settled,
@@ -40,13 +46,14 @@ from tests.bench.engine_harness import (
 from tests.bench.memory_exchange import MemoryExchanges
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
-SQL_WORKFLOWS = int(os.environ.get("BENCH_SQL_WORKFLOWS", "20" if QUICK else "100"))
+SQL_WORKFLOWS = int(os.environ.get("BENCH_SQL_WORKFLOWS", "10" if QUICK else "100"))
 RSS_WORKFLOWS = int(os.environ.get("BENCH_RSS_WORKFLOWS", "1000" if QUICK else "10000"))
 RSS_TIMEOUT = int(os.environ.get("BENCH_RSS_TIMEOUT", "600"))
 PROFILE_WORKFLOWS = int(os.environ.get("BENCH_PROFILE_WORKFLOWS", "30" if QUICK else "200"))
 ROOT = Path(__file__).resolve().parents[2]
 PY_SPY = Path(os.environ.get("BENCH_PY_SPY", ROOT / ".venv-bench-dbos/bin/py-spy"))
 PROFILE_OUT = ROOT / HOME / "profile-top.txt"
+OUR_CODE = re.compile(r"\((events|projections|rebalancer)/")
 GOALS = {"sql": 10.0, "rss_mb": 150.0}
 
 
@@ -90,8 +97,24 @@ XACTS = ("select xact_commit + xact_rollback from pg_stat_database"
 
 
 async def sql_per_step(accounts: Accounts, nats_url: str | None) -> list[bool]:
-    """Statements the engine, the projections and the relay send per step, 5-transfer
-    workflows on the in-memory double, all at once; the bench's own polls left out."""
+    """Statements per step on two loads: five transfers with nothing to wait for, and the seed
+    path at 100 ms per exchange call (its waits cost statements that append nothing). The goal
+    is the seed path's: what a real load costs."""
+    await sql_load("five transfers, zero latency", five_transfers(accounts), {},
+                   MemoryExchanges(accounts, balances=MEMORY_BALANCES), accounts, nats_url)
+    per_step = await sql_load("seed path, 100 ms per call", seed_spec(), SEED_PARAMS,
+                              seed_exchanges(accounts), accounts, nats_url)
+    if per_step is None:
+        return []
+    return [report("sql", "statements per step, seed path (pg_stat_statements)", per_step,
+                   GOALS["sql"], at_most=True, unit="")]
+
+
+async def sql_load(what: str, spec: WorkflowSpec, params: dict[str, str],
+                   exchanges: Exchanges, accounts: Accounts, nats_url: str | None
+                   ) -> float | None:
+    """SQL_WORKFLOWS workflows of `spec` at once under the engine, the projections and the
+    relay; the bench's own polls are left out. Statements per step, None if not countable."""
     async with scratch_database() as url, await EventStore.open(url, max_size=10) as store:
         with psycopg.connect(url, autocommit=True) as conn:
             try:
@@ -100,36 +123,35 @@ async def sql_per_step(accounts: Accounts, nats_url: str | None) -> list[bool]:
                 server_side = True
             except psycopg.Error:
                 server_side = False
-        ids = await start_many(store, five_transfers(accounts), {}, accounts, SQL_WORKFLOWS)
+        ids = await start_many(store, spec, params, accounts, SQL_WORKFLOWS)
         with psycopg.connect(url, autocommit=True) as conn:
             if server_side:
                 conn.execute("select pg_stat_statements_reset()")
             xacts_before = _one(conn, XACTS)
-        engine = make_engine(store, MemoryExchanges(accounts, balances=MEMORY_BALANCES),
-                             accounts, LIFTED)
+        engine = make_engine(store, exchanges, accounts, LIFTED)
         async with running(engine, store, relay_url=nats_url):
-            states, _ = await wait_settled(store, ids, timeout=600)
+            states, _ = await wait_settled(store, ids, timeout=900, interval=0.2)
             await poll_until(lambda: followers_caught_up(store), timeout=30)
-            with psycopg.connect(url, autocommit=True) as conn:
-                xacts = _one(conn, XACTS) - xacts_before
-                rows = conn.execute(STATEMENTS).fetchall() if server_side else []
+        # Backends report their transaction counts at most once a second: wait for the last.
+        await asyncio.sleep(1.2)
+        with psycopg.connect(url, autocommit=True) as conn:
+            xacts = _one(conn, XACTS) - xacts_before
+            rows = conn.execute(STATEMENTS).fetchall() if server_side else []
         steps = await transition_count(store, ids)
     followers = "engine, projections" + (", relay" if nats_url else " (no NATS: no relay)")
-    note("sql", f"{SQL_WORKFLOWS} five-transfer workflows at once on the in-memory double "
+    note("sql", f"{what}: {SQL_WORKFLOWS} workflows at once on the in-memory double "
                 f"({followers}), {steps} steps, states {states}")
-    # Each autocommit statement is a transaction of its own, so transactions per step are a
-    # floor under statements per step; the bench's own polls are among them.
+    # Each autocommit statement is a transaction of its own; the bench's polls are among them.
     note("", f"server transactions (pg_stat_database): {xacts / steps:.1f} per step")
     if not server_side:
         note("", "pg_stat_statements not loadable on this server: statements not counted")
-        return []
+        return None
     total = sum(calls for _, calls in rows)
-    note("", "statements by kind (pg_stat_statements, per step): " + ", ".join(
-        f"{kind} {n / steps:.1f}" for kind, n in _kinds(rows).most_common()))
-    for query, calls in rows[:8]:
-        note("", f"  {calls / steps:5.2f}/step  {' '.join(str(query).split())[:110]}")
-    return [report("sql", "statements per step (pg_stat_statements)", total / steps,
-                   GOALS["sql"], at_most=True, unit="")]
+    note("", f"statements per step {total / steps:.1f} (pg_stat_statements), by kind: "
+             + ", ".join(f"{kind} {n / steps:.1f}" for kind, n in _kinds(rows).most_common(8)))
+    for query, calls in rows[:6]:
+        note("", f"  {calls / steps:5.2f}/step  {' '.join(str(query).split())[:100]}")
+    return float(total / steps)
 
 
 def _one(conn: psycopg.Connection[Any], query: str) -> int:
@@ -171,10 +193,10 @@ async def peak_rss(accounts: Accounts) -> list[bool]:
                    GOALS["rss_mb"], at_most=True, unit="MB")]
 
 
-def _child(kind: str, url: str, n: int, wrap: list[str] | None = None) -> dict[str, Any]:
+def _child(kind: str, url: str, n: int) -> dict[str, Any]:
     out = subprocess.run(
-        [*(wrap or []), sys.executable, "-m", "tests.bench.bench_engine", "--child", kind, url,
-         str(n)], cwd=ROOT, check=True, capture_output=True, text=True, timeout=RSS_TIMEOUT + 300,
+        [sys.executable, "-m", "tests.bench.bench_engine", "--child", kind, url, str(n)],
+        cwd=ROOT, check=True, capture_output=True, text=True, timeout=RSS_TIMEOUT + 300,
     )
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
@@ -193,10 +215,13 @@ async def child(args: list[str]) -> int:
     kind, url, n = args[0], args[1], int(args[2])
     accounts = load_accounts()
     before = _status_mb("VmRSS")
-    start = time.perf_counter()
     async with await EventStore.open(url, max_size=10) as store:
         engine = make_engine(store, MemoryExchanges(accounts, balances=MEMORY_BALANCES),
                              accounts, LIFTED)
+        if kind == "profile":  # imports done: the profiler attaches now, then says go
+            print("ready", flush=True)
+            await asyncio.to_thread(sys.stdin.readline)
+        start = time.perf_counter()
         async with running(engine, store):
             if kind == "rss":
                 async def all_waiting() -> bool:
@@ -224,9 +249,7 @@ async def profile(accounts: Accounts) -> None:
     async with scratch_database() as url:
         async with await EventStore.open(url, max_size=10) as store:
             await start_many(store, five_transfers(accounts), {}, accounts, PROFILE_WORKFLOWS)
-        result = _child("profile", url, PROFILE_WORKFLOWS,
-                        wrap=[str(PY_SPY), "record", "--format", "raw", "--rate", "200",
-                              "--nonblocking", "-o", str(raw), "--"])
+        result = _profiled_child(url, PROFILE_WORKFLOWS, raw)
     top = top_frames(raw, f"py-spy, {PROFILE_WORKFLOWS} five-transfer workflows at once on"
                      f" the in-memory double, engine + projections, {result['seconds']:.1f} s"
                      " (on-CPU samples only)")
@@ -234,6 +257,30 @@ async def profile(accounts: Accounts) -> None:
                     f"in {PROFILE_OUT.relative_to(ROOT)}:")
     for line in top.splitlines()[2:10]:
         note("", line)
+
+
+def _profiled_child(url: str, n: int, raw: Path) -> dict[str, Any]:
+    """The profile child under py-spy, attached once its imports and set-up are done, so the
+    samples are the run's alone."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.bench.bench_engine", "--child", "profile", url, str(n)],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        proc.kill()
+        raise RuntimeError("the profile child did not start")
+    spy = subprocess.Popen(
+        [str(PY_SPY), "record", "--pid", str(proc.pid), "--format", "raw", "--function",
+         "--rate", "250", "--nonblocking", "-o", str(raw)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # let py-spy attach before the run starts
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    out = proc.stdout.read()
+    proc.wait(timeout=RSS_TIMEOUT)
+    spy.wait(timeout=60)
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
 
 
 def _have_py_spy() -> bool:
@@ -261,8 +308,10 @@ def top_frames(raw: Path, title: str, n: int = 25) -> str:
     total = total or 1
     lines = ["self %   frame (by samples in the frame itself)", "-" * 40]
     lines += [f"{100 * c / total:6.1f}  {f}" for f, c in own.most_common(n)]
-    lines += ["", "incl %  frame (by samples with the frame on the stack)", "-" * 40]
-    lines += [f"{100 * c / total:6.1f}  {f}" for f, c in inclusive.most_common(n)]
+    lines += ["", "incl %  frame of ours (events/, projections/, rebalancer/) by samples with it"
+              " on the stack", "-" * 40]
+    ours = [(f, c) for f, c in inclusive.most_common() if OUR_CODE.search(f)][:n]
+    lines += [f"{100 * c / total:6.1f}  {f}" for f, c in ours]
     text = "\n".join(lines) + "\n"
     PROFILE_OUT.write_text(f"{title}, {total} samples\n\n{text}")
     return text
