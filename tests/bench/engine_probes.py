@@ -186,7 +186,8 @@ async def peak_rss(accounts: Accounts) -> list[bool]:
                              RSS_WORKFLOWS)
         result = _child("rss", url, RSS_WORKFLOWS)
     note("rss", f"{RSS_WORKFLOWS} workflows waiting on a deposit under one engine (with its "
-                f"projections): {result['waiting']} waiting after {result['seconds']:.0f} s; "
+                f"projections): {result['waiting']} waiting, each polled twice, after "
+                f"{result['seconds']:.0f} s; "
                 f"RSS {result['rss_mb']:.0f} MB now, {result['before_mb']:.0f} MB before "
                 "the engine ran")
     return [report("rss", "peak RSS (VmHWM) of the worker process", result["peak_mb"],
@@ -216,8 +217,8 @@ async def child(args: list[str]) -> int:
     accounts = load_accounts()
     before = _status_mb("VmRSS")
     async with await EventStore.open(url, max_size=10) as store:
-        engine = make_engine(store, MemoryExchanges(accounts, balances=MEMORY_BALANCES),
-                             accounts, LIFTED)
+        exchanges = MemoryExchanges(accounts, balances=MEMORY_BALANCES)
+        engine = make_engine(store, exchanges, accounts, LIFTED)
         if kind == "profile":  # imports done: the profiler attaches now, then says go
             print("ready", flush=True)
             await asyncio.to_thread(sys.stdin.readline)
@@ -229,7 +230,12 @@ async def child(args: list[str]) -> int:
 
                 await poll_until(all_waiting, timeout=RSS_TIMEOUT, interval=1.0)
                 waiting = await waiting_count(store)
-                await asyncio.sleep(5.0)  # a few more passes over the waiting workflows
+
+                async def two_rounds() -> bool:
+                    # Every waiting workflow looked at its deposits twice: the steady state.
+                    return sum(exchanges.book.calls.values()) >= 2 * n
+
+                await poll_until(two_rounds, timeout=RSS_TIMEOUT, interval=1.0)
             else:
                 await wait_settled(store, await all_workflow_ids(store), timeout=RSS_TIMEOUT)
                 waiting = 0
