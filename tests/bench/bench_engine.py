@@ -210,7 +210,8 @@ async def overlap(accounts: Accounts, budget: Budget = DEFAULT) -> list[bool]:
     limit = budget_value(budget)
     note("budget", f"{OVERLAP} seed-path workflows, budget {limit:g} requests/s per exchange, "
                    f"{window:.0f} s window: {steps / window:.1f} steps/s; exchange calls/s "
-                   + ", ".join(f"{k} {v:.1f}" for k, v in sorted(calls.items())))
+                   + ", ".join(f"{k} {v:.1f}" for k, v in sorted(calls.items()))
+                   + f" (busiest / budget {max(calls.values(), default=0) / limit:.2f})")
     results.append(report("budget", "steps/s / budget (requests/s per exchange)",
                           steps / window / limit, GOALS["budget"]))
     return results

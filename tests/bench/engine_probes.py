@@ -170,8 +170,8 @@ def _kinds(rows: list[tuple[Any, ...]]) -> Counter[str]:
             kinds["checkpoints"] += calls
         elif word == "select" and " from events" in text:
             kinds["event reads"] += calls
-        elif "lease" in text:
-            kinds["leases"] += calls
+        elif "lease" in text or "schedule" in text:
+            kinds["leases/schedule"] += calls
         else:
             kinds[word] += calls
     return kinds
