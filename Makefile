@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The benchmarks' own environment: DBOS Transact (the peer bench_engine measures against) and
+# py-spy (its profile) live here, never in the product's dependencies.
+BENCH_VENV := .venv-bench-dbos
+BENCH_STAMP := $(BENCH_VENV)/.installed
 
 .PHONY: install lint test bench demo clean infra-down
 
@@ -17,6 +21,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+$(BENCH_STAMP):
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/pip install -q 'dbos==3.4.0' 'py-spy==0.4.3'
+	touch $(BENCH_STAMP)
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
@@ -28,9 +38,11 @@ test: lint
 	  REBALANCER_HOME=.rebalancer-test $(BIN)/rebalancer infra down >/dev/null 2>&1; \
 	  exit $$status
 
-bench: install
+# bench_engine's sizes: BENCH_* variables (BENCH_QUICK=1 for a run of about a minute).
+bench: install $(BENCH_STAMP)
 	$(BIN)/python -m tests.bench.bench_store
 	$(BIN)/python -m tests.bench.bench_replay
+	$(BIN)/python -m tests.bench.bench_engine
 
 # Embedded PostgreSQL + NATS under .rebalancer, the simulated world, the seed path end to end.
 demo: install
@@ -40,4 +52,4 @@ infra-down: install
 	$(BIN)/rebalancer infra down
 
 clean: infra-down
-	rm -rf $(VENV) .rebalancer .rebalancer-test .rebalancer-bench .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) .rebalancer .rebalancer-test .rebalancer-bench .mypy_cache .ruff_cache

@@ -60,3 +60,17 @@ def server_version(url: str) -> str:
     with psycopg.connect(url) as conn:
         row = conn.execute("show server_version").fetchone()
     return str(row[0]) if row else "?"
+
+
+def report(name: str, what: str, value: float, goal: float, *, at_most: bool = False,
+           unit: str = "x") -> bool:
+    """One goal's line: the figure, the goal, met or MISSED; returns whether it was met."""
+    met = value <= goal if at_most else value >= goal
+    sign = "<=" if at_most else ">="
+    print(f"{name:<10} {what:<58} {value:>9.2f} {unit:<4} (goal {sign} {goal}) "
+          f"{'met' if met else 'MISSED'}")
+    return met
+
+
+def note(name: str, what: str) -> None:
+    print(f"{name:<10} {what}", flush=True)
