@@ -57,6 +57,12 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)
 
 
+def start_serve(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "rebalancer", "serve"], env=env,
+                                cwd=ROOT, stdout=out, stderr=out)
+
+
 async def states(url: str, ids: list[str]) -> Counter[str] | None:
     """The workflows' states, None while the database is away."""
     try:
@@ -77,9 +83,7 @@ async def test_serve_rides_out_two_postgresql_crashes(cluster: Cluster, tmp_path
                                      seeding.accounts))[0] for i in range(WORKFLOWS)]
     env = environment(url, world)
     log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        serve = subprocess.Popen([sys.executable, "-m", "rebalancer", "serve"], env=env,
-                                 cwd=ROOT, stdout=out, stderr=out)
+    serve = start_serve(env, log)
     try:
         for _ in range(2):
             await asyncio.sleep(3)
