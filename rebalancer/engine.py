@@ -72,7 +72,6 @@ class StepOutcome(StrEnum):
     CONFLICT = "conflict"  # another driver moved it first; the next pass decides again
     RETRY = "retry"  # a retryable error: backing off
     BROKEN = "broken"  # its stream cannot be folded; skipped until someone looks
-    LEASED = "leased"  # another worker holds it
 
 
 @dataclass
@@ -282,6 +281,8 @@ class Engine:
 
     @property
     def _retry_scale(self) -> float:
+        # Backoffs shrink with a fast simulated clock too, but far less than polls: a fault
+        # the world injects is not over sooner because its confirmations are.
         return min(1.0, self.poll_scale * 100)
 
     async def _failed(self, claim: Claim, workflow: Workflow | None, error: Exception) -> Driven:
@@ -292,11 +293,10 @@ class Engine:
         what = f"{type(error).__name__}: {first_line(error)}"
         log.error("workflow %s: unexpected %s (%d of %d)", workflow_id, what, failures,
                   self.max_failures, exc_info=failures == 1)
-        version = workflow.version if workflow is not None else claim.version
-        if failures >= self.max_failures and workflow is None:
-            await self.schedule.park(workflow_id, what[:500])
-            return Driven(StepOutcome.BROKEN)
-        if failures >= self.max_failures and workflow is not None:
+        if failures >= self.max_failures:
+            if workflow is None:  # not even folded: nothing to move, park it for a person
+                await self.schedule.park(workflow_id, what[:500])
+                return Driven(StepOutcome.BROKEN)
             try:
                 if await self._escalate(workflow, what, failures):
                     await self.schedule.release(workflow_id, workflow.version, 0)
@@ -304,6 +304,7 @@ class Engine:
             except ConcurrencyError:
                 await self.schedule.release(workflow_id, -1, 0)
                 return Driven(StepOutcome.CONFLICT)
+        version = workflow.version if workflow is not None else claim.version
         delay = backoff(failures, FAILURE_BASE, FAILURE_CAP, self._retry_scale, self._rng)
         await self.schedule.release(workflow_id, version, delay, failures=failures,
                                     error=what[:500])

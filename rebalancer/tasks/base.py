@@ -133,8 +133,10 @@ class Processor(ABC):
             # A reference that cannot be rendered now will not render later either.
             await ctx.move(TaskTrigger.FAIL, error=error("spec", str(e)))
         except RejectedError as e:
-            if state != TaskState.CREATED:
-                raise  # an operation may be in flight: never failed on a guess
+            # The task's state now, not at the start: once an intent is stored in this step,
+            # an operation may be in flight and is never failed on a guess.
+            if ctx.task.state != TaskState.CREATED:
+                raise
             # Refused before any intent (no such market, say): nothing moved, it will not
             # change by asking again.
             await ctx.move(TaskTrigger.FAIL, error=error("rejected", str(e)))

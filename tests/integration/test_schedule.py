@@ -17,15 +17,21 @@ import pytest
 from events.store import EventStore
 from events.vocabulary import TaskKind
 from rebalancer import engine as engine_module
-from rebalancer.accounts import Accounts
 from rebalancer.commands import start_workflow
 from rebalancer.engine import Engine
 from rebalancer.schedule import Schedule
-from rebalancer.specs.builders import task, workflow
 from rebalancer.specs.loading import builtin_specs
-from rebalancer.specs.models import WorkflowSpec
 from rebalancer.tasks.base import Processor, TaskContext
-from tests.support import SEED_PARAMS, SEED_SPEC, Worker, eventually, load, operations, write_world
+from tests.support import (
+    SEED_PARAMS,
+    SEED_SPEC,
+    Worker,
+    eventually,
+    load,
+    operations,
+    to_futures,
+    write_world,
+)
 
 POISON = "0.013"  # the amount of the one workflow whose processor blows up
 
@@ -33,16 +39,6 @@ POISON = "0.013"  # the amount of the one workflow whose processor blows up
 def ahead() -> datetime:
     """A clock past the seed path's 2 s TWAP interval, so its slices go at once."""
     return datetime.now(UTC) + timedelta(seconds=2)
-
-
-def to_futures(accounts: Accounts) -> WorkflowSpec:
-    return workflow(
-        "transfer_once",
-        {"account": "account", "amount": "amount"},
-        [task("move_to_futures", "transfer", account="{account}", currency="ETH",
-              amount="{amount}", from_wallet="spot", to_wallet="futures")],
-        accounts=accounts,
-    )
 
 
 @pytest.fixture(scope="module")

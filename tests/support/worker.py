@@ -211,6 +211,17 @@ async def intents(database_url: str) -> list[dict[str, Any]]:
         return await cur.fetchall()
 
 
+def to_futures(accounts: Accounts) -> WorkflowSpec:
+    """One spot -> futures transfer of `amount` ETH on `account`."""
+    return workflow(
+        "transfer_once",
+        {"account": "account", "amount": "amount"},
+        [task("move_to_futures", "transfer", account="{account}", currency="ETH",
+              amount="{amount}", from_wallet="spot", to_wallet="futures")],
+        accounts=accounts,
+    )
+
+
 def withdraw_once(accounts: Accounts) -> WorkflowSpec:
     """One withdrawal of `amount` ETH from `from_account` to `to_account`'s deposit address."""
     return workflow(

@@ -20,22 +20,12 @@ from rebalancer.commands import start_workflow
 from rebalancer.specs.builders import task, workflow
 from rebalancer.specs.models import WorkflowSpec
 from rebalancer.workflow import client_id
-from tests.support import Worker, load, operations, write_world
+from tests.support import Worker, load, operations, to_futures, write_world
 from tests.support.faults import fault_counter, seed_hitting
 
 D = Decimal
 SCALE = 1000.0
 AMOUNT = D("0.25")
-
-
-def to_futures(accounts: Accounts) -> WorkflowSpec:
-    return workflow(
-        "transfer_once",
-        {"account": "account", "amount": "amount"},
-        [task("move_to_futures", "transfer", account="{account}", currency="ETH",
-              amount="{amount}", from_wallet="spot", to_wallet="futures")],
-        accounts=accounts,
-    )
 
 
 def master_to_sub(accounts: Accounts) -> WorkflowSpec:
