@@ -1,16 +1,14 @@
 """What bench_engine needs of the engine, in one place: building it, running it with its
 followers, starting workflows and telling when they are all settled.
 
-The engine is being rewritten (a schedule in PostgreSQL with claims); when it lands, only this
-module should need to change: `make_engine` (the budget kwarg), `running` (which followers a
-worker needs) and `settled` (how the bench sees a workflow finish).
+Only this module knows how the engine is built (`make_engine`, its budgets), which followers
+a worker needs (`running`) and how the bench sees a workflow finish (`settled`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from decimal import Decimal
@@ -20,6 +18,7 @@ from events.store import EventStore
 from events.vocabulary import WORKFLOW_TERMINAL, WorkflowState
 from projections.runner import ProjectionRunner, default_projections
 from rebalancer.accounts import Accounts
+from rebalancer.budgets import DEFAULT_RATES, Budgets, Rate
 from rebalancer.commands import start_workflow
 from rebalancer.engine import Engine
 from rebalancer.exchanges.base import Exchanges
@@ -52,11 +51,18 @@ TRANSITIONS = ("TaskStateChanged", "WorkflowStateChanged")  # one event = one st
 def make_engine(store: EventStore, exchanges: Exchanges, accounts: Accounts,
                 budget: Budget = DEFAULT, **kwargs: Any) -> Engine:
     """An engine as `serve` builds it (its followers run beside it, see `running`)."""
+    return Engine(store, exchanges, accounts, owner="bench", follow_projections=False,
+                  budgets=budgets(budget), **kwargs)
+
+
+def budgets(budget: Budget) -> Budgets:
+    """The simulated world's budgets that `budget` stands for."""
     if budget == LIFTED:
-        kwargs["rate_per_exchange"] = 1e9
-    elif budget != DEFAULT:
-        kwargs["rate_per_exchange"] = float(budget)
-    return Engine(store, exchanges, accounts, owner="bench", follow_projections=False, **kwargs)
+        return Budgets.lifted()
+    if budget == DEFAULT:
+        return Budgets("simulated")
+    rate = float(budget)
+    return Budgets("simulated", {"simulated": {"requests": Rate(rate, rate)}})
 
 
 def budget_value(budget: Budget) -> float:
@@ -64,7 +70,7 @@ def budget_value(budget: Budget) -> float:
     if budget == LIFTED:
         return float("inf")
     if budget == DEFAULT:
-        return float(inspect.signature(Engine).parameters["rate_per_exchange"].default)
+        return float(DEFAULT_RATES["simulated"]["requests"].per_second or "inf")
     return float(budget)
 
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any, cast
 
 import psycopg
 import pytest
@@ -17,9 +18,13 @@ import pytest
 from events.store import EventStore
 from events.vocabulary import TaskKind
 from rebalancer import engine as engine_module
+from rebalancer.accounts import load_accounts
+from rebalancer.budgets import Budgets
 from rebalancer.commands import start_workflow
 from rebalancer.engine import Engine
+from rebalancer.exchanges.base import Exchange, Exchanges, Transfer, TransferRequest
 from rebalancer.schedule import Schedule
+from rebalancer.specs.builders import task, workflow
 from rebalancer.specs.loading import builtin_specs
 from rebalancer.tasks.base import Processor, TaskContext
 from tests.support import (
@@ -262,3 +267,86 @@ async def test_real_bad_input_that_blows_up_a_step_does_not_stop_the_worker(
     # No such market, known before any intent: a plain failure, nothing moved.
     assert no_market.state == "failed", no_market.reason
     assert no_market.reason and "no market BTC/KRW" in no_market.reason
+
+
+class AnswerLostInOurCode:
+    """The simulated world, except that the first transfer it executes is followed by an
+    unexpected exception in our own code (a parse bug, say): the exchange moved the money,
+    the engine never saw the answer."""
+
+    def __init__(self, world: Exchanges) -> None:
+        self.world = world
+        self.blown = 0
+
+    def for_account(self, account: str) -> Exchange:
+        inner = self.world.for_account(account)
+        outer = self
+
+        class Port:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(inner, name)
+
+            async def transfer(self, request: TransferRequest) -> Transfer:
+                done = await inner.transfer(request)
+                if outer.blown == 0:
+                    outer.blown += 1
+                    raise KeyError("a field our parser expected")
+                return done
+
+        return cast(Exchange, Port())
+
+
+async def test_an_unexpected_error_after_the_exchange_moved_money_is_reconciled_not_resent(
+    database_url: str, store: EventStore, world_file: Path
+) -> None:
+    async with Worker(database_url, world=world_file) as worker:
+        exchanges = AnswerLostInOurCode(worker.world)
+        engine = Engine(store, exchanges, worker.accounts, owner="bulkhead",
+                        budgets=Budgets.lifted(), poll_scale=1 / worker.time_scale)
+        workflow_id = await start(store, worker, "0.031")
+        async with running(engine):
+            flow = await eventually(lambda: load(store, workflow_id),
+                                    lambda f: f.state == "done", timeout=20,
+                                    what="the workflow ending",
+                                    describe=lambda f: (f.state, f.reason))
+    assert exchanges.blown == 1
+    # The intent stayed (submitting, its client id); the next attempt asked the exchange by
+    # that id, found the transfer and took it for ours: one transfer, not two.
+    moved = await operations(database_url, "transfer")
+    assert [Decimal(op["amount"]) for op in moved] == [Decimal("0.031")]
+    moves = [(e.data["trigger"], e.data["source"]) for e in await store.read_stream(
+        flow.stream_id) if e.type == "TaskStateChanged"]
+    assert moves[0] == ("submit", "created")
+    assert moves[1][1] == "submitting" and moves[1][0] in ("accept", "complete"), moves
+    assert "reset" not in [trigger for trigger, _ in moves]  # never given up and resent
+    assert flow.tasks[0].state == "done"
+
+
+async def test_a_waiting_task_is_not_looked_at_before_its_next_poll(
+    database_url: str, store: EventStore, world_file: Path
+) -> None:
+    """A deposit that never comes: after its first look the worker hands it back due at the
+    deposit poll (5 s by default, +-20%), and neither steps it nor asks the exchange before."""
+    accounts = load_accounts()
+    spec = workflow("wait_for_nothing", {}, [
+        task("await_nothing", "deposit", account="binance-personal", currency="ETH",
+             amount="123.456")], accounts=accounts)
+    async with Worker(database_url, world=world_file) as worker:
+        budgets = Budgets.lifted()
+        engine = Engine(store, worker.world, accounts, owner="poller", budgets=budgets)
+        workflow_id, _ = await start_workflow(store, spec, {}, accounts)
+        async with running(engine):
+            await eventually(lambda: load(store, workflow_id),
+                             lambda f: f.tasks[0].state == "requested", timeout=10,
+                             what="the deposit task watching")
+            await asyncio.sleep(0.5)
+            calls = sum(b.granted for b in budgets)
+            row = await schedule_row(database_url, workflow_id)
+            assert row is not None and row["later"] is True and row["claimed_by"] is None
+            await asyncio.sleep(3.0)  # below the poll's shortest (4 s)
+            assert sum(b.granted for b in budgets) == calls
+            version = (await load(store, workflow_id)).version
+            # Then it is looked at again (and asks the exchange), without appending anything.
+            await eventually(lambda: asyncio.sleep(0.1, sum(b.granted for b in budgets)),
+                             lambda n: n > calls, timeout=10, what="the next poll")
+            assert (await load(store, workflow_id)).version == version
