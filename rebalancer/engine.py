@@ -200,7 +200,10 @@ class Engine:
             workflow.apply(recorded)
 
     def _resolve(self, workflow: Workflow, index: int) -> Any:
-        params = resolve_params(workflow.spec, workflow.params, self.accounts)
+        params = workflow.resolved_params
+        if params is None:
+            params = workflow.resolved_params = resolve_params(workflow.spec, workflow.params,
+                                                               self.accounts)
         return resolve_config(workflow.spec, index, params, workflow.results())
 
     # -- one claimed workflow --------------------------------------------------------------------

@@ -63,7 +63,8 @@ async def runtime(settings: Settings, database_url: str) -> AsyncIterator[Runtim
         store = await EventStore.open(database_url, max_size=12)
         stack.push_async_callback(store.close)
         accounts = load_accounts(settings.config)
-        exchanges = await open_exchanges(settings, database_url, accounts, stack)
+        # The engine's request budgets pace every call the service makes (Runtime.engine).
+        exchanges = await open_exchanges(settings, database_url, accounts, stack, paced=True)
         live = isinstance(exchanges, LiveExchanges)
         yield Runtime(store, exchanges, accounts, settings,
                       Budgets.from_settings(settings, accounts),
@@ -71,12 +72,14 @@ async def runtime(settings: Settings, database_url: str) -> AsyncIterator[Runtim
 
 
 async def open_exchanges(
-    settings: Settings, database_url: str, accounts: Accounts, stack: contextlib.AsyncExitStack
+    settings: Settings, database_url: str, accounts: Accounts, stack: contextlib.AsyncExitStack,
+    *, paced: bool = False,
 ) -> Exchanges:
     """The live connectors or the simulated world, as the configuration says (never both);
-    raises SpecError for a configuration that mixes them or misses a credential."""
+    raises SpecError for a configuration that mixes them or misses a credential. `paced`: the
+    caller puts every call through request budgets (ccxt's own limiter is then off)."""
     if exchange_mode(settings, accounts) == "live":
-        live = LiveExchanges.from_config(accounts, settings.config)
+        live = LiveExchanges.from_config(accounts, settings.config, paced=paced)
         stack.push_async_callback(live.close)
         return live
     from rebalancer.exchanges.simulated import SimulatedWorld

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -176,6 +176,9 @@ class Workflow(StreamFold):
     params: dict[str, Any]
     command_id: str
     created_at: datetime | None = None
+    # The params typed and checked against the spec, kept by the engine for as long as it holds
+    # this fold in memory: spec and params never change after creation, the check is not free.
+    resolved_params: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def current(self) -> TaskRecord | None:

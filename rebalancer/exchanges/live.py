@@ -141,12 +141,16 @@ def _read(account: str, source: CredentialSource, what: str) -> str:
 class LiveExchanges:
     """The ports of the configured accounts, each a connector with its own key pair, built on
     first use. `prepare` sees each new connector before its first call (tests use it to put a
-    fake venue behind ccxt's HTTP layer)."""
+    fake venue behind ccxt's HTTP layer). `paced`: every call goes through the request budgets
+    (the engine's), so ccxt's own limiter, one fixed interval per client whatever the bucket,
+    is turned off rather than left as a second, tighter and unconfigurable limit."""
 
     def __init__(self, accounts: Accounts, *, options: Mapping[str, ExchangeOptions] | None = None,
                  credentials: Mapping[str, Credentials] | None = None,
-                 prepare: Callable[[CcxtExchange], None] | None = None) -> None:
+                 prepare: Callable[[CcxtExchange], None] | None = None,
+                 paced: bool = False) -> None:
         self.accounts = accounts
+        self.paced = paced
         self._options = dict(options or {})
         self._credentials = dict(credentials or {})
         self._prepare = prepare
@@ -176,7 +180,8 @@ class LiveExchanges:
         options = self._options.get(account.exchange, ExchangeOptions())
         port = connector(account, self.accounts, self._credentials.get(account.id),
                          read_only=account.read_only, testnet=options.testnet,
-                         options={"timeout": int(options.timeout_seconds * 1000)})
+                         options={"timeout": int(options.timeout_seconds * 1000),
+                                  "enableRateLimit": not self.paced})
         if self._prepare is not None:
             self._prepare(port)
         return port

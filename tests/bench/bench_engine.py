@@ -8,7 +8,8 @@ restarting that PostgreSQL once); each measurement gets a scratch database of it
 Sizes (defaults are the issue's; BENCH_QUICK=1 picks small ones, a run of about a minute):
 BENCH_SEQUENTIAL, BENCH_CONCURRENT (vs DBOS), BENCH_OVERLAP (seed-path workflows at once),
 BENCH_OVERLAP_TIMEOUT, BENCH_BUDGET_SECONDS (the default-budget window), BENCH_SQL_WORKFLOWS,
-BENCH_RSS_WORKFLOWS, BENCH_PROFILE_WORKFLOWS; BENCH_SECTIONS=dbos,overlap,sql,rss,profile.
+BENCH_RSS_WORKFLOWS, BENCH_PROFILE_WORKFLOWS; BENCH_SECTIONS=dbos,overlap,sql,rss,profile;
+BENCH_WORKER_CONCURRENCY (the engine's driver slots, 256 as `serve` has them).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from tests.bench.engine_harness import (
     MEMORY_BALANCES,
     SEED_PARAMS,
     WORLD_BALANCES,
-    Budget,
-    budget_value,
+    budget_use,
+    budgets,
     five_transfers,
     make_engine,
     running,
@@ -95,7 +96,7 @@ async def ours_rates(url: str, accounts: Accounts,
 
 
 async def _settle(store: EventStore, ids: list[str], timeout: float) -> None:
-    states, done = await wait_settled(store, ids, timeout=timeout)
+    states, done = await wait_settled(store, ids, timeout=timeout, interval=0.002)
     if not done or set(states) != {"done"}:
         raise RuntimeError(f"bench workflows did not all finish: {states} of {len(ids)}")
 
@@ -173,7 +174,7 @@ async def vs_dbos(admin_url: str, accounts: Accounts) -> list[bool]:
 
 # -- 2. overlap ---------------------------------------------------------------------------------
 
-async def overlap(accounts: Accounts, budget: Budget = DEFAULT) -> list[bool]:
+async def overlap(accounts: Accounts) -> list[bool]:
     spec, params = seed_spec(), SEED_PARAMS
     async with scratch_database() as url, await EventStore.open(url, max_size=10) as store:
         engine = make_engine(store, seed_exchanges(accounts), accounts, LIFTED)
@@ -195,25 +196,25 @@ async def overlap(accounts: Accounts, budget: Budget = DEFAULT) -> list[bool]:
     results = [report("overlap", f"{OVERLAP} at once, budgets lifted: wall / one workflow's"
                       + ("" if done else " (lower bound)"), wall / one, GOALS["overlap"],
                       at_most=True)]
+    # The default budgets are the live exchanges' published limits (Upbit orders 9/s per
+    # account, ...): with this many workflows they, not the engine, must be the limit.
     async with scratch_database() as url, await EventStore.open(url, max_size=10) as store:
-        exchanges = seed_exchanges(accounts)
-        engine = make_engine(store, exchanges, accounts, budget)
+        exchanges, kept = seed_exchanges(accounts), budgets(DEFAULT)
+        engine = make_engine(store, exchanges, accounts, budgets=kept)
         async with running(engine, store):
             ids = await start_many(store, spec, params, accounts, OVERLAP, parallel=16)
-            before, calls_before = await transition_count(store), dict(exchanges.book.calls)
+            before, counters = await transition_count(store), kept.counters()
             start = time.perf_counter()
             await asyncio.sleep(BUDGET_SECONDS)
             window = time.perf_counter() - start
             steps = await transition_count(store) - before
-            calls = {k: (v - calls_before.get(k, 0)) / window
-                     for k, v in exchanges.book.calls.items()}
-    limit = budget_value(budget)
-    note("budget", f"{OVERLAP} seed-path workflows, budget {limit:g} requests/s per exchange, "
-                   f"{window:.0f} s window: {steps / window:.1f} steps/s; exchange calls/s "
-                   + ", ".join(f"{k} {v:.1f}" for k, v in sorted(calls.items()))
-                   + f" (busiest / budget {max(calls.values(), default=0) / limit:.2f})")
-    results.append(report("budget", "steps/s / budget (requests/s per exchange)",
-                          steps / window / limit, GOALS["budget"]))
+            use = budget_use(kept, counters, window)
+    busiest = max(use, key=use.__getitem__, default="none")
+    note("budget", f"{OVERLAP} seed-path workflows, the live default budgets, {window:.0f} s "
+                   f"window: {steps / window:.1f} steps/s; budget used: "
+                   + ", ".join(f"{k} {v:.2f}" for k, v in sorted(use.items())))
+    results.append(report("budget", f"busiest budget ({busiest}) used / its rate",
+                          use.get(busiest, 0.0), GOALS["budget"]))
     return results
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from decimal import Decimal
@@ -18,7 +19,7 @@ from events.store import EventStore
 from events.vocabulary import WORKFLOW_TERMINAL, WorkflowState
 from projections.runner import ProjectionRunner, default_projections
 from rebalancer.accounts import Accounts
-from rebalancer.budgets import DEFAULT_RATES, Budgets, Rate
+from rebalancer.budgets import Budgets
 from rebalancer.commands import start_workflow
 from rebalancer.engine import Engine
 from rebalancer.exchanges.base import Exchanges
@@ -27,11 +28,11 @@ from rebalancer.specs.loading import builtin_specs
 from rebalancer.specs.models import WorkflowSpec
 from tests.bench.memory_exchange import MemoryExchanges
 
-# A budget is requests per second per exchange: a number, LIFTED (no limit worth the name)
-# or DEFAULT (whatever the engine uses when given none).
+# Budgets: LIFTED (no limit worth the name) or DEFAULT (the live exchanges' published limits,
+# as `serve` keeps them against Upbit and Binance; the double answers as those exchanges).
 LIFTED = "lifted"
 DEFAULT = "default"
-Budget = float | str
+Budget = str
 
 SEED_SPEC = "upbit_to_binance_sub_futures"
 SEED_PARAMS = {  # tests/support/worker.py SEED_PARAMS, plus an amount
@@ -51,27 +52,25 @@ TRANSITIONS = ("TaskStateChanged", "WorkflowStateChanged")  # one event = one st
 def make_engine(store: EventStore, exchanges: Exchanges, accounts: Accounts,
                 budget: Budget = DEFAULT, **kwargs: Any) -> Engine:
     """An engine as `serve` builds it (its followers run beside it, see `running`)."""
+    kwargs.setdefault("concurrency", int(os.environ.get("BENCH_WORKER_CONCURRENCY", "256")))
     return Engine(store, exchanges, accounts, owner="bench", follow_projections=False,
-                  budgets=budgets(budget), **kwargs)
+                  budgets=kwargs.pop("budgets", None) or budgets(budget), **kwargs)
 
 
 def budgets(budget: Budget) -> Budgets:
-    """The simulated world's budgets that `budget` stands for."""
-    if budget == LIFTED:
-        return Budgets.lifted()
-    if budget == DEFAULT:
-        return Budgets("simulated")
-    rate = float(budget)
-    return Budgets("simulated", {"simulated": {"requests": Rate(rate, rate)}})
+    return Budgets.lifted() if budget == LIFTED else Budgets("live")
 
 
-def budget_value(budget: Budget) -> float:
-    """Requests per second per exchange that `budget` stands for."""
-    if budget == LIFTED:
-        return float("inf")
-    if budget == DEFAULT:
-        return float(DEFAULT_RATES["simulated"]["requests"].per_second or "inf")
-    return float(budget)
+def budget_use(budgets: Budgets, before: dict[str, dict[str, float]], window: float
+               ) -> dict[str, float]:
+    """Per bucket with a rate: tokens spent per second in `window` / its rate (1.0 = fully
+    used), from the counters taken `before` it."""
+    use = {}
+    for bucket in budgets:
+        if bucket.per_second:
+            spent = bucket.spent - before.get(bucket.name, {}).get("spent", 0.0)
+            use[bucket.name] = spent / window / bucket.per_second
+    return use
 
 
 @contextlib.asynccontextmanager

@@ -11,7 +11,12 @@ import yaml
 from rebalancer.accounts import load_accounts
 from rebalancer.budgets import Budgets
 from rebalancer.errors import SpecError
-from rebalancer.exchanges.live import exchange_mode, exchange_options, read_credentials
+from rebalancer.exchanges.live import (
+    LiveExchanges,
+    exchange_mode,
+    exchange_options,
+    read_credentials,
+)
 from rebalancer.settings import Settings
 
 
@@ -198,3 +203,13 @@ def test_budgets_follow_the_mode_the_settings_give(tmp_path: Path,
     budgets = Budgets.from_settings(Settings(config=path))
     assert budgets.mode == "simulated"
     assert budgets.charges("upbit", "u", "withdraw")[0][0].per_second == 7
+
+
+@pytest.mark.parametrize(("paced", "ccxt_limits"), [(True, False), (False, True)])
+def test_ccxt_paces_only_the_calls_no_budget_paces(tmp_path: Path, paced: bool,
+                                                   ccxt_limits: bool) -> None:
+    # Under the service every call takes from a request budget, and ccxt's fixed interval per
+    # client would be a second, tighter limit; a one-off CLI call keeps ccxt's.
+    accounts = load_accounts(config(tmp_path, {"u": {"exchange": "upbit"}}))
+    exchanges = LiveExchanges(accounts, paced=paced)
+    assert exchanges.connector("u").client.enableRateLimit is ccxt_limits
