@@ -26,6 +26,7 @@ from rebalancer.exchanges.base import Exchanges
 from rebalancer.specs.builders import task, workflow
 from rebalancer.specs.loading import builtin_specs
 from rebalancer.specs.models import WorkflowSpec
+from tests import support
 from tests.bench.memory_exchange import MemoryExchanges
 
 # Budgets: LIFTED (no limit worth the name) or DEFAULT (the live exchanges' published limits,
@@ -35,14 +36,7 @@ DEFAULT = "default"
 Budget = str
 
 SEED_SPEC = "upbit_to_binance_sub_futures"
-SEED_PARAMS = {  # tests/support/worker.py SEED_PARAMS, plus an amount
-    "from_account": "upbit-personal",
-    "to_account": "binance-corp-sub",
-    "from_currency": "KRW",
-    "interim_currency": "ETH",
-    "to_currency": "USDT",
-    "from_amount": "1000000",
-}
+SEED_PARAMS = {**support.SEED_PARAMS, "from_amount": "1000000"}
 # A workflow the bench counts as finished (needs_attention included: it would never finish,
 # and the bench reports how many ended that way).
 SETTLED = frozenset({*WORKFLOW_TERMINAL, WorkflowState.NEEDS_ATTENTION})
