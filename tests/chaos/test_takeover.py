@@ -31,15 +31,18 @@ from tests.support.worker import Worker as InProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = 12
-# Slow enough that every worker is in the middle of something when the kill comes.
+# Slow enough that every worker is in the middle of something when the kill comes: a claim is
+# held only while a workflow is being stepped, so every exchange call takes 300 ms.
 TIME_SCALE = "20"
+FAULTS = "latency_ms=300"
 TAKEOVER_LIMIT = 5.0  # seconds, the bound
 
 
 def serve(database_url: str, world: Path, log: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("REBALANCER_")}
     env.update(REBALANCER_DATABASE_URL=database_url, REBALANCER_SIM_WORLD=str(world),
-               REBALANCER_SIM_TIME_SCALE=TIME_SCALE, PYTHONUNBUFFERED="1")
+               REBALANCER_SIM_TIME_SCALE=TIME_SCALE, REBALANCER_SIM_FAULTS=FAULTS,
+               PYTHONUNBUFFERED="1")
     with log.open("ab") as out:
         return subprocess.Popen([sys.executable, "-m", "rebalancer", "serve"], env=env,
                                 cwd=ROOT, stdout=out, stderr=out)
