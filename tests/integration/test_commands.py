@@ -194,3 +194,16 @@ async def test_twenty_concurrent_reuses_with_other_bodies_one_wins(store: EventS
     codes = sorted(r["error"]["code"] if not r["ok"] else "ok" for r in replies)
     assert codes == ["conflict"] * 19 + ["ok"]
     assert len(await store.events_of_command("race")) == 1
+
+
+async def test_twenty_concurrent_starts_with_one_id_and_other_params_create_one_workflow(
+    store: EventStore,
+) -> None:
+    spec = builtin_specs()["upbit_to_binance_sub_futures"]
+    results = await asyncio.gather(
+        *(start_workflow(store, spec, {**PARAMS, "from_amount": str(1_000_000 + i)},
+                         load_accounts(), command_id="race-start") for i in range(20)),
+        return_exceptions=True)
+    refused = [r for r in results if isinstance(r, CommandError)]
+    assert len(refused) == 19 and all(r.code == "conflict" for r in refused)
+    assert len(await store.events_of_command("race-start")) == 1
