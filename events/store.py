@@ -476,6 +476,30 @@ class EventStore:
                 (command_id, kind, json.dumps(dict(reply), default=str)),
             )
 
+    async def bind_command(
+        self, command_id: str, kind: str, body_hash: str, workflow_id: str | None
+    ) -> tuple[bool, str, str, str | None, Any]:
+        """Bind `command_id` to a command unless it is bound already. Returns (bound now, and
+        the binding's kind, body hash, workflow id and time): the first command's, either way."""
+        async with self.connection() as conn:
+            cur = await conn.execute(
+                "insert into command_ids (command_id, kind, body_hash, workflow_id)"
+                " values (%s, %s, %s, %s) on conflict (command_id) do nothing"
+                " returning recorded_at",
+                (command_id, kind, body_hash, workflow_id),
+            )
+            mine = await cur.fetchone()
+            if mine is not None:
+                return True, kind, body_hash, workflow_id, mine[0]
+            cur = await conn.execute(
+                "select kind, body_hash, workflow_id, recorded_at from command_ids"
+                " where command_id = %s",
+                (command_id,),
+            )
+            row = await cur.fetchone()
+        assert row is not None  # bound by another, and rows are never deleted
+        return False, row[0], row[1], row[2], row[3]
+
     async def recall_outcome(self, command_id: str) -> dict[str, Any] | None:
         """The kept reply to a refused command, None when there is none."""
         row = await self._fetchone(

@@ -7,6 +7,9 @@ first reply and appends nothing.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
@@ -45,12 +48,24 @@ async def start_workflow(
     """Validate the spec and parameters, then append WorkflowCreated.
 
     Returns (workflow id, created now). Raises SpecError before anything is appended when the
-    spec or a parameter is bad; a repeated `command_id` returns the first workflow's id.
+    spec or a parameter is bad; a repeated `command_id` returns the first workflow's id, and
+    raises CommandError `conflict` when the id was bound to another command or body.
     """
     validate_spec(spec, accounts)
     resolved = resolve_params(spec, params, accounts)
     command_id = command_id or f"start-{uuid.uuid4()}"
     workflow_id = workflow_id_for(command_id)
+    body = {"spec": spec.name, "params": {k: str(v) for k, v in params.items()}}
+    digest = body_hash(body)
+    bound, first_kind, first_hash, first_workflow, at = await store.bind_command(
+        command_id, "start", digest, workflow_id)
+    if not bound and (first_kind, first_hash) != ("start", digest):
+        raise CommandError(
+            "conflict",
+            f"command id {command_id} was used by a {first_kind} on workflow {first_workflow}"
+            f" at {at.isoformat()}; use a new id for another command",
+            kind=first_kind, workflow_id=first_workflow, at=at.isoformat(),
+        )
     event = WorkflowCreated(
         spec_name=spec.name,
         spec=spec.model_dump(mode="json"),
@@ -87,6 +102,7 @@ CONTROL_TRIGGERS = {
     "resume": WorkflowTrigger.RESUME,
     "retry": WorkflowTrigger.RETRY,
 }
+SAME_COMMAND_WAIT = 100  # polls of 50 ms for a concurrent duplicate's outcome
 IN_FLIGHT = (TaskState.SUBMITTING, TaskState.REQUESTED, TaskState.OPEN, TaskState.PROCESSING)
 Reply = dict[str, Any]
 
@@ -175,7 +191,8 @@ async def control_workflow(
         )
         return {"ok": True, "workflow_id": workflow_id, "state": events[-1].dest}
 
-    return await _idempotent(store, command_id, kind, run)
+    body = {"workflow_id": workflow_id, "reason": reason}
+    return await _idempotent(store, command_id, kind, body, workflow_id, run)
 
 
 async def resolve_task(
@@ -222,7 +239,8 @@ async def resolve_task(
         )
         return {"ok": True, "workflow_id": workflow_id, "task": task.name, "state": event.dest}
 
-    return await _idempotent(store, command_id, "resolve", run)
+    body = {"workflow_id": workflow_id, "task": task_name, "outcome": outcome, "note": note}
+    return await _idempotent(store, command_id, "resolve", body, workflow_id, run)
 
 
 def _task_move(task: TaskRecord, trigger: TaskTrigger, **carried: Any) -> TaskStateChanged:
@@ -249,9 +267,18 @@ async def _load(store: EventStore, workflow_id: str) -> Workflow:
 
 
 async def _idempotent(
-    store: EventStore, command_id: str, kind: str, run: Callable[[], Awaitable[Reply]]
+    store: EventStore,
+    command_id: str,
+    kind: str,
+    body: Mapping[str, Any],
+    workflow_id: str | None,
+    run: Callable[[], Awaitable[Reply]],
 ) -> Reply:
-    """The first reply for `command_id` if there was one; else run (retrying a lost race)."""
+    """The first reply for `command_id` if it is the same command; a conflict naming the first
+    command if it is another; else bind the id and run (retrying a lost race)."""
+    reused = await _bind(store, command_id, kind, body, workflow_id)
+    if reused is not None:
+        return reused
     kept = await store.recall_outcome(command_id)
     if kept is not None:
         return kept
@@ -270,6 +297,42 @@ async def _idempotent(
         await store.remember_outcome(command_id, kind, reply)
         return reply
     return CommandError("conflict", "the workflow kept moving; try again").reply()
+
+
+def body_hash(body: Mapping[str, Any]) -> str:
+    """The hash a command id is bound to: every validated field but the id, free text too."""
+    canonical = json.dumps(dict(body), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def _bind(
+    store: EventStore, command_id: str, kind: str, body: Mapping[str, Any], workflow_id: str | None
+) -> Reply | None:
+    """None when this command holds the id now (bound here, or bound by its own earlier try);
+    else the reply to a reuse: the first outcome for the same command, once it is there (a
+    concurrent duplicate waits for it), or a conflict naming the first command."""
+    digest = body_hash(body)
+    bound, first_kind, first_hash, first_workflow, at = await store.bind_command(
+        command_id, kind, digest, workflow_id)
+    if bound:
+        return None
+    if (first_kind, first_hash) != (kind, digest):
+        concerning = f" on workflow {first_workflow}" if first_workflow else ""
+        return CommandError(
+            "conflict",
+            f"command id {command_id} was used by a {first_kind}{concerning} at"
+            f" {at.isoformat()}; use a new id for another command",
+            kind=first_kind, workflow_id=first_workflow, at=at.isoformat(),
+        ).reply()
+    for _ in range(SAME_COMMAND_WAIT):
+        kept = await store.recall_outcome(command_id)
+        if kept is not None:
+            return kept
+        prior = await store.events_of_command(command_id)
+        if prior:
+            return _reply_from(prior)
+        await asyncio.sleep(0.05)
+    return None  # the first try died between binding and outcome: this one carries it out
 
 
 def _reply_from(events: list[RecordedEvent]) -> Reply:

@@ -184,6 +184,21 @@ async def test_requests_over_a_real_nats(store: EventStore, nats_url: str) -> No
                                body({"command_id": "n2", "workflow_id": reply["workflow_id"]}),
                                timeout=5)
         assert json.loads(msg.data)["error"]["code"] == "illegal_transition"
+        # The start's command id on a cancel: refused, naming the start, never its outcome.
+        before = await event_count(store)
+        msg = await nc.request("rebalancer.cmd.cancel",
+                               body({"command_id": "n1", "workflow_id": reply["workflow_id"]}),
+                               timeout=5)
+        refused = json.loads(msg.data)
+        assert refused["ok"] is False and refused["error"]["code"] == "conflict"
+        assert "used by a start" in refused["error"]["message"]
+        # The same id on a start with other params: a conflict too, not the old workflow.
+        msg = await nc.request("rebalancer.cmd.start",
+                               body({"command_id": "n1", "spec": SPEC,
+                                     "params": {**PARAMS, "from_amount": "2000000"}}),
+                               timeout=5)
+        assert json.loads(msg.data)["error"]["code"] == "conflict"
+        assert await event_count(store) == before
         for sub in subscriptions:
             await sub.unsubscribe()
     finally:

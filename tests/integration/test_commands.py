@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from events.catalogue import TaskStateChanged, WorkflowStateChanged
 from events.store import EventStore
 from rebalancer.accounts import load_accounts
-from rebalancer.commands import control_workflow, resolve_task, start_workflow
+from rebalancer.commands import CommandError, control_workflow, resolve_task, start_workflow
 from rebalancer.specs.loading import builtin_specs
 from rebalancer.workflow import decide, fold
 from tests.support import event_count
@@ -71,9 +72,8 @@ async def test_a_repeated_command_id_returns_the_first_reply_and_appends_nothing
     await move_to(store, workflow_id, ("wf", "start", "created", "running"))
     first = await control_workflow(store, "pause", "same-id", workflow_id)
     after_first = await event_count(store)
-    # Same id again, even as another command: the first outcome, nothing appended.
+    # Same id, same command again: the first outcome, nothing appended.
     assert await control_workflow(store, "pause", "same-id", workflow_id) == first
-    assert await control_workflow(store, "cancel", "same-id", workflow_id) == first
     assert await event_count(store) == after_first
     # A refused command's reply is kept too.
     refused = await control_workflow(store, "retry", "refused-id", workflow_id)
@@ -125,3 +125,85 @@ async def test_unknown_workflows_tasks_and_bad_ids_are_refused(store: EventStore
     assert reply["error"]["code"] == "not_found"
     reply = await resolve_task(store, "c4", workflow_id, "buy_in_source_spot", "done", "x")
     assert reply["error"]["code"] == "illegal_transition"
+
+
+# -- command-id reuse: bound to its subject and body ------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "reason"), [("pause", "other text"), ("cancel", None)],
+                         ids=["other body", "other subject"])
+async def test_a_reused_command_id_on_another_command_is_a_conflict_naming_the_first(
+    store: EventStore, kind: str, reason: str | None
+) -> None:
+    workflow_id = await started(store)
+    await move_to(store, workflow_id, ("wf", "start", "created", "running"))
+    assert (await control_workflow(store, "pause", "k1", workflow_id))["ok"] is True
+    before = await event_count(store)
+    reply = await control_workflow(store, kind, "k1", workflow_id, reason)
+    assert reply["ok"] is False and reply["error"]["code"] == "conflict"
+    assert "used by a pause" in reply["error"]["message"]
+    assert workflow_id in reply["error"]["message"]
+    assert reply["error"]["details"]["kind"] == "pause"
+    assert await event_count(store) == before
+
+
+async def test_a_start_command_id_reused_by_a_cancel_is_a_conflict(store: EventStore) -> None:
+    spec = builtin_specs()["upbit_to_binance_sub_futures"]
+    workflow_id, _ = await start_workflow(store, spec, PARAMS, load_accounts(), command_id="s1")
+    other = await started(store)
+    await move_to(store, other, ("wf", "start", "created", "running"))
+    reply = await control_workflow(store, "cancel", "s1", other)
+    assert reply["error"]["code"] == "conflict"
+    assert f"start on workflow {workflow_id}" in reply["error"]["message"]
+    assert fold(await store.read_stream(f"workflow-{other}")).state == "running"
+
+
+async def test_a_start_with_the_same_id_and_other_params_is_a_conflict(
+    store: EventStore,
+) -> None:
+    spec = builtin_specs()["upbit_to_binance_sub_futures"]
+    first, created = await start_workflow(store, spec, PARAMS, load_accounts(), command_id="s2")
+    assert created
+    again, created = await start_workflow(store, spec, PARAMS, load_accounts(), command_id="s2")
+    assert (again, created) == (first, False)
+    before = await event_count(store)
+    with pytest.raises(CommandError) as refused:
+        await start_workflow(store, spec, {**PARAMS, "from_amount": "2000000"},
+                             load_accounts(), command_id="s2")
+    assert refused.value.code == "conflict"
+    assert await event_count(store) == before
+
+
+async def test_twenty_concurrent_duplicates_yield_one_outcome(store: EventStore) -> None:
+    workflow_id = await started(store)
+    await move_to(store, workflow_id, ("wf", "start", "created", "running"))
+    before = await event_count(store)
+    replies = await asyncio.gather(
+        *(control_workflow(store, "pause", "dup", workflow_id, "window") for _ in range(20)))
+    assert all(r == replies[0] for r in replies)
+    assert replies[0] == {"ok": True, "workflow_id": workflow_id, "state": "paused"}
+    assert len(await store.events_of_command("dup")) == 1
+    assert await event_count(store) == before + 1
+
+
+async def test_twenty_concurrent_reuses_with_other_bodies_one_wins(store: EventStore) -> None:
+    workflow_id = await started(store)
+    await move_to(store, workflow_id, ("wf", "start", "created", "running"))
+    replies = await asyncio.gather(
+        *(control_workflow(store, "pause", "race", workflow_id, f"note {i}") for i in range(20)))
+    codes = sorted(r["error"]["code"] if not r["ok"] else "ok" for r in replies)
+    assert codes == ["conflict"] * 19 + ["ok"]
+    assert len(await store.events_of_command("race")) == 1
+
+
+async def test_twenty_concurrent_starts_with_one_id_and_other_params_create_one_workflow(
+    store: EventStore,
+) -> None:
+    spec = builtin_specs()["upbit_to_binance_sub_futures"]
+    results = await asyncio.gather(
+        *(start_workflow(store, spec, {**PARAMS, "from_amount": str(1_000_000 + i)},
+                         load_accounts(), command_id="race-start") for i in range(20)),
+        return_exceptions=True)
+    refused = [r for r in results if isinstance(r, CommandError)]
+    assert len(refused) == 19 and all(r.code == "conflict" for r in refused)
+    assert len(await store.events_of_command("race-start")) == 1
