@@ -61,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args, settings)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head -1`): it wanted no more. Point stdout at /dev/null so
+        # the interpreter's last flush does not complain either.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:
         if not isinstance(e, _expected_errors()):
             raise
@@ -73,7 +80,7 @@ def _exit_status(error: BaseException) -> int:
     status = getattr(error, "exit_status", None)
     if isinstance(status, int):
         return status
-    unreachable = [ConnectionError]
+    unreachable: list[type] = [ConnectionError]
     for module, name in (("rebalancer.api", "NatsUnavailableError"),
                          ("events.errors", "StoreUnavailableError"),
                          ("psycopg", "OperationalError")):
