@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rebalancer",
         description="Moves crypto assets between exchange accounts along event-sourced workflows.",
     )
+    parser.add_argument("--version", action="version", version=f"rebalancer {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     infra = commands.add_parser("infra", help="embedded PostgreSQL + NATS on loopback")
@@ -183,3 +184,12 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
     return value
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rebalancer")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"

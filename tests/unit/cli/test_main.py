@@ -34,3 +34,11 @@ def test_the_handler_gets_the_settings_built_from_the_environment(
     monkeypatch.setenv("REBALANCER_HOME", str(tmp_path))
     assert main(["infra", "status", "--json"]) == 0
     assert capsys.readouterr().out.strip() == '{"postgresql": false, "nats": false}'
+
+
+def test_version_prints_one_line_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as ended:
+        main(["--version"])
+    assert ended.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("rebalancer ") and out.count("\n") == 1
