@@ -252,11 +252,11 @@ async def connect(url: str, *, name: str, timeout: float = 5.0) -> Any:
 
 
 async def request(url: str, subject: str, payload: Mapping[str, Any],
-                  timeout: float = 10.0) -> Reply:
+                  timeout: float = 10.0, connect_timeout: float = 5.0) -> Reply:
     """One request to a running `rebalancer serve`; raises NatsUnavailableError."""
     import nats.errors
 
-    nc = await _connect_once(url, timeout)
+    nc = await _connect_once(url, connect_timeout)
     try:
         msg = await nc.request(subject, json.dumps(payload).encode(), timeout=timeout)
     except nats.errors.NoRespondersError as e:
@@ -296,9 +296,15 @@ async def follow(url: str, workflow_id: str, on_event: Callable[[Any], bool],
 async def _connect_once(url: str, timeout: float) -> Any:
     import nats
 
+    async def quiet(error: Exception) -> None:
+        """nats-py's default logs a traceback per attempt; the failure below says it once."""
+
     try:
-        return await nats.connect(url, name="rebalancer-cli", connect_timeout=timeout,
-                                  max_reconnect_attempts=0, allow_reconnect=False)
+        # nats-py retries a first connect that is refused for ever: bound the whole of it.
+        return await asyncio.wait_for(
+            nats.connect(url, name="rebalancer-cli", connect_timeout=timeout,
+                         max_reconnect_attempts=0, allow_reconnect=False, error_cb=quiet),
+            timeout)
     except Exception as e:
         raise NatsUnavailableError(f"cannot reach NATS at {_where(url)}: {e or type(e).__name__}"
                                    ) from e

@@ -17,12 +17,22 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
+EXIT_CONFLICT = 3  # the service refused: conflict or illegal_transition
+EXIT_UNREACHABLE = 4  # NATS, PostgreSQL or `serve` cannot be reached
 
 T = TypeVar("T")
 
 
 class UsageError(RebalancerError):
     """The command cannot run as asked (nothing set up yet, missing input): exit status 2."""
+
+    exit_status = EXIT_USAGE
+
+
+class ConflictError(UsageError):
+    """The service refused the command as it stands now (conflict, illegal_transition)."""
+
+    exit_status = EXIT_CONFLICT
 
 
 def database_url(settings: Settings) -> str:
@@ -67,9 +77,12 @@ def request(settings: Settings, command: str, body: dict[str, Any]) -> dict[str,
     """Send one command to `rebalancer serve` over NATS; a refusal is a UsageError."""
     from rebalancer.api import request as nats_request
 
-    reply = asyncio.run(nats_request(nats_url(settings), f"rebalancer.cmd.{command}", body))
+    reply = asyncio.run(nats_request(nats_url(settings), f"rebalancer.cmd.{command}", body,
+                                     connect_timeout=settings.connect_timeout))
     if not reply.get("ok"):
         problem = reply.get("error") or {}
+        if problem.get("code") in ("conflict", "illegal_transition"):
+            raise ConflictError(f"{problem['code']}: {problem.get('message', reply)}")
         raise UsageError(f"{problem.get('code', 'error')}: {problem.get('message', reply)}")
     return reply
 

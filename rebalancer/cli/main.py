@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pydantic import ValidationError
 
 from events.errors import EventStoreError
-from rebalancer.cli.common import EXIT_USAGE
+from rebalancer.cli.common import EXIT_UNREACHABLE, EXIT_USAGE
 from rebalancer.cli.parser import build_parser
 from rebalancer.errors import RebalancerError
 from rebalancer.settings import Settings
@@ -61,8 +61,30 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args, settings)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`| head -1`): it wanted no more. Point stdout at /dev/null so
+        # the interpreter's last flush does not complain either.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:
         if not isinstance(e, _expected_errors()):
             raise
         print(f"rebalancer: {_one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE
+        return _exit_status(e)
+
+
+def _exit_status(error: BaseException) -> int:
+    """2 for input, 3 for a conflict the service reported, 4 for a server out of reach."""
+    status = getattr(error, "exit_status", None)
+    if isinstance(status, int):
+        return status
+    unreachable: list[type] = [ConnectionError]
+    for module, name in (("rebalancer.api", "NatsUnavailableError"),
+                         ("events.errors", "StoreUnavailableError"),
+                         ("psycopg", "OperationalError")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type):
+            unreachable.append(cls)
+    return EXIT_UNREACHABLE if isinstance(error, tuple(unreachable)) else EXIT_USAGE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from decimal import Decimal
 from pathlib import Path
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rebalancer",
         description="Moves crypto assets between exchange accounts along event-sourced workflows.",
     )
+    parser.add_argument("--version", action="version", version=f"rebalancer {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     infra = commands.add_parser("infra", help="embedded PostgreSQL + NATS on loopback")
@@ -141,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.set_defaults(handler=events_watch)
 
     demo = commands.add_parser("demo", help="the seed path end to end on the simulated world")
-    demo.add_argument("--amount", type=Decimal, default=Decimal(1_000_000),
+    demo.add_argument("--amount", type=_amount, default=Decimal(1_000_000),
                       help="KRW to move (default 1,000,000)")
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(handler=run_demo_command)
@@ -178,8 +180,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_GROUPED = re.compile(r"[0-9]{1,3}(,[0-9]{3})+(\.[0-9]+)?")
+
+
+def _amount(text: str) -> Decimal:
+    """A positive amount, grouped as the help shows it (`1,000,000`) or plain."""
+    plain = text.replace(",", "") if _GROUPED.fullmatch(text) else text
+    if not re.fullmatch(r"[0-9]+(\.[0-9]+)?", plain) or Decimal(plain) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive amount such as 1,000,000")
+    return Decimal(plain)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
     return value
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rebalancer")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"

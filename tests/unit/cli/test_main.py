@@ -34,3 +34,30 @@ def test_the_handler_gets_the_settings_built_from_the_environment(
     monkeypatch.setenv("REBALANCER_HOME", str(tmp_path))
     assert main(["infra", "status", "--json"]) == 0
     assert capsys.readouterr().out.strip() == '{"postgresql": false, "nats": false}'
+
+
+def test_version_prints_one_line_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as ended:
+        main(["--version"])
+    assert ended.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("rebalancer ") and out.count("\n") == 1
+
+
+@pytest.mark.parametrize(("text", "amount"), [("1,000,000", "1000000"), ("250000", "250000"),
+                                              ("1,234.5", "1234.5")])
+def test_demo_amount_takes_the_grouping_its_help_shows(text: str, amount: str) -> None:
+    from decimal import Decimal
+
+    from rebalancer.cli.parser import build_parser
+
+    assert build_parser().parse_args(["demo", "--amount", text]).amount == Decimal(amount)
+
+
+@pytest.mark.parametrize("text", ["1,00", "1e999", "-5", "0", "1_000"])
+def test_a_bad_demo_amount_is_a_usage_error(text: str) -> None:
+    from rebalancer.cli.parser import build_parser
+
+    with pytest.raises(SystemExit) as ended:
+        build_parser().parse_args(["demo", "--amount", text])
+    assert ended.value.code == 2
