@@ -32,7 +32,8 @@ COMMANDS = "rebalancer.cmd"
 QUERIES = "rebalancer.query"
 QUEUE = "rebalancer-api"  # several `serve` processes share the requests
 
-Text = Annotated[str, StringConstraints(min_length=1, max_length=200, strip_whitespace=True)]
+# Never trimmed: `"spec  "` is another (unknown) name, not the spec it looks like.
+Text = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Note = Annotated[str, StringConstraints(max_length=2000)]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from types import MappingProxyType
 from typing import Annotated, Any, ClassVar, Final, Literal
 
@@ -21,6 +21,7 @@ from pydantic_core import PydanticCustomError
 
 from rebalancer.exchanges.base import OrderType, Side, Wallet
 from rebalancer.machines import TaskKind
+from rebalancer.money import to_money
 
 # Task names end up in NATS subjects (`rebalancer.events.<id>.<task>.<state>`) and in
 # `TaskStateChanged.task_name`, so they are plain lower-case identifiers: no dots, no spaces, and
@@ -49,29 +50,6 @@ class _Unknown:
 
 
 UNKNOWN: Final = _Unknown()
-
-
-def to_money(value: object) -> Decimal:
-    """A positive, finite Decimal from a Decimal, an int or a decimal string.
-
-    Raises ValueError for floats (binary floats are not money), bools, NaN, infinities, zero,
-    negative amounts and anything else.
-    """
-    if isinstance(value, bool) or not isinstance(value, Decimal | int | str):
-        if isinstance(value, float):
-            raise ValueError(
-                f"binary floats are not money: give {value!r} as a decimal string, e.g. '{value}'"
-            )
-        raise ValueError(f"expected a decimal amount, got {type(value).__name__} {value!r}")
-    try:
-        amount = Decimal(value.strip()) if isinstance(value, str) else Decimal(value)
-    except InvalidOperation:
-        raise ValueError(f"not a decimal number: {value!r}") from None
-    if not amount.is_finite():
-        raise ValueError(f"amount must be finite, not {value!r}")
-    if amount <= 0:
-        raise ValueError(f"amount must be greater than 0, not {value!r}")
-    return amount
 
 
 Money = Annotated[Decimal, BeforeValidator(to_money)]

@@ -24,7 +24,7 @@ from rebalancer.specs.validation import InvalidSpecError, message_text, spec_pro
 
 # --- params -------------------------------------------------------------------------------------
 
-_INT = re.compile(r"[+-]?[0-9]+")
+_INT = re.compile(r"-?[0-9]{1,18}", re.ASCII)
 
 
 def resolve_params(
@@ -64,7 +64,7 @@ def _param_value(kind: str, raw: object, accounts: Accounts) -> ParamValue:
     if kind == "int":
         if isinstance(raw, int) and not isinstance(raw, bool):
             return raw
-        if isinstance(raw, str) and _INT.fullmatch(raw.strip()):
+        if isinstance(raw, str) and _INT.fullmatch(raw):
             return int(raw)
         raise ValueError(f"expected a whole number, got {raw!r}")
     if not isinstance(raw, str):
