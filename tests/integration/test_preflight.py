@@ -3,14 +3,18 @@ per task, and no exchange operation is made."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from events.store import EventStore
 from rebalancer.accounts import load_accounts
+from rebalancer.api import Api
 from rebalancer.exchanges.simulated import SimulatedWorld
 from rebalancer.preflight import preflight_problems
 from rebalancer.specs.loading import builtin_specs
 from rebalancer.specs.resolution import resolve_params
-from tests.support import SEED_PARAMS, SEED_SPEC, operations
+from tests.support import SEED_PARAMS, SEED_SPEC, event_count, operations
 
 
 @pytest.mark.parametrize(("change", "expected"), [
@@ -37,3 +41,25 @@ async def test_preflight_names_each_knowable_problem(
     else:
         assert any(expected in p for p in problems), problems
         assert all(p.startswith("task ") for p in problems)
+
+
+async def test_start_refused_by_the_preflight_appends_nothing(
+    database_url: str, store: EventStore
+) -> None:
+    accounts = load_accounts()
+    sim = await SimulatedWorld.open(database_url, accounts=accounts)
+    try:
+        api = Api(store, accounts, builtin_specs, exchanges=sim)
+        params = {**SEED_PARAMS, "from_amount": "100000"}
+        reply = await api.handle("rebalancer.cmd.start", json.dumps(
+            {"command_id": "p1", "spec": SEED_SPEC, "params": params}).encode())
+        assert reply["ok"] is False and reply["error"]["code"] == "invalid_request"
+        assert reply["error"]["details"]["problems"]
+        assert await event_count(store) == 0
+        assert await operations(database_url) == []
+        ok = await api.handle("rebalancer.cmd.start", json.dumps(
+            {"command_id": "p2", "spec": SEED_SPEC,
+             "params": {**SEED_PARAMS, "from_amount": "1000000"}}).encode())
+        assert ok["ok"] is True, ok
+    finally:
+        await sim.close()
