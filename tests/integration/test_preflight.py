@@ -63,3 +63,25 @@ async def test_start_refused_by_the_preflight_appends_nothing(
         assert ok["ok"] is True, ok
     finally:
         await sim.close()
+
+
+@pytest.mark.parametrize(("account", "change", "expected"), [
+    ("upbit-personal", {"withdrawal_allowlist": []},
+     "not on upbit-personal's withdrawal allowlist"),
+    ("binance-personal", {"deposit_addresses": {}}, "has no ETH deposit address on ETH"),
+])
+async def test_preflight_names_address_problems(
+    database_url: str, account: str, change: dict[str, object], expected: str
+) -> None:
+    accounts = load_accounts()
+    sim = await SimulatedWorld.open(database_url, accounts=accounts)
+    changed = accounts.model_copy(update={"accounts": {
+        **accounts.accounts, account: accounts.accounts[account].model_copy(update=change)}})
+    try:
+        spec = builtin_specs()[SEED_SPEC]
+        params = resolve_params(spec, {**SEED_PARAMS, "from_amount": "1000000"}, changed)
+        problems = await preflight_problems(spec, params, changed, sim)
+        assert await operations(database_url) == []
+    finally:
+        await sim.close()
+    assert any(expected in p and "withdraw_to_interim" in p for p in problems), problems
