@@ -20,7 +20,10 @@ from projections.workflows import list_workflows, read_workflow
 from rebalancer.accounts import Accounts
 from rebalancer.commands import CommandError, control_workflow, resolve_task, start_workflow
 from rebalancer.errors import RebalancerError, SpecError
+from rebalancer.exchanges.base import Exchanges
+from rebalancer.preflight import preflight_problems
 from rebalancer.specs.models import WorkflowSpec
+from rebalancer.specs.resolution import resolve_params
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +106,11 @@ class Api:
         specs: Callable[[], Mapping[str, WorkflowSpec]],
         *,
         reply_within: float = REPLY_WITHIN,
+        exchanges: Exchanges | None = None,
     ) -> None:
         self.store = store
+        # With exchanges, every start is walked by the pre-flight first (rebalancer/preflight.py).
+        self.exchanges = exchanges
         self.accounts = accounts
         self.specs = specs
         self.reply_within = reply_within
@@ -156,6 +162,12 @@ class Api:
         if spec is None:
             return error("unknown_spec", f"no spec named {request.spec!r}",
                          known=sorted(self.specs()))
+        if self.exchanges is not None:
+            resolved = resolve_params(spec, dict(request.params), self.accounts)
+            problems = await preflight_problems(spec, resolved, self.accounts, self.exchanges)
+            if problems:
+                return error("invalid_request", "the pre-flight refuses it:\n"
+                             + "\n".join(problems), problems=problems)
         workflow_id, created = await start_workflow(
             self.store, spec, dict(request.params), self.accounts,
             command_id=request.command_id, actor="nats")

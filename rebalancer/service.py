@@ -187,7 +187,8 @@ async def _nats_side(settings: Settings, rt: Runtime, nats_url: str, relay: Rela
     if nc is None:
         return
     stack.push_async_callback(nc.drain)
-    api = Api(rt.store, rt.accounts, lambda: configured_specs(settings, rt.accounts))
+    api = Api(rt.store, rt.accounts, lambda: configured_specs(settings, rt.accounts),
+              exchanges=rt.exchanges)
     await serve_api(api, nc)
     publisher = AlertPublisher(rt.store, nc.jetstream())  # makes its stream on its first round
     watch = RelayLagWatch(rt.store, relay, threshold=timedelta(seconds=settings.relay_lag_seconds))
