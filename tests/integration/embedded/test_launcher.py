@@ -264,13 +264,13 @@ def test_up_refuses_a_stored_port_taken_by_another_process(home: Path) -> None:
             embedded.up(home)
 
 
-def test_db_migrate_against_a_closed_port_exits_2_with_one_line(home: Path) -> None:
+def test_db_migrate_against_a_closed_port_exits_4_with_one_line(home: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]
     url = f"postgresql://rebalancer@127.0.0.1:{closed_port}/rebalancer"
     result = _cli(home, "db", "migrate", REBALANCER_DATABASE_URL=url)
-    assert result.returncode == 2
+    assert result.returncode == 4  # unreachable (README, exit status)
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert result.stderr.startswith("rebalancer: ")
