@@ -18,9 +18,15 @@ from events.store import EventStore
 from events.vocabulary import Outcome
 from projections.workflows import list_workflows, read_workflow
 from rebalancer.accounts import Accounts
-from rebalancer.commands import CommandError, control_workflow, resolve_task, start_workflow
+from rebalancer.commands import (
+    CommandError,
+    control_workflow,
+    resolve_task,
+    start_workflow,
+    workflow_id_for,
+)
 from rebalancer.errors import RebalancerError, SpecError
-from rebalancer.exchanges.base import Exchanges
+from rebalancer.exchanges.base import Exchanges, RetryableError
 from rebalancer.preflight import preflight_problems
 from rebalancer.specs.models import WorkflowSpec
 from rebalancer.specs.resolution import resolve_params
@@ -162,9 +168,17 @@ class Api:
         if spec is None:
             return error("unknown_spec", f"no spec named {request.spec!r}",
                          known=sorted(self.specs()))
-        if self.exchanges is not None:
+        # A repeat of a start that went through is answered from the store, not walked again:
+        # the money it moved since would make the walk refuse its own workflow.
+        if self.exchanges is not None and not await self.store.stream_version(
+                f"workflow-{workflow_id_for(request.command_id)}"):
             resolved = resolve_params(spec, dict(request.params), self.accounts)
-            problems = await preflight_problems(spec, resolved, self.accounts, self.exchanges)
+            try:
+                problems = await preflight_problems(spec, resolved, self.accounts,
+                                                    self.exchanges)
+            except RetryableError as e:
+                return error("internal", f"the pre-flight could not ask the exchange ({e});"
+                             " repeat the request", retryable=True, cause="exchange_unavailable")
             if problems:
                 return error("invalid_request", "the pre-flight refuses it:\n"
                              + "\n".join(problems), problems=problems)

@@ -21,7 +21,7 @@ from projections.runner import ProjectionRunner, default_projections
 from rebalancer.accounts import Accounts, load_accounts, spec_dirs
 from rebalancer.alerts import AlertPublisher, RelayLagWatch
 from rebalancer.api import Api, NatsUnavailableError, connect, serve_api
-from rebalancer.budgets import Budgets
+from rebalancer.budgets import BudgetedExchanges, Budgets
 from rebalancer.engine import Engine
 from rebalancer.errors import ComponentFailedError
 from rebalancer.exchanges.base import Exchanges
@@ -188,7 +188,7 @@ async def _nats_side(settings: Settings, rt: Runtime, nats_url: str, relay: Rela
         return
     stack.push_async_callback(nc.drain)
     api = Api(rt.store, rt.accounts, lambda: configured_specs(settings, rt.accounts),
-              exchanges=rt.exchanges)
+              exchanges=BudgetedExchanges(rt.exchanges, rt.budgets))  # the engine's buckets
     await serve_api(api, nc)
     publisher = AlertPublisher(rt.store, nc.jetstream())  # makes its stream on its first round
     watch = RelayLagWatch(rt.store, relay, threshold=timedelta(seconds=settings.relay_lag_seconds))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import psycopg
 import pytest
 
 from events.store import EventStore
@@ -61,6 +62,19 @@ async def test_start_refused_by_the_preflight_appends_nothing(
             {"command_id": "p2", "spec": SEED_SPEC,
              "params": {**SEED_PARAMS, "from_amount": "1000000"}}).encode())
         assert ok["ok"] is True, ok
+        # The account emptied since (its money moved on, say): a repeat of the start that went
+        # through is answered from the store, not refused by a second walk.
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            await conn.execute("update sim.balances set amount = 0"
+                               " where account = 'upbit-personal'")
+        again = await api.handle("rebalancer.cmd.start", json.dumps(
+            {"command_id": "p2", "spec": SEED_SPEC,
+             "params": {**SEED_PARAMS, "from_amount": "1000000"}}).encode())
+        assert again == {**ok, "created": False}
+        fresh = await api.handle("rebalancer.cmd.start", json.dumps(
+            {"command_id": "p3", "spec": SEED_SPEC,
+             "params": {**SEED_PARAMS, "from_amount": "1000000"}}).encode())
+        assert fresh["ok"] is False and "holds 0 KRW" in fresh["error"]["message"], fresh
     finally:
         await sim.close()
 
