@@ -8,7 +8,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,10 +22,17 @@ from rebalancer.accounts import load_accounts
 from rebalancer.budgets import Budgets
 from rebalancer.commands import start_workflow
 from rebalancer.engine import Engine
-from rebalancer.exchanges.base import Exchange, Exchanges, Transfer, TransferRequest
+from rebalancer.exchanges.base import (
+    Exchange,
+    Exchanges,
+    HistoryMatch,
+    Transfer,
+    TransferRequest,
+)
 from rebalancer.schedule import Schedule
 from rebalancer.specs.builders import task, workflow
 from rebalancer.specs.loading import builtin_specs
+from rebalancer.specs.validation import InvalidSpecError
 from rebalancer.tasks.base import Processor, TaskContext
 from tests.support import (
     SEED_PARAMS,
@@ -237,36 +244,71 @@ async def test_the_worker_outlives_its_own_sql_being_refused(
 
 
 
+class PoisonedAmount:
+    """The simulated world, except that a transfer of one amount raises an unexpected error
+    in our own code every time, before and after the exchange could be asked (a parse bug
+    on one odd value, say)."""
+
+    def __init__(self, world: Exchanges, amount: Decimal) -> None:
+        self.world = world
+        self.amount = amount
+
+    def for_account(self, account: str) -> Exchange:
+        inner = self.world.for_account(account)
+        poison = self.amount
+
+        class Port:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(inner, name)
+
+            async def transfer(self, request: TransferRequest) -> Transfer:
+                if request.amount == poison:
+                    raise InvalidOperation([InvalidOperation])
+                return await inner.transfer(request)
+
+            async def fetch_transfer(self, client_id: str, match: HistoryMatch) -> Any:
+                if match.amount == poison:
+                    raise InvalidOperation([InvalidOperation])
+                return await inner.fetch_transfer(client_id, match)
+
+        return cast(Exchange, Port())
+
+
 async def test_real_bad_input_that_blows_up_a_step_does_not_stop_the_worker(
     database_url: str, store: EventStore, world_file: Path
 ) -> None:
-    # Inputs the start command does not refuse yet, each of which raised inside a step and
-    # used to end `serve` on every restart.
+    # `from_amount=1e999` used to crash `serve` on every restart; it is refused at start now.
     spec = builtin_specs()[SEED_SPEC]
     async with Worker(database_url, world=world_file, clock=ahead) as worker:
-        bad = [
-            (await start_workflow(store, spec, {**SEED_PARAMS, **params}, worker.accounts))[0]
-            for params in ({"from_amount": "1e999"},
-                           {"from_amount": "200000", "interim_currency": "BTC"})
-        ]
-        good = (await start_workflow(store, spec, {**SEED_PARAMS, "from_amount": "200000"},
-                                     worker.accounts))[0]
-        async with running(worker.engine) as service:
+        with pytest.raises(InvalidSpecError, match="from_amount"):
+            await start_workflow(store, spec, {**SEED_PARAMS, "from_amount": "1e999"},
+                                 worker.accounts)
+        exchanges = PoisonedAmount(worker.world, Decimal("0.0123"))
+        engine = Engine(store, exchanges, worker.accounts, owner="bulkhead",
+                        budgets=Budgets.lifted(), clock=ahead,
+                        poll_scale=1 / worker.time_scale)
+        poisoned = await start(store, worker, "0.0123")
+        # No BTC/KRW market on Upbit: the step raises before any intent.
+        no_market = (await start_workflow(
+            store, spec, {**SEED_PARAMS, "from_amount": "200000", "interim_currency": "BTC"},
+            worker.accounts))[0]
+        healthy = await start(store, worker, "0.031")
+        async with running(engine) as service:
             flows = await eventually(
-                lambda: asyncio.gather(*(load(store, w) for w in [*bad, good])),
+                lambda: asyncio.gather(*(load(store, w) for w in (poisoned, no_market, healthy))),
                 lambda fs: all(f.state in ("done", "failed", "needs_attention") for f in fs),
                 timeout=60, what="every workflow ending or handed to an operator",
                 describe=lambda fs: [(f.state, f.reason) for f in fs])
             assert not service.done()
-    huge, no_market, healthy = flows
-    assert healthy.state == "done"
-    # The amount blew up inside the exchange call, after its intent: kept, for an operator.
+    huge, no_market_flow, healthy_flow = flows
+    assert healthy_flow.state == "done"
+    # The call blew up after its intent was stored: kept, for an operator, never resent.
     assert huge.state == "needs_attention", huge.reason
     assert huge.reason and "3 unexpected errors in a row: InvalidOperation" in huge.reason
     assert huge.tasks[0].state == "needs_attention" and huge.tasks[0].request_params
     # No such market, known before any intent: a plain failure, nothing moved.
-    assert no_market.state == "failed", no_market.reason
-    assert no_market.reason and "no market BTC/KRW" in no_market.reason
+    assert no_market_flow.state == "failed", no_market_flow.reason
+    assert no_market_flow.reason and "no market BTC/KRW" in no_market_flow.reason
 
 
 class AnswerLostInOurCode:
