@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from rebalancer import embedded
@@ -24,9 +24,14 @@ T = TypeVar("T")
 
 
 class UsageError(RebalancerError):
-    """The command cannot run as asked (nothing set up yet, missing input): exit status 2."""
+    """The command cannot run as asked (nothing set up yet, missing input): exit status 2.
+    `lines` are printed one per line under the message (the pre-flight's problems)."""
 
     exit_status = EXIT_USAGE
+
+    def __init__(self, message: str, lines: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.lines = list(lines)
 
 
 class ConflictError(UsageError):
@@ -83,7 +88,13 @@ def request(settings: Settings, command: str, body: dict[str, Any]) -> dict[str,
         problem = reply.get("error") or {}
         if problem.get("code") in ("conflict", "illegal_transition"):
             raise ConflictError(f"{problem['code']}: {problem.get('message', reply)}")
-        raise UsageError(f"{problem.get('code', 'error')}: {problem.get('message', reply)}")
+        message = str(problem.get("message", reply))
+        lines = (problem.get("details") or {}).get("problems")
+        if isinstance(lines, list) and all(isinstance(line, str) for line in lines):
+            message = message.split("\n", 1)[0]  # the problems follow, one per line
+        else:
+            lines = []
+        raise UsageError(f"{problem.get('code', 'error')}: {message}", lines)
     return reply
 
 

@@ -17,6 +17,7 @@ from rebalancer.cli.common import (
     EXIT_OK,
     UsageError,
     nats_url,
+    parse_workflow_id,
     reader_url,
     request,
 )
@@ -44,7 +45,7 @@ def checked_start(args: argparse.Namespace, settings: Settings
     specs = configured_specs(settings, accounts)
     if args.spec not in specs:
         raise UsageError(f"unknown spec {args.spec!r} (known: {', '.join(sorted(specs))})")
-    params = _parse_params(args.param)
+    params = parse_params(args.param)
     validate_spec(specs[args.spec], accounts)
     resolve_params(specs[args.spec], params, accounts)
     return accounts, specs[args.spec], params
@@ -97,8 +98,9 @@ def _previewed(args: argparse.Namespace, settings: Settings, accounts: Accounts,
 
 
 def workflow_control(args: argparse.Namespace, settings: Settings) -> int:
+    # The service takes ids in their canonical form only; a person may paste any UUID form.
     body = {"command_id": args.command_id or f"cli-{uuid.uuid4()}",
-            "workflow_id": args.workflow_id, "reason": args.reason}
+            "workflow_id": parse_workflow_id(args.workflow_id), "reason": args.reason}
     reply = request(settings, args.command, body)
     print(json.dumps(reply) if args.json else f"{reply['workflow_id']}: {reply['state']}")
     return EXIT_OK
@@ -106,7 +108,8 @@ def workflow_control(args: argparse.Namespace, settings: Settings) -> int:
 
 def task_resolve(args: argparse.Namespace, settings: Settings) -> int:
     body = {"command_id": args.command_id or f"cli-{uuid.uuid4()}",
-            "workflow_id": args.workflow_id, "task": args.task, "outcome": args.outcome,
+            "workflow_id": parse_workflow_id(args.workflow_id), "task": args.task,
+            "outcome": args.outcome,
             "note": args.note}
     reply = request(settings, "resolve", body)
     print(json.dumps(reply) if args.json
@@ -126,7 +129,8 @@ def events_watch(args: argparse.Namespace, settings: Settings) -> int:
             print(progress_line(event), flush=True)
         return False
 
-    asyncio.run(follow(reader_url(settings), args.workflow_id or "", show))
+    workflow_id = parse_workflow_id(args.workflow_id) if args.workflow_id else ""
+    asyncio.run(follow(reader_url(settings), workflow_id, show))
     return EXIT_OK
 
 
@@ -149,7 +153,7 @@ def _follow(settings: Settings, workflow_id: str, quiet: bool) -> str:
     return final[0]
 
 
-def _parse_params(pairs: list[str]) -> dict[str, str]:
+def parse_params(pairs: list[str]) -> dict[str, str]:
     params: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")

@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, _expected_errors()):
             raise
         print(f"rebalancer: {_one_line(e)}", file=sys.stderr)
+        for line in getattr(e, "lines", ()):
+            print(f"  {_one_line(line)}", file=sys.stderr)
         return _exit_status(e)
 
 
@@ -82,6 +84,8 @@ def _exit_status(error: BaseException) -> int:
         return status
     unreachable: list[type] = [ConnectionError]
     for module, name in (("rebalancer.api", "NatsUnavailableError"),
+                         # An exchange that cannot answer now (the pre-flight's walk).
+                         ("rebalancer.errors", "RetryableError"),
                          ("events.errors", "StoreUnavailableError"),
                          ("psycopg", "OperationalError")):
         cls = getattr(sys.modules.get(module), name, None)

@@ -176,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(handler=specs_list)
     validate = specs_commands.add_parser("validate", help="check a spec file before using it")
     validate.add_argument("file", metavar="FILE")
+    validate.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                          help="also check these params and walk the pre-flight that `start`"
+                          " runs against the configured exchanges (read-only)")
+    validate.add_argument("--json", action="store_true")
     validate.set_defaults(handler=specs_validate)
     return parser
 

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rebalancer.cli.common import EXIT_OK, EXIT_USAGE
 from rebalancer.errors import RebalancerError
 from rebalancer.settings import Settings
+
+if TYPE_CHECKING:
+    from rebalancer.accounts import Accounts
+    from rebalancer.specs.interpolation import ResolvedParams
+    from rebalancer.specs.models import WorkflowSpec
 
 
 def specs_list(args: argparse.Namespace, settings: Settings) -> int:
@@ -28,13 +35,45 @@ def specs_list(args: argparse.Namespace, settings: Settings) -> int:
 
 def specs_validate(args: argparse.Namespace, settings: Settings) -> int:
     from rebalancer.accounts import load_accounts
+    from rebalancer.cli.control import parse_params
     from rebalancer.specs.loading import validate_file
+    from rebalancer.specs.resolution import resolve_params
 
+    accounts = load_accounts(settings.config)
     try:
-        spec = validate_file(Path(args.file), load_accounts(settings.config))
+        spec = validate_file(Path(args.file), accounts)
+        params = resolve_params(spec, parse_params(args.param), accounts) if args.param else None
     except RebalancerError as e:
         # Every problem on its own line: a spec author fixes them all in one go.
         print(f"rebalancer: {e}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"{args.file}: spec {spec.name} is valid ({len(spec.tasks)} tasks)")
-    return EXIT_OK
+    summary = {"file": args.file, "spec": spec.name, "tasks": len(spec.tasks)}
+    if params is None:
+        print(json.dumps({**summary, "valid": True, "preflight": None}) if args.json
+              else f"{args.file}: spec {spec.name} is valid ({len(spec.tasks)} tasks)")
+        return EXIT_OK
+    mode, problems = asyncio.run(_preflight(settings, accounts, spec, params))
+    if args.json:
+        print(json.dumps({**summary, "valid": not problems,
+                          "preflight": {"exchanges": mode, "problems": problems}}))
+    elif problems:
+        print(f"rebalancer: {args.file}: the pre-flight on the {mode} exchanges refuses spec"
+              f" {spec.name} with these params:", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+    else:
+        print(f"{args.file}: spec {spec.name} is valid ({len(spec.tasks)} tasks); the"
+              f" pre-flight on the {mode} exchanges finds nothing to refuse")
+    return EXIT_USAGE if problems else EXIT_OK
+
+
+async def _preflight(settings: Settings, accounts: Accounts, spec: WorkflowSpec,
+                     params: ResolvedParams) -> tuple[str, list[str]]:
+    """The walk `start` makes, on the exchanges this configuration talks to (read-only)."""
+    from rebalancer.cli.exchanges import opened_exchanges
+    from rebalancer.exchanges.live import exchange_mode
+    from rebalancer.preflight import preflight_problems
+
+    async with opened_exchanges(settings, accounts) as exchanges:
+        problems = await preflight_problems(spec, params, accounts, exchanges)
+    return exchange_mode(settings, accounts), problems

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import psycopg
 import pytest
 
 from events.catalogue import TaskStateChanged, WorkflowStateChanged
+from events.migrations import MIGRATIONS_DIR
 from events.store import EventStore
 from rebalancer.accounts import load_accounts
 from rebalancer.commands import CommandError, control_workflow, resolve_task, start_workflow
@@ -207,3 +209,23 @@ async def test_twenty_concurrent_starts_with_one_id_and_other_params_create_one_
     refused = [r for r in results if isinstance(r, CommandError)]
     assert len(refused) == 19 and all(r.code == "conflict" for r in refused)
     assert len(await store.events_of_command("race-start")) == 1
+
+
+async def test_command_ids_used_before_they_were_bound_are_bound_by_the_backfill(
+    store: EventStore, database_url: str
+) -> None:
+    # A store from before migration 009: the start's command id is in its event, unbound.
+    spec = builtin_specs()["upbit_to_binance_sub_futures"]
+    workflow_id, _ = await start_workflow(store, spec, PARAMS, load_accounts(),
+                                          command_id="old-start")
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await conn.execute("delete from command_ids where command_id = 'old-start'")
+        await conn.execute(MIGRATIONS_DIR.joinpath("010_command_ids_backfill.sql").read_text())
+    before = await event_count(store)
+    reply = await control_workflow(store, "cancel", "old-start", workflow_id, "reused")
+    assert reply["ok"] is False and reply["error"]["code"] == "conflict", reply
+    assert reply["error"]["details"]["kind"] == "start"
+    assert reply["error"]["details"]["workflow_id"] == workflow_id
+    with pytest.raises(CommandError, match="was used by a start"):
+        await start_workflow(store, spec, PARAMS, load_accounts(), command_id="old-start")
+    assert await event_count(store) == before

@@ -3,14 +3,18 @@ per task, and no exchange operation is made."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import sys
 
+import nats
 import psycopg
 import pytest
 
 from events.store import EventStore
-from rebalancer.accounts import load_accounts
-from rebalancer.api import Api
+from rebalancer.accounts import Accounts, load_accounts
+from rebalancer.api import Api, serve_api
 from rebalancer.exchanges.simulated import SimulatedWorld
 from rebalancer.preflight import preflight_problems
 from rebalancer.specs.loading import builtin_specs
@@ -18,30 +22,65 @@ from rebalancer.specs.resolution import resolve_params
 from tests.support import SEED_PARAMS, SEED_SPEC, event_count, operations
 
 
-@pytest.mark.parametrize(("change", "expected"), [
-    ({}, None),
-    ({"from_amount": "100000"}, "withdrawal minimum"),
-    ({"interim_currency": "BTC"}, "no market BTC/KRW"),
-    ({"from_amount": "90000000000"}, "less than"),
-])
-async def test_preflight_names_each_knowable_problem(
-    database_url: str, change: dict[str, str], expected: str | None
-) -> None:
+async def test_the_seed_path_passes_the_preflight(database_url: str) -> None:
     accounts = load_accounts()
     sim = await SimulatedWorld.open(database_url, accounts=accounts)
     try:
         spec = builtin_specs()[SEED_SPEC]
-        params = resolve_params(spec, {**SEED_PARAMS, "from_amount": "1000000", **change}, accounts)
+        params = resolve_params(spec, {**SEED_PARAMS, "from_amount": "1000000"}, accounts)
+        assert await preflight_problems(spec, params, accounts, sim) == []
+    finally:
+        await sim.close()
+
+
+def _changed(accounts: Accounts, account: str, change: dict[str, object]) -> Accounts:
+    return accounts.model_copy(update={"accounts": {
+        **accounts.accounts, account: accounts.accounts[account].model_copy(update=change)}})
+
+
+# Each problem knowable before any money moves: (params changed, account changed, the task
+# the refusal must name, what it must say).
+CASES = {
+    "below the withdrawal minimum after fees": (
+        {"from_amount": "100000"}, None, "withdraw_to_interim", "withdrawal minimum"),
+    "unknown market": (
+        {"interim_currency": "BTC"}, None, "buy_in_source_spot", "no market BTC/KRW"),
+    "insufficient balance": (
+        {"from_amount": "90000000000"}, None, "buy_in_source_spot",
+        "holds 10000000000 KRW, less than"),
+    "destination not on the allowlist": (
+        {}, ("upbit-personal", {"withdrawal_allowlist": []}), "withdraw_to_interim",
+        "not on upbit-personal's withdrawal allowlist"),
+    "no deposit address on that network": (
+        {}, ("binance-personal", {"deposit_addresses": {}}), "withdraw_to_interim",
+        "has no ETH deposit address on ETH"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+async def test_start_is_refused_by_the_preflight_with_nothing_appended_or_called(
+    database_url: str, store: EventStore, case: str
+) -> None:
+    change, account_change, task_name, expected = CASES[case]
+    accounts = load_accounts()
+    if account_change is not None:
+        accounts = _changed(accounts, *account_change)
+    sim = await SimulatedWorld.open(database_url, accounts=accounts)
+    try:
+        api = Api(store, accounts, builtin_specs, exchanges=sim)
         before = await operations(database_url)
-        problems = await preflight_problems(spec, params, accounts, sim)
+        reply = await api.handle("rebalancer.cmd.start", json.dumps(
+            {"command_id": f"refused-{case}", "spec": SEED_SPEC,
+             "params": {**SEED_PARAMS, "from_amount": "1000000", **change}}).encode())
+        assert reply["ok"] is False and reply["error"]["code"] == "invalid_request", reply
+        problems = reply["error"]["details"]["problems"]
+        assert any(expected in p and f"task {task_name!r}" in p for p in problems), problems
+        assert all(p.startswith("task ") for p in problems)
+        # Nothing appended, no exchange operation made (the walk's calls are read-only).
+        assert await event_count(store) == 0
         assert await operations(database_url) == before
     finally:
         await sim.close()
-    if expected is None:
-        assert problems == []
-    else:
-        assert any(expected in p for p in problems), problems
-        assert all(p.startswith("task ") for p in problems)
 
 
 async def test_start_refused_by_the_preflight_appends_nothing(
@@ -79,23 +118,28 @@ async def test_start_refused_by_the_preflight_appends_nothing(
         await sim.close()
 
 
-@pytest.mark.parametrize(("account", "change", "expected"), [
-    ("upbit-personal", {"withdrawal_allowlist": []},
-     "not on upbit-personal's withdrawal allowlist"),
-    ("binance-personal", {"deposit_addresses": {}}, "has no ETH deposit address on ETH"),
-])
-async def test_preflight_names_address_problems(
-    database_url: str, account: str, change: dict[str, object], expected: str
+async def test_the_command_line_start_prints_each_problem_on_its_own_line(
+    database_url: str, store: EventStore, nats_url: str
 ) -> None:
     accounts = load_accounts()
     sim = await SimulatedWorld.open(database_url, accounts=accounts)
-    changed = accounts.model_copy(update={"accounts": {
-        **accounts.accounts, account: accounts.accounts[account].model_copy(update=change)}})
+    nc = await nats.connect(nats_url)
     try:
-        spec = builtin_specs()[SEED_SPEC]
-        params = resolve_params(spec, {**SEED_PARAMS, "from_amount": "1000000"}, changed)
-        problems = await preflight_problems(spec, params, changed, sim)
-        assert await operations(database_url) == []
+        await serve_api(Api(store, accounts, builtin_specs, exchanges=sim), nc)
+        params = [arg for key, value in {**SEED_PARAMS, "from_amount": "100000"}.items()
+                  for arg in ("--param", f"{key}={value}")]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "rebalancer", "start", SEED_SPEC, *params,
+            env={**os.environ, "REBALANCER_DATABASE_URL": database_url,
+                 "REBALANCER_NATS_URL": nats_url},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(process.communicate(), 60)
     finally:
+        await nc.drain()
         await sim.close()
-    assert any(expected in p and "withdraw_to_interim" in p for p in problems), problems
+    lines = err.decode().splitlines()
+    assert process.returncode == 2 and out == b""
+    assert lines[0] == "rebalancer: invalid_request: the pre-flight refuses it:", lines
+    assert lines[1].startswith("  task 'withdraw_to_interim': about "), lines
+    assert "Traceback" not in err.decode()
+    assert await event_count(store) == 0

@@ -115,3 +115,39 @@ async def test_balances_lists_every_wallet_of_every_account(
 async def _main(argv: list[str]) -> int:
     """The CLI runs its own event loop: off this test's loop, in a thread."""
     return await asyncio.to_thread(main, argv)
+
+
+SEED_FILE = "rebalancer/specs/builtin/upbit_to_binance_sub_futures.yaml"
+
+
+@pytest.mark.parametrize(("amount", "code", "expected"), [
+    ("1000000", 0, "the pre-flight on the simulated exchanges finds nothing to refuse"),
+    ("100000", 2, "task 'withdraw_to_interim': about"),
+    ("90000000000", 2, "task 'buy_in_source_spot': upbit-personal holds"),
+])
+async def test_specs_validate_with_params_walks_the_preflight(
+    cli_env: str, capsys: pytest.CaptureFixture[str], amount: str, code: int, expected: str,
+) -> None:
+    before = await world_state(cli_env)
+    params = [arg for arg in SEED_PATH[1:] if arg != SEED_PATH[0]]
+    status = await _main(["specs", "validate", SEED_FILE, *params,
+                          "--param", f"from_amount={amount}"])
+    out, err = capsys.readouterr()
+    assert status == code, (out, err)
+    assert expected in (out if code == 0 else err)
+    assert await world_state(cli_env) == before  # read-only: nothing moved, nothing appended
+    status = await _main(["specs", "validate", SEED_FILE, *params,
+                          "--param", f"from_amount={amount}", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert status == code and report["valid"] is (code == 0)
+    assert report["preflight"]["exchanges"] == "simulated"
+    assert bool(report["preflight"]["problems"]) is (code != 0)
+
+
+async def test_specs_validate_with_a_bad_param_names_it_before_any_walk(
+    cli_env: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    params = [arg for arg in SEED_PATH[1:] if arg != SEED_PATH[0]]
+    status = await _main(["specs", "validate", SEED_FILE, *params, "--param", "from_amount=1e999"])
+    err = capsys.readouterr().err
+    assert status == 2 and "from_amount" in err and "Traceback" not in err
