@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from typing import Any
 
@@ -442,3 +443,23 @@ async def test_a_command_without_a_reply_subject_is_not_run(
             await sub.unsubscribe()
     finally:
         await nc.drain()
+
+
+async def test_expected_bad_input_logs_no_traceback(
+    store: EventStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG", logger="rebalancer")
+    api = api_for(store)
+    # Each of these once reached the catch-all: `internal`, a traceback, or no reply at all.
+    bad = [
+        ("rebalancer.query.workflow", body({"workflow_id": f"urn:uuid:{ABSENT}"})),
+        ("rebalancer.cmd.cancel", body({"command_id": "a\x00", "workflow_id": ABSENT})),
+        ("rebalancer.query.workflows", body({"state": "created\x00"})),
+        ("rebalancer.query.workflows", b'{"limit": ' + b"9" * 5000 + b"}"),
+        ("rebalancer.cmd.start", b"[" * 5000 + b"]" * 5000),
+    ]
+    for subject, data in bad:
+        reply = await api.handle(subject, data)
+        assert reply["error"]["code"] == "invalid_request", (subject, reply)
+    assert [r for r in caplog.records
+            if r.levelno >= logging.WARNING or r.exc_info] == []
