@@ -17,6 +17,7 @@ from rebalancer.cli.common import (
     EXIT_OK,
     UsageError,
     nats_url,
+    parse_workflow_id,
     reader_url,
     request,
 )
@@ -96,9 +97,11 @@ def _previewed(args: argparse.Namespace, settings: Settings, accounts: Accounts,
     return answer in ("y", "yes")
 
 
+# The API takes only the canonical spelling of a workflow id (docs/contracts.md §3); the command
+# line takes any spelling of a UUID a person may paste and sends that one.
 def workflow_control(args: argparse.Namespace, settings: Settings) -> int:
     body = {"command_id": args.command_id or f"cli-{uuid.uuid4()}",
-            "workflow_id": args.workflow_id, "reason": args.reason}
+            "workflow_id": parse_workflow_id(args.workflow_id), "reason": args.reason}
     reply = request(settings, args.command, body)
     print(json.dumps(reply) if args.json else f"{reply['workflow_id']}: {reply['state']}")
     return EXIT_OK
@@ -106,7 +109,8 @@ def workflow_control(args: argparse.Namespace, settings: Settings) -> int:
 
 def task_resolve(args: argparse.Namespace, settings: Settings) -> int:
     body = {"command_id": args.command_id or f"cli-{uuid.uuid4()}",
-            "workflow_id": args.workflow_id, "task": args.task, "outcome": args.outcome,
+            "workflow_id": parse_workflow_id(args.workflow_id), "task": args.task,
+            "outcome": args.outcome,
             "note": args.note}
     reply = request(settings, "resolve", body)
     print(json.dumps(reply) if args.json
@@ -126,7 +130,9 @@ def events_watch(args: argparse.Namespace, settings: Settings) -> int:
             print(progress_line(event), flush=True)
         return False
 
-    asyncio.run(follow(reader_url(settings), args.workflow_id or "", show))
+    # Canonical, as in the event subjects; nor may a `.` or `*` in it widen the subscription.
+    workflow_id = parse_workflow_id(args.workflow_id) if args.workflow_id else ""
+    asyncio.run(follow(reader_url(settings), workflow_id, show))
     return EXIT_OK
 
 

@@ -234,8 +234,9 @@ async def test_the_command_line_speaks_to_the_api_over_nats(
         code, out, _ = await _cli(env, "start", SPEC, *params, "--command-id", "cli-1",
                                   "--json")
         assert json.loads(out) == {"workflow_id": workflow_id, "created": False, "state": None}
-        # An illegal move is refused with its code, in one line, exit 3 (a typo is 2).
-        code, _, err = await _cli(env, "resume", workflow_id)
+        # An illegal move is refused with its code, in one line, exit 3 (a typo is 2). The id
+        # as a person may paste it: the command line sends its canonical form.
+        code, _, err = await _cli(env, "resume", workflow_id.upper())
         assert code == 3 and err.count("\n") == 1 and "illegal_transition" in err
         code, out, _ = await _cli(env, "cancel", workflow_id, "--reason", "test")
         assert code == 0 and out.strip() == f"{workflow_id}: canceled"
