@@ -276,8 +276,9 @@ def _deeper_than(data: bytes, limit: int) -> bool:
     """Whether JSON arrays/objects nest deeper than `limit`, counting brackets outside strings.
 
     A byte scan with no recursion: in UTF-8 the bytes `"`, `\\`, `[` and `{` never occur inside
-    a multi-byte character, so invalid text cannot hide a bracket; malformed JSON is left to
-    the parser."""
+    a multi-byte character, so invalid text cannot hide a bracket. Malformed JSON (a stray
+    closer included) is left to the parser, which stops at its first error: over any prefix it
+    accepts, this count is its nesting."""
     if data.count(b"[") + data.count(b"{") <= limit:
         return False
     depth = 0
