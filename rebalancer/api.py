@@ -5,13 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+)
 
 from events.errors import StoreUnavailableError
 from events.store import EventStore
@@ -34,6 +42,9 @@ from rebalancer.specs.resolution import resolve_params
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024  # bytes; a spec name and a few params need far less
+# Arrays/objects inside one another; a start's `params` needs 2. Checked before parsing, since
+# Python's json recurses and a few thousand brackets end it with a RecursionError.
+MAX_DEPTH = 8
 # Seconds a request may wait on PostgreSQL before it is answered as unavailable: under the
 # command line's 10 s request timeout, so that an outage gets a reply rather than silence.
 REPLY_WITHIN = 5.0
@@ -41,9 +52,42 @@ COMMANDS = "rebalancer.cmd"
 QUERIES = "rebalancer.query"
 QUEUE = "rebalancer-api"  # several `serve` processes share the requests
 
+# C0 and C1 control characters and DEL: a NUL cannot be stored in PostgreSQL text, and the
+# others would reach logs and terminals. Surrogates cannot be encoded as UTF-8 (nor stored).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# Only free prose (`reason`, `note`) may break lines or tab.
+_CONTROL_BUT_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+# The one spelling of a workflow id: the stream id and every table key are this text, so
+# `urn:uuid:`, braces, upper case or no hyphens would name another (absent) workflow.
+_CANONICAL_UUID = re.compile("[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _refusing(pattern: re.Pattern[str]) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        found = pattern.search(text)
+        if found:
+            raise ValueError(f"control character U+{ord(found.group()):04X} at position"
+                             f" {found.start()} is not allowed")
+        return text
+
+    return check
+
+
+def _canonical_uuid(text: str) -> str:
+    if not _CANONICAL_UUID.fullmatch(text):
+        raise ValueError("not a workflow id: it is a UUID in its canonical lower-case"
+                         " hyphenated form (8-4-4-4-12 hex digits)")
+    return text
+
+
 # Never trimmed: `"spec  "` is another (unknown) name, not the spec it looks like.
-Text = Annotated[str, StringConstraints(min_length=1, max_length=200)]
-Note = Annotated[str, StringConstraints(max_length=2000)]
+Text = Annotated[str, StringConstraints(min_length=1, max_length=200),
+                 AfterValidator(_refusing(_CONTROL))]
+Note = Annotated[str, StringConstraints(max_length=2000),
+                 AfterValidator(_refusing(_CONTROL_BUT_LINES))]
+ParamValue = Annotated[str, StringConstraints(max_length=200),
+                       AfterValidator(_refusing(_CONTROL))]
+WorkflowId = Annotated[str, AfterValidator(_canonical_uuid)]
 
 
 class _Body(BaseModel):
@@ -54,25 +98,25 @@ class Start(_Body):
     command_id: Text
     spec: Text
     # Strings only: amounts travel as exact decimal text, never as JSON (binary) floats.
-    params: dict[Text, Annotated[str, StringConstraints(max_length=200)]]
+    params: dict[Text, ParamValue]
 
 
 class Control(_Body):
     command_id: Text
-    workflow_id: Text
+    workflow_id: WorkflowId
     reason: Note | None = None
 
 
 class Resolve(_Body):
     command_id: Text
-    workflow_id: Text
+    workflow_id: WorkflowId
     task: Text
     outcome: Outcome
     note: Note
 
 
 class QueryWorkflow(_Body):
-    workflow_id: Text
+    workflow_id: WorkflowId
 
 
 class QueryWorkflows(_Body):
@@ -125,9 +169,15 @@ class Api:
         """The reply to one request; never raises for bad input."""
         if len(data) > MAX_BODY:
             return error("invalid_request", f"body of {len(data)} bytes exceeds {MAX_BODY}")
+        if _deeper_than(data, MAX_DEPTH):
+            return error("invalid_request",
+                         f"body nests arrays/objects deeper than {MAX_DEPTH} levels")
         try:
-            body = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            # UTF-8 only: json.loads would also take UTF-16/32 bytes that the model then reads
+            # differently.
+            body = json.loads(data.decode("utf-8"))
+        except (ValueError, RecursionError) as e:
+            # ValueError covers bad JSON, bad UTF-8 and an integer of too many digits.
             return error("invalid_request", f"body is not JSON: {e}")
         if not isinstance(body, dict):
             return error("invalid_request", "body must be a JSON object")
@@ -139,7 +189,7 @@ class Api:
         try:
             request = model.model_validate_json(data)
         except ValidationError as e:
-            problems = [{"field": ".".join(str(p) for p in item["loc"]) or "(body)",
+            problems = [{"field": ".".join(_shown(p) for p in item["loc"]) or "(body)",
                          "problem": item["msg"]} for item in e.errors()]
             return error("invalid_request", "the body does not fit the command", problems=problems)
         # Not cancelled when it takes too long: a cancel could land between an append and its
@@ -196,8 +246,7 @@ class Api:
                                   request.task, request.outcome, request.note, actor="nats")
 
     async def query_workflow(self, request: QueryWorkflow) -> Reply:
-        view = await read_workflow(self.store, request.workflow_id) if _uuid(
-            request.workflow_id) else None
+        view = await read_workflow(self.store, request.workflow_id)
         if view is None:
             return error("not_found", f"no workflow {request.workflow_id} in the read model")
         return {"ok": True, "workflow": _plain(asdict(view))}
@@ -223,14 +272,40 @@ ROUTES: dict[str, tuple[type[_Body], Callable[[Api, Any], Any]]] = {
 }
 
 
-def _uuid(text: str) -> bool:
-    import uuid
+def _deeper_than(data: bytes, limit: int) -> bool:
+    """Whether JSON arrays/objects nest deeper than `limit`, counting brackets outside strings.
 
-    try:
-        uuid.UUID(text)
-    except ValueError:
+    A byte scan with no recursion: in UTF-8 the bytes `"`, `\\`, `[` and `{` never occur inside
+    a multi-byte character, so invalid text cannot hide a bracket. Malformed JSON (a stray
+    closer included) is left to the parser, which stops at its first error: over any prefix it
+    accepts, this count is its nesting."""
+    if data.count(b"[") + data.count(b"{") <= limit:
         return False
-    return True
+    depth = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # closing quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False
+
+
+def _shown(part: int | str) -> str:
+    """A field path part as printable text: a refused key may itself hold control characters."""
+    text = str(part)
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 def _plain(value: Any) -> Any:
@@ -249,7 +324,16 @@ async def serve_api(api: Api, nc: Any) -> list[Any]:
     """Subscribe the API on a connected NATS client; returns the subscriptions (drain them)."""
 
     async def on_request(msg: Any) -> None:
-        reply = await api.handle(msg.subject, msg.data)
+        if not msg.reply:
+            # Published, not requested: nobody would learn the outcome, so nothing is run.
+            log.debug("ignored a message on %s without a reply subject", msg.subject)
+            return
+        try:
+            reply = await api.handle(msg.subject, msg.data)
+        except Exception:
+            # handle answers every bad input itself; this is a bug, and it still gets a reply.
+            log.exception("request on %s failed", msg.subject)
+            reply = error("internal", "the request failed inside the service; see its log")
         await msg.respond(json.dumps(reply).encode())
 
     return [

@@ -97,6 +97,8 @@ def _previewed(args: argparse.Namespace, settings: Settings, accounts: Accounts,
     return answer in ("y", "yes")
 
 
+# The API takes only the canonical spelling of a workflow id (docs/contracts.md §3); the command
+# line takes any spelling of a UUID a person may paste and sends that one.
 def workflow_control(args: argparse.Namespace, settings: Settings) -> int:
     # The service takes ids in their canonical form only; a person may paste any UUID form.
     body = {"command_id": args.command_id or f"cli-{uuid.uuid4()}",
@@ -129,6 +131,7 @@ def events_watch(args: argparse.Namespace, settings: Settings) -> int:
             print(progress_line(event), flush=True)
         return False
 
+    # Canonical, as in the event subjects; nor may a `.` or `*` in it widen the subscription.
     workflow_id = parse_workflow_id(args.workflow_id) if args.workflow_id else ""
     asyncio.run(follow(reader_url(settings), workflow_id, show))
     return EXIT_OK

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from typing import Any
 
@@ -233,8 +234,9 @@ async def test_the_command_line_speaks_to_the_api_over_nats(
         code, out, _ = await _cli(env, "start", SPEC, *params, "--command-id", "cli-1",
                                   "--json")
         assert json.loads(out) == {"workflow_id": workflow_id, "created": False, "state": None}
-        # An illegal move is refused with its code, in one line, exit 3 (a typo is 2).
-        code, _, err = await _cli(env, "resume", workflow_id)
+        # An illegal move is refused with its code, in one line, exit 3 (a typo is 2). The id
+        # as a person may paste it: the command line sends its canonical form.
+        code, _, err = await _cli(env, "resume", workflow_id.upper())
         assert code == 3 and err.count("\n") == 1 and "illegal_transition" in err
         code, out, _ = await _cli(env, "cancel", workflow_id, "--reason", "test")
         assert code == 0 and out.strip() == f"{workflow_id}: canceled"
@@ -243,3 +245,222 @@ async def test_the_command_line_speaks_to_the_api_over_nats(
     # With nothing answering, the command line says so instead of hanging: exit 4.
     code, _, err = await _cli(env, "pause", workflow_id)
     assert code == 4 and "serve" in err
+
+
+# -- strict bodies (issue 11): depth, encoding, control characters, canonical ids, no reply ---
+
+ABSENT = str(uuid.uuid4())
+
+
+def _problem_fields(reply: dict[str, Any]) -> list[str]:
+    assert reply["ok"] is False and reply["error"]["code"] == "invalid_request", reply
+    return [p["field"] for p in reply["error"]["details"].get("problems", [])]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"[" * 9 + b"]" * 9, id="nine_arrays"),
+        pytest.param(b'{"a":' * 9 + b"1" + b"}" * 9, id="nine_objects"),
+        # Python's json recurses: this used to end in a RecursionError and no reply at all.
+        pytest.param(b"[" * 5000 + b"]" * 5000, id="five_thousand"),
+        pytest.param(b"[" * 30000, id="unclosed"),
+        pytest.param(json.dumps({"command_id": "x", "spec": SPEC,
+                                 "params": {"p": [[[[[[[[["deep"]]]]]]]]]}}).encode(),
+                     id="deep_in_params"),
+    ],
+)
+async def test_a_body_nested_deeper_than_eight_is_refused_before_parsing(
+    store: EventStore, raw: bytes
+) -> None:
+    reply = await api_for(store).handle("rebalancer.cmd.start", raw)
+    assert reply["error"]["code"] == "invalid_request"
+    assert "deeper than 8" in reply["error"]["message"]
+    assert await event_count(store) == 0
+
+
+async def test_brackets_inside_strings_do_not_count_and_eight_levels_parse(
+    store: EventStore,
+) -> None:
+    api = api_for(store)
+    # Eight levels is within the limit: refused by the model (a list is no body), not the scan.
+    eight = await api.handle("rebalancer.cmd.start", b"[" * 8 + b"]" * 8)
+    assert eight["error"]["message"] == "body must be a JSON object"
+    # Brackets and escaped quotes inside strings are text, not nesting.
+    tricky = body({"command_id": "[[[[[[[[[[\"{{{{{{{{{{", "spec": "{" * 20, "params": {}})
+    reply = await api.handle("rebalancer.cmd.start", tricky)
+    assert reply["error"]["code"] == "unknown_spec", reply
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b'{"command_id": "\xff", "spec": "s", "params": {}}', id="bad_utf8"),
+        pytest.param(b'{"command_id": "\xed\xa0\x80", "spec": "s", "params": {}}',
+                     id="utf8_surrogate"),
+        pytest.param(json.dumps({"command_id": "x", "spec": SPEC, "params": PARAMS}
+                                ).encode("utf-16"), id="utf16"),
+        pytest.param(b'{"limit": ' + b"1" * 5000 + b"}", id="int_of_5000_digits"),
+        pytest.param(b'{"limit": 1e999}', id="float_overflow"),
+        pytest.param(b'{"command_id": "a", "spec": "\\ud800", "params": {}}', id="lone_surrogate"),
+        pytest.param(b"\xef\xbb\xbf{}", id="bom"),
+    ],
+)
+async def test_undecodable_bodies_are_invalid_request_never_internal(
+    store: EventStore, raw: bytes
+) -> None:
+    for subject in ("rebalancer.cmd.start", "rebalancer.query.workflows"):
+        reply = await api_for(store).handle(subject, raw)
+        assert reply["ok"] is False and reply["error"]["code"] == "invalid_request", reply
+    assert await event_count(store) == 0
+
+
+def _with(subject: str, field: str, value: str) -> dict[str, Any]:
+    """A body for `subject` that would pass validation, with `field` set to `value`."""
+    bodies: dict[str, dict[str, Any]] = {
+        "rebalancer.cmd.start": {"command_id": "c", "spec": SPEC, "params": dict(PARAMS)},
+        "rebalancer.cmd.cancel": {"command_id": "c", "workflow_id": ABSENT, "reason": "r"},
+        "rebalancer.cmd.resolve": {"command_id": "c", "workflow_id": ABSENT, "task": "t",
+                                   "outcome": "done", "note": "n"},
+        "rebalancer.query.workflows": {"state": "created"},
+    }
+    payload = bodies[subject]
+    if field == "params.<key>":
+        payload["params"][value] = "1"
+    elif field.startswith("params."):
+        payload["params"][field.removeprefix("params.")] = value
+    else:
+        payload[field] = value
+    return payload
+
+
+CONTROL_FIELDS = [
+    ("rebalancer.cmd.start", "command_id"), ("rebalancer.cmd.start", "spec"),
+    ("rebalancer.cmd.start", "params.from_amount"), ("rebalancer.cmd.start", "params.<key>"),
+    ("rebalancer.cmd.cancel", "command_id"), ("rebalancer.cmd.cancel", "reason"),
+    ("rebalancer.cmd.resolve", "command_id"), ("rebalancer.cmd.resolve", "task"),
+    ("rebalancer.cmd.resolve", "note"), ("rebalancer.query.workflows", "state"),
+]
+
+
+@pytest.mark.parametrize(("subject", "field"), CONTROL_FIELDS)
+@pytest.mark.parametrize("char", ["\x00", "\x1b", "\r", "\x7f", "\x85", "\x9f"])
+async def test_control_characters_are_refused_in_every_string_naming_the_field(
+    store: EventStore, subject: str, field: str, char: str
+) -> None:
+    payload = _with(subject, field, f"a{char}b")
+    reply = await api_for(store).handle(subject, body(payload))
+    fields = _problem_fields(reply)
+    named = f"params.a{char.encode('unicode_escape').decode()}b.[key]" if field == (
+        "params.<key>") else field
+    assert fields == [named], reply
+    assert f"U+{ord(char):04X}" in reply["error"]["details"]["problems"][0]["problem"]
+    assert await event_count(store) == 0
+
+
+@pytest.mark.parametrize(("subject", "field"), CONTROL_FIELDS)
+@pytest.mark.parametrize("char", ["\n", "\t"])
+async def test_only_reason_and_note_may_hold_newlines_and_tabs(
+    store: EventStore, subject: str, field: str, char: str
+) -> None:
+    reply = await api_for(store).handle(subject, body(_with(subject, field, f"a{char}b")))
+    if field in ("reason", "note"):
+        # Past validation: the workflow is absent (the body itself was accepted).
+        assert reply["error"]["code"] == "not_found", reply
+    else:
+        assert _problem_fields(reply) != [], reply
+    assert await event_count(store) == 0
+
+
+async def test_a_key_with_a_control_character_is_refused_even_as_an_unknown_field(
+    store: EventStore,
+) -> None:
+    payload = {"command_id": "c", "spec": SPEC, "params": PARAMS, "x\x00": 1}
+    reply = await api_for(store).handle("rebalancer.cmd.start", body(payload))
+    assert _problem_fields(reply) == ["x\\x00"]
+    # The reply is still JSON a client can read, the key escaped.
+    assert json.loads(json.dumps(reply)) == reply
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        pytest.param(lambda u: f"urn:uuid:{u}", id="urn"),
+        pytest.param(lambda u: "{" + u + "}", id="braces"),
+        pytest.param(lambda u: u.upper(), id="upper"),
+        pytest.param(lambda u: u.replace("-", ""), id="no_hyphens"),
+        pytest.param(lambda u: f" {u}", id="leading_space"),
+        pytest.param(lambda u: f"{u}\n", id="trailing_newline"),
+        pytest.param(lambda u: u[:-1] + "g", id="not_hex"),
+    ],
+)
+async def test_workflow_ids_have_one_canonical_form(store: EventStore, spelling: Any) -> None:
+    api = api_for(store)
+    started = await api.handle("rebalancer.cmd.start",
+                               body({"command_id": "s", "spec": SPEC, "params": PARAMS}))
+    workflow_id = started["workflow_id"]
+    other = spelling(workflow_id)
+    assert other != workflow_id
+    await ProjectionRunner(store, default_projections()).catch_up()
+    events = await event_count(store)
+    requests = [
+        ("rebalancer.cmd.cancel", {"command_id": "c", "workflow_id": other}),
+        ("rebalancer.cmd.pause", {"command_id": "p", "workflow_id": other}),
+        ("rebalancer.cmd.resolve", {"command_id": "r", "workflow_id": other, "task": "t",
+                                    "outcome": "done", "note": ""}),
+        ("rebalancer.query.workflow", {"workflow_id": other}),
+    ]
+    for subject, payload in requests:
+        reply = await api.handle(subject, body(payload))
+        assert _problem_fields(reply) == ["workflow_id"], (subject, reply)
+    assert await event_count(store) == events
+    # The canonical form names the same workflow.
+    found = await api.handle("rebalancer.query.workflow", body({"workflow_id": workflow_id}))
+    assert found["ok"] is True
+
+
+async def test_a_command_without_a_reply_subject_is_not_run(
+    store: EventStore, nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG", logger="rebalancer.api")
+    nc = await nats.connect(nats_url)
+    try:
+        subscriptions = await serve_api(api_for(store), nc)
+        await nc.publish("rebalancer.cmd.start",
+                         body({"command_id": "quiet", "spec": SPEC, "params": PARAMS}))
+        # Same subscription, handled in order: once this is answered, the start was seen.
+        msg = await nc.request("rebalancer.cmd.pause",
+                               body({"command_id": "probe", "workflow_id": ABSENT}), timeout=5)
+        assert json.loads(msg.data)["error"]["code"] == "not_found"
+        assert await event_count(store) == 0
+        assert any("without a reply subject" in r.getMessage() and r.levelname == "DEBUG"
+                   for r in caplog.records)
+        # The same start with a reply subject runs.
+        msg = await nc.request("rebalancer.cmd.start",
+                               body({"command_id": "quiet", "spec": SPEC, "params": PARAMS}),
+                               timeout=5)
+        assert json.loads(msg.data)["created"] is True
+        for sub in subscriptions:
+            await sub.unsubscribe()
+    finally:
+        await nc.drain()
+
+
+async def test_expected_bad_input_logs_no_traceback(
+    store: EventStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG", logger="rebalancer")
+    api = api_for(store)
+    # Each of these once reached the catch-all: `internal`, a traceback, or no reply at all.
+    bad = [
+        ("rebalancer.query.workflow", body({"workflow_id": f"urn:uuid:{ABSENT}"})),
+        ("rebalancer.cmd.cancel", body({"command_id": "a\x00", "workflow_id": ABSENT})),
+        ("rebalancer.query.workflows", body({"state": "created\x00"})),
+        ("rebalancer.query.workflows", b'{"limit": ' + b"9" * 5000 + b"}"),
+        ("rebalancer.cmd.start", b"[" * 5000 + b"]" * 5000),
+    ]
+    for subject, data in bad:
+        reply = await api.handle(subject, data)
+        assert reply["error"]["code"] == "invalid_request", (subject, reply)
+    assert [r for r in caplog.records
+            if r.levelno >= logging.WARNING or r.exc_info] == []
