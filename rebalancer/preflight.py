@@ -69,6 +69,9 @@ async def _walk(kind: str, v: Mapping[str, Any], accounts: Accounts, exchanges: 
             return None
         buy = v.get("side") == "buy"
         by_quote = v.get("quote_amount") is not None
+        if not by_quote:
+            # The order goes out at the market's precision: what is below a step is not sold.
+            amount = floor_to(amount, rules.amount_step)
         notional = amount if by_quote else amount * price
         if notional < rules.min_notional:
             problems.append(f"{label}: {notional} {rules.quote} is below the minimum order of"

@@ -100,7 +100,6 @@ def _previewed(args: argparse.Namespace, settings: Settings, accounts: Accounts,
 # The API takes only the canonical spelling of a workflow id (docs/contracts.md §3); the command
 # line takes any spelling of a UUID a person may paste and sends that one.
 def workflow_control(args: argparse.Namespace, settings: Settings) -> int:
-    # The service takes ids in their canonical form only; a person may paste any UUID form.
     body = {"command_id": args.command_id or f"cli-{uuid.uuid4()}",
             "workflow_id": parse_workflow_id(args.workflow_id), "reason": args.reason}
     reply = request(settings, args.command, body)
