@@ -28,6 +28,7 @@ from rebalancer.commands import (
 from rebalancer.errors import RebalancerError, SpecError
 from rebalancer.exchanges.base import Exchanges, RetryableError
 from rebalancer.preflight import preflight_problems
+from rebalancer.specs.loading import SpecCatalogue
 from rebalancer.specs.models import WorkflowSpec
 from rebalancer.specs.resolution import resolve_params
 
@@ -164,10 +165,14 @@ class Api:
         return reply
 
     async def start(self, request: Start) -> Reply:
-        spec = self.specs().get(request.spec)
+        specs = self.specs()
+        spec = specs.get(request.spec)
         if spec is None:
-            return error("unknown_spec", f"no spec named {request.spec!r}",
-                         known=sorted(self.specs()))
+            broken = specs.broken_named(request.spec) if isinstance(specs, SpecCatalogue) else None
+            if broken is not None:
+                return error("invalid_request", f"spec {request.spec!r} is broken"
+                             f" ({broken.file}): {broken.error}")
+            return error("unknown_spec", f"no spec named {request.spec!r}", known=sorted(specs))
         # A repeat of a start that went through is answered from the store, not walked again:
         # the money it moved since would make the walk refuse its own workflow.
         if self.exchanges is not None and not await self.store.stream_version(
