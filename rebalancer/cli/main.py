@@ -9,7 +9,12 @@ from collections.abc import Callable
 from pydantic import ValidationError
 
 from events.errors import EventStoreError
-from rebalancer.cli.common import EXIT_UNREACHABLE, EXIT_USAGE
+from rebalancer.cli.common import (
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    NO_CONFIG_COMMANDS,
+    check_configuration,
+)
 from rebalancer.cli.parser import build_parser
 from rebalancer.errors import RebalancerError
 from rebalancer.settings import Settings
@@ -58,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rebalancer: {settings_problem(e)}", file=sys.stderr)
         return EXIT_USAGE
     try:
+        if args.command not in NO_CONFIG_COMMANDS:
+            check_configuration(settings)
         return handler(args, settings)
     except KeyboardInterrupt:
         return 130
