@@ -65,12 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command not in NO_CONFIG_COMMANDS:
             check_configuration(settings)
-        return handler(args, settings)
+        status = handler(args, settings)
+        # Flushed here, not at exit: a reader gone by then is a BrokenPipeError caught below
+        # rather than the interpreter's "Exception ignored" and exit status 120.
+        sys.stdout.flush()
+        return status
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # The reader went away (`| head -1`): it wanted no more. Point stdout at /dev/null so
-        # the interpreter's last flush does not complain either.
+        # The reader went away (`| head -1`): it wanted no more, so this is success (exit 0,
+        # not 141 as for a process killed by SIGPIPE). Point stdout at /dev/null so the
+        # interpreter's last flush does not complain either.
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
