@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from datetime import datetime
@@ -270,17 +271,49 @@ class NatsUnavailableError(RebalancerError):
     """NATS cannot be reached (or refused us); the command did not go out."""
 
 
+class OutageLog:
+    """One WARNING when a connection to NATS is lost and one when it is back, with how long it
+    was away: nats-py's default error callback logs a traceback per reconnect attempt."""
+
+    def __init__(self, url: str) -> None:
+        self.where = where(url)
+        self.client: Any = None  # set once connected: its own close is no outage
+        self.down_since: float | None = None
+
+    async def on_error(self, error: Exception) -> None:
+        log.debug("NATS at %s: %s", self.where, error or type(error).__name__)
+
+    async def on_disconnected(self) -> None:
+        client = self.client
+        if client is None or client.is_closed or client.is_draining or self.down_since is not None:
+            return
+        self.down_since = time.monotonic()
+        log.warning("NATS at %s unreachable; reconnecting", self.where)
+
+    async def on_reconnected(self) -> None:
+        if self.down_since is None:
+            return
+        away, self.down_since = time.monotonic() - self.down_since, None
+        log.warning("NATS at %s back after %.1f s", self.where, away)
+
+
 async def connect(url: str, *, name: str, timeout: float = 5.0) -> Any:
-    """A NATS connection that reconnects forever once it has connected the first time."""
+    """A NATS connection that reconnects forever once it has connected the first time; an
+    outage is two log lines (OutageLog), not one per attempt."""
     import nats
 
+    outage = OutageLog(url)
     try:
-        return await nats.connect(url, name=name, connect_timeout=timeout,
-                                  max_reconnect_attempts=-1, reconnect_time_wait=1.0,
-                                  allow_reconnect=True)
+        client = await nats.connect(url, name=name, connect_timeout=timeout,
+                                    max_reconnect_attempts=-1, reconnect_time_wait=1.0,
+                                    allow_reconnect=True, error_cb=outage.on_error,
+                                    disconnected_cb=outage.on_disconnected,
+                                    reconnected_cb=outage.on_reconnected)
     except Exception as e:  # nats-py raises several unrelated types for "not there"
-        raise NatsUnavailableError(f"cannot reach NATS at {_where(url)}: {e or type(e).__name__}"
+        raise NatsUnavailableError(f"cannot reach NATS at {where(url)}: {e or type(e).__name__}"
                                    ) from e
+    outage.client = client
+    return client
 
 
 async def request(url: str, subject: str, payload: Mapping[str, Any],
@@ -293,7 +326,7 @@ async def request(url: str, subject: str, payload: Mapping[str, Any],
         msg = await nc.request(subject, json.dumps(payload).encode(), timeout=timeout)
     except nats.errors.NoRespondersError as e:
         raise NatsUnavailableError(
-            f"nothing answers {subject} at {_where(url)}: is `rebalancer serve` running?") from e
+            f"nothing answers {subject} at {where(url)}: is `rebalancer serve` running?") from e
     except nats.errors.TimeoutError as e:
         raise NatsUnavailableError(f"no reply to {subject} within {timeout:g} s") from e
     finally:
@@ -338,11 +371,11 @@ async def _connect_once(url: str, timeout: float) -> Any:
                          max_reconnect_attempts=0, allow_reconnect=False, error_cb=quiet),
             timeout)
     except Exception as e:
-        raise NatsUnavailableError(f"cannot reach NATS at {_where(url)}: {e or type(e).__name__}"
+        raise NatsUnavailableError(f"cannot reach NATS at {where(url)}: {e or type(e).__name__}"
                                    ) from e
 
 
-def _where(url: str) -> str:
+def where(url: str) -> str:
     """host:port of a NATS URL, never its credentials."""
     from urllib.parse import urlsplit
 

@@ -20,7 +20,7 @@ from events.store import EventStore
 from projections.runner import ProjectionRunner, default_projections
 from rebalancer.accounts import Accounts, load_accounts, spec_dirs
 from rebalancer.alerts import AlertPublisher, RelayLagWatch
-from rebalancer.api import Api, NatsUnavailableError, connect, serve_api
+from rebalancer.api import Api, NatsUnavailableError, connect, serve_api, where
 from rebalancer.budgets import BudgetedExchanges, Budgets
 from rebalancer.engine import Engine
 from rebalancer.errors import ComponentFailedError
@@ -165,6 +165,7 @@ async def _nats_side(settings: Settings, rt: Runtime, nats_url: str, relay: Rela
                      stop: asyncio.Event, stack: contextlib.AsyncExitStack) -> None:
     """The command API, alerts and the relay-lag watch, once NATS can be reached."""
     nc = None
+    attempts = 0
     while nc is None and not stop.is_set():
         # The client retries a first connect for ever: race it against the stop, so that a
         # SIGTERM while NATS has never answered still ends `serve`.
@@ -180,11 +181,16 @@ async def _nats_side(settings: Settings, rt: Runtime, nats_url: str, relay: Rela
         try:
             nc = attempt.result()
         except NatsUnavailableError as e:
-            log.warning("%s; the worker goes on, the API waits", e)
+            attempts += 1  # said once: the attempts every 2 s after it are DEBUG
+            log.log(logging.WARNING if attempts == 1 else logging.DEBUG,
+                    "%s; the worker goes on, the API waits", e)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=2.0)
     if nc is None:
         return
+    if attempts:
+        log.warning("NATS at %s reached after %d attempts; the API serves", where(nats_url),
+                    attempts + 1)
     stack.push_async_callback(nc.drain)
     api = Api(rt.store, rt.accounts, WarnedSpecs(settings, rt.accounts),
               exchanges=BudgetedExchanges(rt.exchanges, rt.budgets))  # the engine's buckets
