@@ -80,7 +80,7 @@ def with_store(settings: Settings, work: Callable[[EventStore], Awaitable[T]]) -
     url = database_url(settings)
 
     async def run() -> T:
-        store = await EventStore.open(url, max_size=4)
+        store = await EventStore.open(url, max_size=4, connect_timeout=settings.connect_timeout)
         try:
             return await work(store)
         finally:

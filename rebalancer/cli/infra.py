@@ -63,7 +63,7 @@ def db_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
     # Only the database is needed: an explicit URL must not start the embedded servers.
     database_url = settings.database_url or embedded.ensure_urls(settings)[0]
-    applied = asyncio.run(migrate(database_url))
+    applied = asyncio.run(migrate(database_url, connect_timeout=settings.connect_timeout))
     for name in applied:
         print(f"applied {name}")
     if not applied:

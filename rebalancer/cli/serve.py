@@ -28,7 +28,7 @@ def worker_serve(args: argparse.Namespace, settings: Settings) -> int:
         database_url, nats_url = settings.database_url, None
     else:
         database_url, nats_url = embedded.ensure_urls(settings)
-    asyncio.run(migrate(database_url))
+    asyncio.run(migrate(database_url, connect_timeout=settings.connect_timeout))
     try:
         asyncio.run(serve(settings, database_url, nats_url, tick=args.tick))
     except ComponentFailedError as e:
