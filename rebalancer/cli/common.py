@@ -123,3 +123,22 @@ def parse_workflow_id(text: str) -> str:
 
 def stream_id_of(workflow_id: str) -> str:
     return f"workflow-{workflow_id}"
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split()) or type(text).__name__
+
+
+def problem_lines(error: BaseException) -> list[str]:
+    """What the command line prints for `error`: one line per problem, a single one on the
+    line that names what it concerns, several (a spec's, the pre-flight's) each on its own line
+    under that heading."""
+    problems = [str(p) for p in getattr(error, "lines", None) or getattr(error, "problems", None)
+                or ()]
+    if not problems:
+        return [f"rebalancer: {_one_line(error)}"]
+    subject = getattr(error, "subject", None) or str(error).split("\n", 1)[0].rstrip(":")
+    if len(problems) == 1:
+        return [f"rebalancer: {_one_line(subject)}: {_one_line(problems[0])}"]
+    return [f"rebalancer: {_one_line(subject)}: {len(problems)} problems",
+            *(f"  {_one_line(p)}" for p in problems)]

@@ -14,6 +14,7 @@ from rebalancer.cli.common import (
     EXIT_USAGE,
     NO_CONFIG_COMMANDS,
     check_configuration,
+    problem_lines,
 )
 from rebalancer.cli.parser import build_parser
 from rebalancer.errors import RebalancerError
@@ -47,11 +48,6 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return tuple(expected)
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status (0 ok, 1 check failed, 2 usage or input)."""
     parser = build_parser()
@@ -83,9 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not isinstance(e, _expected_errors()):
             raise
-        print(f"rebalancer: {_one_line(e)}", file=sys.stderr)
-        for line in getattr(e, "lines", ()):
-            print(f"  {_one_line(line)}", file=sys.stderr)
+        for line in problem_lines(e):
+            print(line, file=sys.stderr)
         return _exit_status(e)
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rebalancer.cli.common import EXIT_OK, EXIT_USAGE
+from rebalancer.cli.common import EXIT_OK, EXIT_USAGE, problem_lines
 from rebalancer.errors import RebalancerError
 from rebalancer.settings import Settings
 
@@ -55,7 +55,7 @@ def specs_validate(args: argparse.Namespace, settings: Settings) -> int:
         params = resolve_params(spec, parse_params(args.param), accounts) if args.param else None
     except RebalancerError as e:
         # Every problem on its own line: a spec author fixes them all in one go.
-        print(f"rebalancer: {e}", file=sys.stderr)
+        print("\n".join(problem_lines(e)), file=sys.stderr)
         return EXIT_USAGE
     summary = {"file": args.file, "spec": spec.name, "tasks": len(spec.tasks)}
     if params is None:
