@@ -355,7 +355,8 @@ async def connect(url: str, *, name: str, timeout: float = 5.0) -> Any:
 
     try:
         return await nats.connect(url, name=name, connect_timeout=timeout,
-                                  max_reconnect_attempts=-1, reconnect_time_wait=1.0,
+                                  inbox_prefix=_inbox_prefix(url), max_reconnect_attempts=-1,
+                                  reconnect_time_wait=1.0,
                                   allow_reconnect=True)
     except Exception as e:  # nats-py raises several unrelated types for "not there"
         raise NatsUnavailableError(f"cannot reach NATS at {_where(url)}: {e or type(e).__name__}"
@@ -414,11 +415,23 @@ async def _connect_once(url: str, timeout: float) -> Any:
         # nats-py retries a first connect that is refused for ever: bound the whole of it.
         return await asyncio.wait_for(
             nats.connect(url, name="rebalancer-cli", connect_timeout=timeout,
-                         max_reconnect_attempts=0, allow_reconnect=False, error_cb=quiet),
+                         inbox_prefix=_inbox_prefix(url), max_reconnect_attempts=0,
+                         allow_reconnect=False, error_cb=quiet),
             timeout)
     except Exception as e:
         raise NatsUnavailableError(f"cannot reach NATS at {_where(url)}: {e or type(e).__name__}"
                                    ) from e
+
+
+def _inbox_prefix(url: str) -> str:
+    """The URL user's own inbox prefix (docs/contracts.md §3): no user reads another's replies."""
+    from urllib.parse import unquote, urlsplit
+
+    from rebalancer.embedded.permissions import inbox_prefix
+
+    user = unquote(urlsplit(url if "://" in url else f"nats://{url}").username or "")
+    # A name that is not one subject token (or none: no users) keeps nats-py's default.
+    return inbox_prefix(user) if re.fullmatch(r"[A-Za-z0-9_-]+", user) else "_INBOX"
 
 
 def _where(url: str) -> str:
