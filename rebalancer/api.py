@@ -355,7 +355,7 @@ async def connect(url: str, *, name: str, timeout: float = 5.0) -> Any:
 
     try:
         return await nats.connect(url, name=name, connect_timeout=timeout,
-                                  inbox_prefix=_inbox_prefix(url), max_reconnect_attempts=-1,
+                                  inbox_prefix=inbox_prefix_for(url), max_reconnect_attempts=-1,
                                   reconnect_time_wait=1.0,
                                   allow_reconnect=True)
     except Exception as e:  # nats-py raises several unrelated types for "not there"
@@ -415,7 +415,7 @@ async def _connect_once(url: str, timeout: float) -> Any:
         # nats-py retries a first connect that is refused for ever: bound the whole of it.
         return await asyncio.wait_for(
             nats.connect(url, name="rebalancer-cli", connect_timeout=timeout,
-                         inbox_prefix=_inbox_prefix(url), max_reconnect_attempts=0,
+                         inbox_prefix=inbox_prefix_for(url), max_reconnect_attempts=0,
                          allow_reconnect=False, error_cb=quiet),
             timeout)
     except Exception as e:
@@ -423,7 +423,7 @@ async def _connect_once(url: str, timeout: float) -> Any:
                                    ) from e
 
 
-def _inbox_prefix(url: str) -> str:
+def inbox_prefix_for(url: str) -> str:
     """The URL user's own inbox prefix (docs/contracts.md §3): no user reads another's replies."""
     from urllib.parse import unquote, urlsplit
 
