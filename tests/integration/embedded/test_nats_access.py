@@ -417,3 +417,18 @@ async def test_subscriber_may_not_read_other_users_inboxes(access: Access, inbox
     # Its own prefix is what the CLI and relay.Subscriber use as the subscriber.
     assert api.inbox_prefix_for(access.subscriber_url) == "_INBOX_subscriber"
     assert api.inbox_prefix_for(access.operator_url) == "_INBOX_operator"
+
+
+async def test_watch_follows_a_workflow_as_the_subscriber(access: Access) -> None:
+    # What `rebalancer watch` runs (rebalancer.api.follow over cli.common.reader_url).
+    seen: list[tuple[str, int]] = []
+
+    def show(event: relay.PublishedEvent) -> bool:
+        seen.append((event.stream_id, event.version))
+        return True
+
+    async with connected(access.operator_url) as operator:
+        event = await _published_event(operator)
+    await api.follow(access.subscriber_url, event.stream_id.removeprefix("workflow-"), show,
+                     timeout=5)
+    assert seen == [(event.stream_id, 1)]
