@@ -328,6 +328,11 @@ async def serve_api(api: Api, nc: Any) -> list[Any]:
             # Published, not requested: nobody would learn the outcome, so nothing is run.
             log.debug("ignored a message on %s without a reply subject", msg.subject)
             return
+        if msg.reply.startswith("$JS.ACK."):
+            # A JetStream push consumer delivering stored messages onto a command subject (any
+            # user allowed to create consumers could aim one here: docs/contracts.md §3).
+            log.warning("ignored a JetStream delivery on %s: commands are requests", msg.subject)
+            return
         try:
             reply = await api.handle(msg.subject, msg.data)
         except Exception:
