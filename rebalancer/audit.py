@@ -158,7 +158,7 @@ def format_report(report: AuditReport) -> str:
 
 
 async def run_audit(
-    database_url: str, workflow_id: str | None, as_json: bool
+    database_url: str, workflow_id: str | None, as_json: bool, connect_timeout: float = 10.0
 ) -> tuple[int, str]:
     """Open the store, audit, and return (exit status, output): 0 when intact, 1 otherwise.
 
@@ -167,7 +167,8 @@ async def run_audit(
     """
     if workflow_id is not None:
         stream_id_of(workflow_id)  # refuse a malformed id before connecting
-    async with await EventStore.open(database_url, max_size=2) as store:
+    async with await EventStore.open(database_url, max_size=2,
+                                     connect_timeout=connect_timeout) as store:
         report = await audit(store, workflow_id)
     text = json.dumps(report.to_json(), indent=2) if as_json else format_report(report)
     return (0 if report.ok else 1), text

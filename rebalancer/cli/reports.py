@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 def streams_audit(args: argparse.Namespace, settings: Settings) -> int:
     from rebalancer.audit import run_audit
 
-    status, text = asyncio.run(run_audit(database_url(settings), args.workflow_id, args.json))
+    status, text = asyncio.run(run_audit(database_url(settings), args.workflow_id, args.json,
+                                         settings.connect_timeout))
     print(text)
     return status
 
