@@ -334,6 +334,11 @@ async def serve_api(api: Api, nc: Any) -> list[Any]:
             # Published, not requested: nobody would learn the outcome, so nothing is run.
             log.debug("ignored a message on %s without a reply subject", msg.subject)
             return
+        if msg.reply.startswith("$JS.ACK."):
+            # A JetStream push consumer delivering stored messages onto a command subject (any
+            # user allowed to create consumers could aim one here: docs/contracts.md §3).
+            log.warning("ignored a JetStream delivery on %s: commands are requests", msg.subject)
+            return
         try:
             reply = await api.handle(msg.subject, msg.data)
         except Exception:
@@ -389,6 +394,7 @@ async def connect(url: str, *, name: str, timeout: float = 5.0) -> Any:
     outage = OutageLog(url)
     try:
         client = await nats.connect(url, name=name, connect_timeout=timeout,
+                                    inbox_prefix=inbox_prefix_for(url),
                                     max_reconnect_attempts=-1, reconnect_time_wait=1.0,
                                     allow_reconnect=True, error_cb=outage.on_error,
                                     disconnected_cb=outage.on_disconnected,
@@ -452,11 +458,23 @@ async def _connect_once(url: str, timeout: float) -> Any:
         # nats-py retries a first connect that is refused for ever: bound the whole of it.
         return await asyncio.wait_for(
             nats.connect(url, name="rebalancer-cli", connect_timeout=timeout,
-                         max_reconnect_attempts=0, allow_reconnect=False, error_cb=quiet),
+                         inbox_prefix=inbox_prefix_for(url), max_reconnect_attempts=0,
+                         allow_reconnect=False, error_cb=quiet),
             timeout)
     except Exception as e:
         raise NatsUnavailableError(f"cannot reach NATS at {where(url)}: {e or type(e).__name__}"
                                    ) from e
+
+
+def inbox_prefix_for(url: str) -> str:
+    """The URL user's own inbox prefix (docs/contracts.md §3): no user reads another's replies."""
+    from urllib.parse import unquote, urlsplit
+
+    from rebalancer.embedded.permissions import inbox_prefix
+
+    user = unquote(urlsplit(url if "://" in url else f"nats://{url}").username or "")
+    # A name that is not one subject token (or none: no users) keeps nats-py's default.
+    return inbox_prefix(user) if re.fullmatch(r"[A-Za-z0-9_-]+", user) else "_INBOX"
 
 
 def where(url: str) -> str:

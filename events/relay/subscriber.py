@@ -1,4 +1,4 @@
-"""The subscriber helper: relayed events in order, each at most once, durable or ephemeral."""
+"""The subscriber helper: relayed events in order, each at most once, durable or not."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.api import AckPolicy, ConsumerConfig, RawStreamMsg
 
 from events.relay.wire import STREAM, SUBJECTS, PublishedEvent
 
@@ -32,10 +34,12 @@ class Subscriber:
 
     An event at or below the last version seen for its stream (a re-publish older than the
     dedupe window, a redelivery) is dropped and counted; a stream that skips versions is
-    recorded in `gaps`. Without `durable` it is an ordered ephemeral consumer from the start of
-    the stream; with `durable` a durable consumer whose messages are acknowledged once the
-    caller asks for the next one. `seen` resumes the version bookkeeping of an earlier run.
-    Use as an async context manager, then iterate or call `next()`.
+    recorded in `gaps`. Without `durable` it reads the stream from its start one message at a
+    time ($JS.API.STREAM.MSG.GET), creating no consumer: the NATS subscriber user may create
+    none (docs/contracts.md §3). With `durable` it is a durable pull consumer (created when
+    missing and the user may, else one the operator created) whose messages are acknowledged
+    once the caller asks for the next one. `seen` resumes the version bookkeeping of an earlier
+    run. Use as an async context manager, then iterate or call `next()`.
     """
 
     def __init__(
@@ -50,42 +54,43 @@ class Subscriber:
         self.nc = nc
         self.subject = subject
         self.durable = durable
+        # How long one wait lasts: a fetch of a durable, or between reads when nothing is new.
         self.idle_heartbeat = idle_heartbeat
         self.duplicates_dropped = 0
         self.gaps: list[Gap] = []
         self._last: dict[str, int] = dict(seen or {})
-        self._sub: JetStreamContext.PushSubscription | None = None
+        self._js: JetStreamContext | None = None
+        self._pull: JetStreamContext.PullSubscription | None = None
+        self._wake: Subscription | None = None
+        self._woken = asyncio.Event()
+        self._next_seq = 1  # the stream sequence the next read starts at (ephemeral)
         self._unacked: Msg | None = None
 
     async def __aenter__(self) -> Subscriber:
-        js = self.nc.jetstream()
+        js = self._js = self.nc.jetstream()
         if self.durable is None:
-            self._sub = await js.subscribe(
-                self.subject, stream=STREAM, ordered_consumer=True,
-                idle_heartbeat=self.idle_heartbeat,
-            )
+            await js.stream_info(STREAM)  # NotFoundError before the relay made the stream
+
+            async def wake(msg: Msg) -> None:
+                self._woken.set()
+
+            # A live event on the subject ends a wait early; the read itself is by sequence.
+            self._wake = await self.nc.subscribe(self.subject, cb=wake)
         else:
-            # A durable just released (by us or a previous run) can still count as bound for a
-            # moment while the server processes the unsubscribe: try again briefly.
-            for attempt in range(20):
-                try:
-                    self._sub = await js.subscribe(
-                        self.subject, stream=STREAM, durable=self.durable, manual_ack=True,
-                        idle_heartbeat=self.idle_heartbeat,
-                        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30.0),
-                    )
-                    break
-                except nats.js.errors.Error as e:
-                    if "already bound" not in str(e) or attempt == 19:
-                        raise
-                    await asyncio.sleep(0.05)
+            self._pull = await js.pull_subscribe(
+                self.subject, durable=self.durable, stream=STREAM,
+                config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=30.0),
+            )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        sub, self._sub = self._sub, None
-        if sub is not None and not self.nc.is_closed:
+        pull, self._pull = self._pull, None
+        wake, self._wake = self._wake, None
+        if not self.nc.is_closed:
             await self._ack_pending()
-            await sub.unsubscribe()
+            for sub in (pull, wake):
+                if sub is not None:
+                    await sub.unsubscribe()
             await self.nc.flush()  # the server has the unsubscribe before we return
 
     @property
@@ -95,18 +100,20 @@ class Subscriber:
 
     async def next(self, timeout: float | None = None) -> PublishedEvent:
         """The next new event; raises nats.errors.TimeoutError when none came within `timeout`."""
-        assert self._sub is not None, "use Subscriber as an async context manager"
+        assert self._js is not None, "use Subscriber as an async context manager"
         await self._ack_pending()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             left = None if deadline is None else max(0.001, deadline - loop.time())
-            msg = await self._sub.next_msg(timeout=left)
+            msg = await self._receive(left)
+            if msg is None:
+                continue
             event = PublishedEvent.from_message(msg)
             last = self._last.get(event.stream_id)
             if last is not None and event.version <= last:
                 self.duplicates_dropped += 1
-                if self.durable is not None:
+                if isinstance(msg, Msg):
                     await msg.ack()
                 continue
             if last is not None and event.version > last + 1:
@@ -115,9 +122,36 @@ class Subscriber:
                             gap.stream_id, gap.after_version, gap.received_version)
                 self.gaps.append(gap)
             self._last[event.stream_id] = event.version
-            if self.durable is not None:
+            if isinstance(msg, Msg):
                 self._unacked = msg
             return event
+
+    async def _receive(self, left: float | None) -> Msg | RawStreamMsg | None:
+        """One message, or None when a wait of at most `left` seconds (or one beat) ended."""
+        assert self._js is not None
+        wait = self.idle_heartbeat if left is None else min(left, self.idle_heartbeat)
+        if self._pull is not None:
+            try:
+                [msg] = await self._pull.fetch(1, timeout=wait)
+                return msg
+            except nats.errors.TimeoutError:
+                if left is not None and left <= wait:
+                    raise
+                return None
+        self._woken.clear()  # before the read: an event relayed after it wakes the wait below
+        try:
+            raw = await self._js.get_msg(STREAM, seq=self._next_seq, subject=self.subject,
+                                         next=True)
+        except nats.js.errors.NotFoundError:
+            try:
+                await asyncio.wait_for(self._woken.wait(), wait)
+            except TimeoutError:
+                if left is not None and left <= wait:
+                    raise nats.errors.TimeoutError from None
+            return None
+        assert raw.seq is not None
+        self._next_seq = raw.seq + 1
+        return raw
 
     async def __aiter__(self) -> AsyncIterator[PublishedEvent]:
         while True:

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from nats.aio.msg import Msg
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, RawStreamMsg, RetentionPolicy, StorageType, StreamConfig
 
 from events.catalogue import TaskStateChanged, WorkflowCreated, WorkflowStateChanged
 from events.store import RecordedEvent
@@ -98,7 +98,9 @@ class PublishedEvent:
     subject: str
 
     @classmethod
-    def from_message(cls, msg: Msg) -> PublishedEvent:
+    def from_message(cls, msg: Msg | RawStreamMsg) -> PublishedEvent:
+        """From a delivered message or one read from the stream by sequence."""
+        assert msg.data is not None and msg.subject is not None
         body = json.loads(msg.data)
         return cls(
             position=int(body["position"]),

@@ -8,7 +8,14 @@ from typing import Final
 # docs/contracts.md §3: the operator (the user `rebalancer serve` runs as) may do everything; the
 # subscriber may read events and alerts and nothing else. These lists are the one source of both
 # the embedded server's users and the `authorization` block of infra/nats/rebalancer.conf
-# (tests/integration/test_nats_access.py checks that the file still says the same).
+# (tests/integration/embedded/test_nats_access.py checks that the file still says the same).
+#
+# NATS permissions match whole subject tokens, and nats-server 2.15 lets anyone allowed to create
+# a consumer (any CONSUMER.CREATE form) give it any deliver subject, which JetStream then
+# publishes to with no check (nats-server issue 8274). So the subscriber creates no consumer at
+# all: it reads a stream message by message ($JS.API.STREAM.MSG.GET) and uses durable pull
+# consumers the operator created under the fixed names SUBSCRIBER_DURABLES, and it may not
+# delete, create or pull from any other consumer.
 
 NATS_OPERATOR = "operator"
 NATS_SUBSCRIBER = "subscriber"
@@ -17,20 +24,28 @@ NATS_PASSWORD_VARIABLES: Final = {
     NATS_OPERATOR: "REBALANCER_NATS_OPERATOR_PASSWORD",
     NATS_SUBSCRIBER: "REBALANCER_NATS_SUBSCRIBER_PASSWORD",
 }
-# events.relay.STREAM and rebalancer.alerts.STREAM, spelled out so that this module (imported by
-# every command) does not import nats.
-READABLE_STREAMS: Final = ("REBALANCER_EVENTS", "REBALANCER_ALERTS")
-# What a JetStream consumer of one stream publishes, as nats-py 2.16 and nats-server 2.10 spell it.
+# events.relay.STREAM, rebalancer.alerts.STREAM and the chain-head checkpoints, spelled out so
+# that this module (imported by every command) does not import nats.
+READABLE_STREAMS: Final = ("REBALANCER_EVENTS", "REBALANCER_ALERTS", "REBALANCER_CHAIN")
+# The durable consumers the subscriber may read from (on any readable stream), once the operator
+# has created them; permissions cannot say "names starting with sub_", so these are exact names.
+SUBSCRIBER_DURABLES: Final = ("sub_1", "sub_2", "sub_3", "sub_4")
+
+
+def inbox_prefix(user: str) -> str:
+    """Where `user`'s replies arrive: a prefix of its own, so no user reads another's replies."""
+    return f"_INBOX_{user}"
+
+
+# What a reader of one stream publishes, as nats-py 2.16 and nats-server 2.15 spell it.
 _STREAM_READER: Final = (
     "$JS.API.STREAM.INFO.{stream}",
-    "$JS.API.CONSUMER.CREATE.{stream}",  # ephemeral, old form: nats-py's ordered consumer
-    "$JS.API.CONSUMER.CREATE.{stream}.>",  # named, <name>[.<filter>] (server 2.9+): pull_subscribe
-    "$JS.API.CONSUMER.DURABLE.CREATE.{stream}.>",  # durable, old form: nats-py's durable push
-    "$JS.API.CONSUMER.INFO.{stream}.>",  # a durable is looked up before it is created
-    "$JS.API.CONSUMER.MSG.NEXT.{stream}.>",  # pull consumers fetch
-    "$JS.API.CONSUMER.DELETE.{stream}.>",  # a reader removes its own durable
-    "$JS.ACK.{stream}.>",  # $JS.ACK.<stream>.<consumer>...: acks of a durable consumer
-    "$JS.FC.{stream}.>",  # $JS.FC.<stream>.<consumer>.<id>: flow control, ordered consumers
+    "$JS.API.STREAM.MSG.GET.{stream}",  # one message by sequence/subject: relay.Subscriber
+)
+_DURABLE_READER: Final = (
+    "$JS.API.CONSUMER.INFO.{stream}.{durable}",  # pull_subscribe looks the durable up first
+    "$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",  # fetch
+    "$JS.ACK.{stream}.{durable}.>",  # $JS.ACK.<stream>.<consumer>...: acks
 )
 NATS_PERMISSIONS: Final[dict[str, dict[str, list[str]]]] = {
     NATS_OPERATOR: {"publish": [">"], "subscribe": [">"]},
@@ -39,9 +54,12 @@ NATS_PERMISSIONS: Final[dict[str, dict[str, list[str]]]] = {
             "$JS.API.INFO",
             "$JS.API.STREAM.NAMES",  # finding the stream of a subject
             *(row.format(stream=name) for name in READABLE_STREAMS for row in _STREAM_READER),
+            *(row.format(stream=name, durable=durable) for name in READABLE_STREAMS
+              for durable in SUBSCRIBER_DURABLES for row in _DURABLE_READER),
         ],
-        # _INBOX.>: JetStream API replies and push consumers' deliver subjects.
-        "subscribe": ["rebalancer.events.>", "rebalancer.alerts.>", "_INBOX.>"],
+        # Its own inbox: JetStream API replies and pull consumers' messages come there.
+        "subscribe": ["rebalancer.events.>", "rebalancer.alerts.>",
+                      f"{inbox_prefix(NATS_SUBSCRIBER)}.>"],
     },
 }
 

@@ -12,6 +12,7 @@ import nats
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nats.js.api import ConsumerConfig
 
 from events.store import EventStore
 from projections.runner import ProjectionRunner, default_projections
@@ -442,6 +443,42 @@ async def test_a_command_without_a_reply_subject_is_not_run(
         assert json.loads(msg.data)["created"] is True
         for sub in subscriptions:
             await sub.unsubscribe()
+    finally:
+        await nc.drain()
+
+
+async def test_a_jetstream_delivery_onto_a_command_subject_is_not_run(
+    store: EventStore, nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG", logger="rebalancer.api")
+    nc = await nats.connect(nats_url)
+    try:
+        subscriptions = await serve_api(api_for(store), nc)
+        # A stored start and a push consumer delivering it onto rebalancer.cmd.start. JetStream
+        # pushes only where it sees literal interest: the spy gives it that, and proves delivery.
+        # (The message keeps its stored subject, which names no route either: the guard is the
+        # second line.)
+        pushed = asyncio.Event()
+
+        async def spy(msg: Any) -> None:
+            pushed.set()
+
+        await nc.subscribe("rebalancer.cmd.start", cb=spy)
+        js = nc.jetstream()
+        stream = f"PUSHED_{uuid.uuid4().hex[:8]}"
+        await js.add_stream(name=stream, subjects=[f"pushed.{stream}"])
+        await js.publish(f"pushed.{stream}",
+                         body({"command_id": "pushed", "spec": SPEC, "params": PARAMS}))
+        await js.add_consumer(stream, ConsumerConfig(deliver_subject="rebalancer.cmd.start"))
+        await asyncio.wait_for(pushed.wait(), 5)
+        msg = await nc.request("rebalancer.cmd.pause",
+                               body({"command_id": "probe", "workflow_id": ABSENT}), timeout=5)
+        assert json.loads(msg.data)["error"]["code"] == "not_found"
+        assert await event_count(store) == 0
+        assert any("ignored a JetStream delivery" in r.getMessage() for r in caplog.records)
+        for sub in subscriptions:
+            await sub.unsubscribe()
+        await js.delete_stream(stream)
     finally:
         await nc.drain()
 

@@ -19,10 +19,11 @@ import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from events import relay
 from events.store import RecordedEvent
-from rebalancer import alerts, embedded
+from rebalancer import alerts, api, embedded
 from tests.support import NatsServer, eventually
 from tests.support.nats_server import NATS_SERVER
 
@@ -102,7 +103,9 @@ class Errors:
 
 @contextlib.asynccontextmanager
 async def connected(url: str, errors: Errors | None = None) -> AsyncIterator[NATS]:
+    # As the CLI connects: each user with its own inbox prefix (the subscriber may read no other).
     nc = await nats.connect(url, allow_reconnect=False, connect_timeout=5,
+                            inbox_prefix=api.inbox_prefix_for(url),
                             error_cb=(errors or Errors()).report)
     try:
         yield nc
@@ -121,9 +124,9 @@ async def _settled(nc: NATS) -> None:
     await nc.flush()
 
 
-def _refusal(subject: str) -> str:
+def _refusal(subject: str, what: str = "publish to") -> str:
     # nats-py lower-cases the server's -ERR line and hands it to the error callback.
-    return f'nats: permissions violation for publish to "{subject.lower()}"'
+    return f'nats: permissions violation for {what} "{subject.lower()}"'
 
 
 def _event(workflow_id: str) -> RecordedEvent:
@@ -152,7 +155,8 @@ def test_reference_config_carries_the_embedded_authorization_block() -> None:
 
 
 def test_readable_streams_are_the_event_and_alert_streams() -> None:
-    assert embedded.READABLE_STREAMS == (relay.STREAM, alerts.STREAM)
+    # REBALANCER_CHAIN: the chain-head checkpoints (issue 12), readable like the other two.
+    assert embedded.READABLE_STREAMS == (relay.STREAM, alerts.STREAM, "REBALANCER_CHAIN")
     subscribe = embedded.NATS_PERMISSIONS[embedded.NATS_SUBSCRIBER]["subscribe"]
     assert relay.SUBJECTS in subscribe and alerts.SUBJECTS in subscribe
 
@@ -258,7 +262,7 @@ async def test_subscriber_may_not_publish_events_alerts_or_change_streams(
 # -- the subscriber may read -----------------------------------------------------------------------
 
 
-async def test_subscriber_reads_events_with_an_ordered_consumer(access: Access) -> None:
+async def test_subscriber_reads_events_by_sequence(access: Access) -> None:
     async with connected(access.operator_url) as operator:
         event = await _published_event(operator)
         errors = Errors()
@@ -269,52 +273,162 @@ async def test_subscriber_reads_events_with_an_ordered_consumer(access: Access) 
             await subscriber.flush()
         assert (got.stream_id, got.version, got.type) == (event.stream_id, 1, "WorkflowCreated")
         assert got.subject == relay.subject_for(event)
-        assert errors.seen == []  # nothing the consumer sent was refused
+        assert errors.seen == []  # nothing the reader sent was refused
 
 
-async def test_subscriber_reads_and_acknowledges_with_a_durable_consumer(access: Access) -> None:
+async def _durable_for_subscriber(operator: NATS, stream: str, name: str, subject: str) -> None:
+    # The operator creates the subscriber's durable pull consumer under one of its fixed names.
+    await operator.jetstream().add_consumer(stream, ConsumerConfig(
+        durable_name=name, ack_policy=AckPolicy.EXPLICIT, filter_subject=subject, ack_wait=30.0))
+
+
+async def test_subscriber_reads_and_acknowledges_with_its_durable_consumer(access: Access) -> None:
+    durable = embedded.SUBSCRIBER_DURABLES[0]
     async with connected(access.operator_url) as operator:
         event = await _published_event(operator)
-        durable = f"reader-{uuid.uuid4().hex[:8]}"
+        subject = f"rebalancer.events.{event.stream_id.removeprefix('workflow-')}.>"
+        await _durable_for_subscriber(operator, relay.STREAM, durable, subject)
         errors = Errors()
-        async with connected(access.subscriber_url, errors) as subscriber:
-            subject = f"rebalancer.events.{event.stream_id.removeprefix('workflow-')}.>"
-            async with relay.Subscriber(subscriber, subject, durable=durable) as events:
-                got = await events.next(timeout=5)
-            # Leaving acknowledged the event (the consumer takes in acks in its own time).
-            reader = subscriber.jetstream()
-            info = await eventually(
-                lambda: reader.consumer_info(relay.STREAM, durable),
-                lambda info: info.num_ack_pending == 0, timeout=5, what="the ack taken in")
-            # A reader may remove its own durable consumer.
-            await reader.delete_consumer(relay.STREAM, durable)
-            await subscriber.flush()
+        try:
+            async with connected(access.subscriber_url, errors) as subscriber:
+                async with relay.Subscriber(subscriber, subject, durable=durable) as events:
+                    got = await events.next(timeout=5)
+                # Leaving acknowledged the event (the consumer takes in acks in its own time).
+                reader = subscriber.jetstream()
+                info = await eventually(
+                    lambda: reader.consumer_info(relay.STREAM, durable),
+                    lambda info: info.num_ack_pending == 0, timeout=5, what="the ack taken in")
+                await subscriber.flush()
+        finally:
+            await operator.jetstream().delete_consumer(relay.STREAM, durable)
         assert (got.stream_id, got.version) == (event.stream_id, 1)
         assert info.num_ack_pending == 0
         assert info.ack_floor.stream_seq == info.delivered.stream_seq
         assert errors.seen == []
 
 
-async def test_subscriber_reads_alerts_with_push_and_pull_consumers(access: Access) -> None:
+async def test_subscriber_reads_alerts_by_sequence_and_with_its_durable(access: Access) -> None:
+    durable = embedded.SUBSCRIBER_DURABLES[1]
     async with connected(access.operator_url) as operator:
         # The operator sets up REBALANCER_ALERTS as the alert publisher does and raises one.
         js = operator.jetstream()
         await js.add_stream(alerts.alert_stream())
         kind = f"test_{uuid.uuid4().hex[:8]}"
         await js.publish(f"rebalancer.alerts.{kind}", b'{"kind": "test"}')
+        await _durable_for_subscriber(operator, alerts.STREAM, durable, f"rebalancer.alerts.{kind}")
         errors = Errors()
-        async with connected(access.subscriber_url, errors) as subscriber:
-            reader = subscriber.jetstream()
-            # Ordered push consumer, the stream found by subject ($JS.API.STREAM.NAMES).
-            pushed = await reader.subscribe(f"rebalancer.alerts.{kind}", ordered_consumer=True)
-            first = await pushed.next_msg(timeout=5)
-            await pushed.unsubscribe()
-            # Durable pull consumer: the newer CONSUMER.CREATE.<stream>.<name>.<filter> form.
-            pulled = await reader.pull_subscribe(f"rebalancer.alerts.{kind}",
-                                                 durable=f"pull-{kind}", stream=alerts.STREAM)
-            [second] = await pulled.fetch(1, timeout=5)
-            await second.ack()
-            await reader.delete_consumer(alerts.STREAM, f"pull-{kind}")
-            await subscriber.flush()
+        try:
+            async with connected(access.subscriber_url, errors) as subscriber:
+                reader = subscriber.jetstream()
+                first = await reader.get_msg(alerts.STREAM, seq=1, next=True,
+                                             subject=f"rebalancer.alerts.{kind}")
+                pulled = await reader.pull_subscribe(f"rebalancer.alerts.{kind}",
+                                                     durable=durable, stream=alerts.STREAM)
+                [second] = await pulled.fetch(1, timeout=5)
+                await second.ack()
+                await subscriber.flush()
+        finally:
+            await js.delete_consumer(alerts.STREAM, durable)
         assert first.data == second.data == b'{"kind": "test"}'
         assert errors.seen == []
+
+
+# -- the subscriber may not touch other consumers or other users' replies -----------------------
+
+
+async def _refused_request(access: Access, subject: str, body: bytes) -> None:
+    errors = Errors()
+    async with connected(access.subscriber_url, errors) as subscriber:
+        with pytest.raises(nats.errors.TimeoutError):
+            await subscriber.request(subject, body, timeout=1)
+        assert str(await errors.next()) == _refusal(subject)
+
+
+@pytest.mark.parametrize("verb", ["DELETE", "MSG.NEXT", "INFO"])
+async def test_subscriber_may_not_use_another_clients_durable(access: Access, verb: str) -> None:
+    async with connected(access.operator_url) as operator:
+        js = operator.jetstream()
+        await js.add_stream(alerts.alert_stream())
+        await js.publish("rebalancer.alerts.pager_test", b'{"kind": "test"}')
+        # An alert pager's durable, made by the operator: not one of SUBSCRIBER_DURABLES.
+        await js.add_consumer(alerts.STREAM, ConsumerConfig(
+            durable_name="pager", ack_policy=AckPolicy.EXPLICIT))
+        try:
+            await _refused_request(
+                access, f"$JS.API.CONSUMER.{verb}.{alerts.STREAM}.pager", b'{"batch": 1}')
+            info = await js.consumer_info(alerts.STREAM, "pager")
+        finally:
+            await js.delete_consumer(alerts.STREAM, "pager")
+    assert info.delivered.stream_seq == 0  # the subscriber took nothing from it
+
+
+async def test_subscriber_may_not_delete_its_own_durable_either(access: Access) -> None:
+    durable = embedded.SUBSCRIBER_DURABLES[2]
+    async with connected(access.operator_url) as operator:
+        await _published_event(operator)
+        await _durable_for_subscriber(operator, relay.STREAM, durable, relay.SUBJECTS)
+        try:
+            await _refused_request(
+                access, f"$JS.API.CONSUMER.DELETE.{relay.STREAM}.{durable}", b"")
+            assert (await operator.jetstream().consumer_info(relay.STREAM, durable)).name
+        finally:
+            await operator.jetstream().delete_consumer(relay.STREAM, durable)
+
+
+@pytest.mark.parametrize("create", [
+    # Every form nats-server 2.15 takes; none checks the deliver subject against the creator.
+    "$JS.API.CONSUMER.CREATE.{stream}",
+    "$JS.API.CONSUMER.CREATE.{stream}.{name}",
+    "$JS.API.CONSUMER.CREATE.{stream}.{name}.rebalancer.events.>",
+    "$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{name}",
+])
+async def test_subscriber_may_not_create_a_consumer_delivering_to_commands(
+    access: Access, create: str
+) -> None:
+    name = embedded.SUBSCRIBER_DURABLES[3]  # even under one of its own names
+    subject = create.format(stream=relay.STREAM, name=name)
+    received: list[str] = []
+    async with connected(access.operator_url) as operator:
+        await _published_event(operator)
+
+        async def on_command(msg: Msg) -> None:
+            received.append(msg.subject)
+
+        # A literal subscription: JetStream pushes to it (it would miss a wildcard one).
+        await operator.subscribe("rebalancer.cmd.start", cb=on_command)
+        await _settled(operator)
+        config = {"name": name, "durable_name": name, "deliver_subject": "rebalancer.cmd.start",
+                  "filter_subject": "rebalancer.events.>"}
+        await _refused_request(
+            access, subject, json.dumps({"stream_name": relay.STREAM, "config": config}).encode())
+        await asyncio.sleep(0.5)  # time for a delivery, were there a consumer
+        names = [info.name for info in await operator.jetstream().consumers_info(relay.STREAM)]
+    assert received == []
+    assert name not in names
+
+
+@pytest.mark.parametrize("inboxes", ["_INBOX.>", "_INBOX_operator.>", ">"])
+async def test_subscriber_may_not_read_other_users_inboxes(access: Access, inboxes: str) -> None:
+    errors = Errors()
+    async with connected(access.subscriber_url, errors) as subscriber:
+        await subscriber.subscribe(inboxes)
+        await _settled(subscriber)
+        assert str(await errors.next()) == _refusal(inboxes, "subscription to")
+    # Its own prefix is what the CLI and relay.Subscriber use as the subscriber.
+    assert api.inbox_prefix_for(access.subscriber_url) == "_INBOX_subscriber"
+    assert api.inbox_prefix_for(access.operator_url) == "_INBOX_operator"
+
+
+async def test_watch_follows_a_workflow_as_the_subscriber(access: Access) -> None:
+    # What `rebalancer watch` runs (rebalancer.api.follow over cli.common.reader_url).
+    seen: list[tuple[str, int]] = []
+
+    def show(event: relay.PublishedEvent) -> bool:
+        seen.append((event.stream_id, event.version))
+        return True
+
+    async with connected(access.operator_url) as operator:
+        event = await _published_event(operator)
+    await api.follow(access.subscriber_url, event.stream_id.removeprefix("workflow-"), show,
+                     timeout=5)
+    assert seen == [(event.stream_id, 1)]
