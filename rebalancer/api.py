@@ -451,19 +451,25 @@ async def follow(url: str, workflow_id: str, on_event: Callable[[Any], bool],
 async def _connect_once(url: str, timeout: float) -> Any:
     import nats
 
+    seen: list[Exception] = []
+
     async def quiet(error: Exception) -> None:
         """nats-py's default logs a traceback per attempt; the failure below says it once."""
+        seen.append(error)
 
     try:
-        # nats-py retries a first connect that is refused for ever: bound the whole of it.
+        # With no retries allowed nats-py still loops over a refused first connect for ever;
+        # one quick retry makes it give up (NoServersError), and wait_for bounds a silent host.
         return await asyncio.wait_for(
             nats.connect(url, name="rebalancer-cli", connect_timeout=timeout,
-                         inbox_prefix=inbox_prefix_for(url), max_reconnect_attempts=0,
-                         allow_reconnect=False, error_cb=quiet),
+                         inbox_prefix=inbox_prefix_for(url), max_reconnect_attempts=1,
+                         reconnect_time_wait=0.1, allow_reconnect=False, error_cb=quiet),
             timeout)
     except Exception as e:
-        raise NatsUnavailableError(f"cannot reach NATS at {where(url)}: {e or type(e).__name__}"
-                                   ) from e
+        why = seen[-1] if seen else e
+        text = str(why) or (f"no answer within {timeout:g} s" if isinstance(
+            why, TimeoutError) else type(why).__name__)
+        raise NatsUnavailableError(f"cannot reach NATS at {where(url)}: {text}") from e
 
 
 def inbox_prefix_for(url: str) -> str:

@@ -24,6 +24,7 @@ def test_cancel_with_nats_unreachable_ends_within_6_s_with_exit_4_and_one_line()
     assert time.monotonic() - began < 6
     assert result.returncode == 4, result.stderr
     assert result.stderr.count("\n") == 1 and "cannot reach NATS" in result.stderr
+    assert "Connect call failed" in result.stderr  # the cause, not an empty timeout
     assert result.stdout == ""
 
 
@@ -63,3 +64,15 @@ def test_postgresql_that_never_answers_gives_up_after_the_connect_timeout(
     assert within[0] <= took <= within[1], took
     assert result.returncode == 4, result.stderr
     assert result.stderr.count("\n") == 1 and "PostgreSQL" in result.stderr
+
+
+def test_nats_that_never_answers_gives_up_after_the_connect_timeout() -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"nats://127.0.0.1:{silent.getsockname()[1]}"
+        took, result = _cli({"REBALANCER_NATS_URL": url, "REBALANCER_CONNECT_TIMEOUT": "2"},
+                            "cancel", "3b241a34-5d0b-4c8e-9a57-3a2f4a1c0a11")
+    assert 1.5 <= took <= 4.5, took
+    assert result.returncode == 4, result.stderr
+    assert result.stderr.strip().endswith("no answer within 2 s"), result.stderr
