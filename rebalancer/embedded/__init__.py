@@ -11,7 +11,7 @@ from rebalancer.embedded.permissions import (
     reference_nats_authorization,
 )
 from rebalancer.embedded.postgres import find_pg_bin_dir
-from rebalancer.embedded.servers import down, ensure_urls, load_info, status, up
+from rebalancer.embedded.servers import down, ensure_urls, load_info, migrate_url, status, up
 from rebalancer.embedded.state import InfraInfo
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "ensure_urls",
     "find_pg_bin_dir",
     "load_info",
+    "migrate_url",
     "nats_authorization",
     "nats_config",
     "reference_nats_authorization",
