@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
