@@ -47,7 +47,7 @@ def test_the_os_user_nobody_cannot_connect_as_any_role(servers: Servers) -> None
         env = {"PATH": "/usr/bin:/bin", "PGPASSFILE": str(TEST_HOME / "pgpass"),
                "PGCONNECT_TIMEOUT": "5"}
         result = subprocess.run(
-            ["runuser", "-u", "nobody", "--", psql, "-w", "-h", "127.0.0.1",
+            [str(shutil.which("runuser")), "-u", "nobody", "--", psql, "-w", "-h", "127.0.0.1",
              "-p", str(info.pg_port), "-U", role, "-d", "postgres", "-Atc",
              "select rolsuper from pg_roles where rolname = current_user"],
             capture_output=True, text=True, env=env, cwd="/", check=False, timeout=30)
@@ -179,7 +179,7 @@ def test_a_foreign_session_idle_in_a_transaction_is_ended(
         conn.execute("select count(*) from events")
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
         time.sleep(2.5)
-        with pytest.raises(psycopg.OperationalError, match=r"idle-in-transaction|terminat"):
+        with pytest.raises(pg_errors.IdleInTransactionSessionTimeout):
             conn.execute("select 1")
     finally:
         conn.close()
