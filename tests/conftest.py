@@ -142,6 +142,9 @@ def database_name(servers: Servers, template_url: str) -> Iterator[str]:
     name = f"t_{uuid.uuid4().hex[:16]}"
     with psycopg.connect(servers.admin_url, autocommit=True) as conn:
         conn.execute(f"create database {name} template {TEMPLATE_DB} owner rebalancer_owner")
+        # A database's own grants are not copied from its template: what 011_roles.sql grants
+        # on the database it migrates, granted again on this copy.
+        conn.execute(f"grant create on database {name} to rebalancer_service")
     try:
         yield name
     finally:

@@ -77,6 +77,13 @@ revoke all on events, maintenance_log, schema_migrations from rebalancer_service
 grant select, insert on events to rebalancer_service;
 grant select on maintenance_log, schema_migrations to rebalancer_service;
 grant usage on schema sim to rebalancer_service;
+-- `replay --verify` rebuilds into a schema of its own (rebalancer_verify), which it drops and
+-- makes again: the service may create schemas, which it then owns; nothing of the owner's.
+do $$
+begin
+    execute format('grant create on database %I to rebalancer_service', current_database());
+end
+$$;
 do $$
 declare r record;
 begin
