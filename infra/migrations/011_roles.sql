@@ -101,7 +101,9 @@ begin
     for r in select c.oid::regclass as name from pg_class c
                join pg_namespace n on n.oid = c.relnamespace
               where n.nspname = 'sim' and c.relkind = 'S' loop
-        execute format('grant usage, select on sequence %s to rebalancer_service', r.name);
+        -- update: `sim seed --reset` starts the ids at 1 again (setval).
+        execute format('grant usage, select, update on sequence %s to rebalancer_service',
+                       r.name);
     end loop;
     -- Tables later migrations make as the owner are the service's to use as well; a
     -- migration that wants less revokes it.
@@ -109,7 +111,7 @@ begin
         alter default privileges for role rebalancer_owner in schema public, sim
             grant select, insert, update, delete, truncate on tables to rebalancer_service;
         alter default privileges for role rebalancer_owner in schema public, sim
-            grant usage, select on sequences to rebalancer_service;
+            grant usage, select, update on sequences to rebalancer_service;
     end if;
 end
 $$;
