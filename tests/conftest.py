@@ -44,7 +44,8 @@ class Servers:
 
 def _with_roles(found: Servers) -> Servers:
     """`found` with owner and service URLs: the roles get LOGIN and fresh passwords from the
-    superuser, as `infra up` does on the embedded cluster."""
+    superuser, as `infra up` does on the embedded cluster. Roles are cluster-wide: pointed at
+    an embedded home's cluster, its pgpass is stale until its next `infra up` resets them."""
     from rebalancer.embedded.postgres import ensure_roles
     from rebalancer.embedded.state import OWNER_ROLE, SERVICE_ROLE
 

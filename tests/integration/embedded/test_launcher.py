@@ -21,6 +21,7 @@ import nats.errors
 import psycopg
 import pytest
 
+from events.migrations import migrate
 from rebalancer import embedded
 from rebalancer.errors import InfraError
 from rebalancer.settings import Settings
@@ -366,3 +367,28 @@ def test_infra_up_refuses_a_wrong_rebalancer_pg_bin(home: Path, tmp_path: Path) 
 def test_an_empty_rebalancer_pg_bin_means_find_them(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REBALANCER_PG_BIN", "")
     assert Settings().pg_bin is None
+
+
+def test_a_home_from_before_the_roles_is_secured_on_its_next_up(home: Path) -> None:
+    # Made like an old home: `trust` rules, no PostgreSQL passwords in infra.json, the schema
+    # migrated by the superuser.
+    info = embedded.up(home)
+    asyncio.run(migrate(info.admin_database_url.replace("/postgres?", "/rebalancer?")))
+    embedded.down(home)
+    (info.pg_data_dir / "pg_hba.conf").write_text("host all all 127.0.0.1/32 trust\n")
+    state = json.loads((home / "infra.json").read_text())
+    del state["pg_passwords"]
+    (home / "infra.json").write_text(json.dumps(state))
+    (home / "pgpass").unlink()
+    again = embedded.up(home)
+    assert "trust" not in (again.pg_data_dir / "pg_hba.conf").read_text()
+    with psycopg.connect(again.database_url, connect_timeout=5) as conn:
+        owners = conn.execute("select distinct tableowner from pg_tables"
+                              " where schemaname in ('public', 'sim')").fetchall()
+        assert conn.execute("select current_user").fetchone() == ("rebalancer_service",)
+    assert owners == [("rebalancer_owner",)]
+    # Without the new password nobody gets in any more.
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        psycopg.connect(again.database_url.split("?")[0], connect_timeout=5)
+    # The owner migrates on (nothing pending) and the service may use what it made.
+    assert asyncio.run(migrate(again.migrate_database_url)) == []
