@@ -56,11 +56,16 @@ async def migrate(conninfo: str, directory: Path = MIGRATIONS_DIR, *,
     async with conn:
         await conn.execute("select pg_advisory_lock(%s)", (_ADVISORY_LOCK_KEY,))
         try:
-            await conn.execute(
-                "create table if not exists schema_migrations ("
-                " version int primary key, name text not null,"
-                " applied_at timestamptz not null default now())"
-            )
+            # Only when missing: the service role, which may not create tables, runs this too
+            # (`serve` migrates at start) and must find an up-to-date database a no-op.
+            cur = await conn.execute("select to_regclass('schema_migrations') is null")
+            row = await cur.fetchone()
+            if row is not None and row[0]:
+                await conn.execute(
+                    "create table if not exists schema_migrations ("
+                    " version int primary key, name text not null,"
+                    " applied_at timestamptz not null default now())"
+                )
             cur = await conn.execute("select version from schema_migrations")
             done = {row[0] for row in await cur.fetchall()}
             for migration in migrations:

@@ -50,12 +50,14 @@ async def run_demo(
     amount: Decimal,
     as_json: bool,
     timeout: float = 120.0,
+    migrate_url: str | None = None,
 ) -> int:
     """Returns 0 when the workflow ended done and every currency's total held, else 1."""
     if "sim_time_scale" not in settings.model_fields_set:
         # Unless REBALANCER_SIM_TIME_SCALE says otherwise, the demo runs at its own pace.
         settings = settings.model_copy(update={"sim_time_scale": DEMO_TIME_SCALE})
-    await migrate(database_url)
+    # `migrate_url`: the owner role's (the service role may not change the schema).
+    await migrate(migrate_url or database_url)
     console = Console(stderr=as_json)
     if not console.is_terminal:
         console = Console(stderr=as_json, width=max(console.width, 120))

@@ -15,6 +15,9 @@ class Settings(BaseSettings):
 
     # None means: start (or reuse) the embedded servers under `home`.
     database_url: str | None = None
+    # Migrations run as the schema's owner role (docs/security.md); unset: the embedded owner,
+    # or database_url when that is set (one role for both, as before the roles).
+    migrate_database_url: str | None = None
     nats_url: str | None = None
     # Read-only consumers (`rebalancer watch`) connect as the subscriber user when it is set.
     nats_subscriber_url: str | None = None

@@ -61,6 +61,11 @@ def database_url(settings: Settings) -> str:
     return settings.database_url or embedded.ensure_urls(settings)[0]
 
 
+def migrate_url(settings: Settings) -> str:
+    """Where migrations (and preview's throwaway databases) run: as the schema's owner."""
+    return embedded.migrate_url(settings)
+
+
 def nats_url(settings: Settings) -> str:
     return settings.nats_url or embedded.ensure_urls(settings)[1]
 

@@ -62,8 +62,10 @@ def db_migrate(args: argparse.Namespace, settings: Settings) -> int:
     from events.migrations import migrate
 
     # Only the database is needed: an explicit URL must not start the embedded servers.
-    database_url = settings.database_url or embedded.ensure_urls(settings)[0]
-    applied = asyncio.run(migrate(database_url, connect_timeout=settings.connect_timeout))
+    # As the owner role: REBALANCER_MIGRATE_DATABASE_URL, else REBALANCER_DATABASE_URL, else
+    # the embedded owner's.
+    applied = asyncio.run(migrate(embedded.migrate_url(settings),
+                                  connect_timeout=settings.connect_timeout))
     for name in applied:
         print(f"applied {name}")
     if not applied:

@@ -30,7 +30,8 @@ def worker_serve(args: argparse.Namespace, settings: Settings) -> int:
         database_url, nats_url = settings.database_url, None
     else:
         database_url, nats_url = embedded.ensure_urls(settings)
-    asyncio.run(migrate(database_url, connect_timeout=settings.connect_timeout))
+    # As the owner role: the service's own may not change the schema.
+    asyncio.run(migrate(embedded.migrate_url(settings), connect_timeout=settings.connect_timeout))
     try:
         asyncio.run(serve(settings, database_url, nats_url, tick=args.tick))
     except ComponentFailedError as e:
@@ -49,4 +50,5 @@ def run_demo_command(args: argparse.Namespace, settings: Settings) -> int:
         else embedded.ensure_urls(settings)
     )
     return asyncio.run(run_demo(settings, database_url, nats_url, amount=args.amount,
-                                as_json=args.json))
+                                as_json=args.json,
+                                migrate_url=embedded.migrate_url(settings)))

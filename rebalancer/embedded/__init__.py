@@ -13,7 +13,7 @@ from rebalancer.embedded.permissions import (
     reference_nats_authorization,
 )
 from rebalancer.embedded.postgres import find_pg_bin_dir
-from rebalancer.embedded.servers import down, ensure_urls, load_info, status, up
+from rebalancer.embedded.servers import down, ensure_urls, load_info, migrate_url, status, up
 from rebalancer.embedded.state import InfraInfo, masked_url
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "inbox_prefix",
     "load_info",
     "masked_url",
+    "migrate_url",
     "nats_authorization",
     "nats_config",
     "reference_nats_authorization",

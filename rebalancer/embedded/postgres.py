@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from rebalancer.embedded.processes import (
     check_port_free,
@@ -30,7 +31,9 @@ from rebalancer.embedded.state import (
     DB_NAME,
     DB_USER,
     HOST,
+    OWNER_ROLE,
     READY_TIMEOUT,
+    SERVICE_ROLE,
     Paths,
     State,
     write_state,
@@ -38,6 +41,14 @@ from rebalancer.embedded.state import (
 from rebalancer.errors import InfraError
 
 PG_CONF_INCLUDE = "rebalancer.conf"
+# Passwords only (scram), over loopback TCP only; there is no unix socket (see start_postgres),
+# so no line for one. Any other local OS user would need a password from the pgpass file.
+PG_HBA = (
+    "# Written by rebalancer.embedded on every start; edits are lost.\n"
+    f"host all all {HOST}/32 scram-sha-256\n"
+)
+# The service's statement limit (docs/security.md); 011_roles.sql sets the same where it may.
+SERVICE_STATEMENT_TIMEOUT = "30s"
 _PG_PROGRAMS = ("initdb", "pg_ctl", "postgres")
 
 
@@ -188,20 +199,33 @@ def start_postgres(paths: Paths, state: State, pg_bin: Path | None) -> State:
     if not version_file.exists():
         if data.exists():
             shutil.rmtree(data)  # a half-made data dir from an interrupted initdb
-        result = _pg_run(
-            state,
-            [
-                str(bin_dir / "initdb"),
-                "-D",
-                str(data),
-                "-U",
-                DB_USER,
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-locale",
-            ],
-        )
+        # The superuser's password goes in through a file the PostgreSQL user can read, gone
+        # once initdb has read it: the cluster never accepts a connection without a password.
+        pwfile = state.pg_dir / "initdb.pw"
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(state.pg_passwords[DB_USER] + "\n")
+        if state.pg_user is not None:
+            entry = pwd.getpwnam(state.pg_user)
+            os.chown(pwfile, entry.pw_uid, entry.pw_gid)
+        try:
+            result = _pg_run(
+                state,
+                [
+                    str(bin_dir / "initdb"),
+                    "-D",
+                    str(data),
+                    "-U",
+                    DB_USER,
+                    "--auth=scram-sha-256",
+                    f"--pwfile={pwfile}",
+                    "-E",
+                    "UTF8",
+                    "--no-locale",
+                ],
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
         if result.returncode != 0:
             raise InfraError(f"initdb failed: {(result.stderr or result.stdout).strip()}")
         with (data / "postgresql.conf").open("a") as conf:
@@ -224,6 +248,10 @@ def start_postgres(paths: Paths, state: State, pg_bin: Path | None) -> State:
         "max_connections = 200\n"
         "fsync = on\n"
     )
+    if not _trusting(data):
+        # A data dir from before password auth keeps its `trust` lines for this one start:
+        # secure_cluster gives the superuser its password first, then writes these and reloads.
+        _write_hba(state)
     if state.pg_user is not None:
         entry = pwd.getpwnam(state.pg_user)
         os.chown(include, entry.pw_uid, entry.pw_gid)
@@ -242,11 +270,25 @@ def start_postgres(paths: Paths, state: State, pg_bin: Path | None) -> State:
     return state
 
 
+def _trusting(data: Path) -> bool:
+    hba = data / "pg_hba.conf"
+    return hba.exists() and re.search(r"^\s*[^#\s].*\btrust\b", hba.read_text(), re.M) is not None
+
+
+def _write_hba(state: State) -> None:
+    hba = state.pg_dir / "data" / "pg_hba.conf"
+    hba.write_text(PG_HBA)
+    if state.pg_user is not None:
+        entry = pwd.getpwnam(state.pg_user)
+        os.chown(hba, entry.pw_uid, entry.pw_gid)
+
+
 def _pg_connect(state: State, dbname: str) -> psycopg.Connection[Any]:
     return psycopg.connect(
         host=HOST,
         port=state.pg_port,
         user=DB_USER,
+        password=state.pg_passwords.get(DB_USER),
         dbname=dbname,
         connect_timeout=3,
         autocommit=True,
@@ -270,10 +312,71 @@ def wait_postgres(state: State) -> None:
 
 
 def ensure_database(state: State) -> None:
+    """The roles with their passwords, the database owned by the owner role, and password-only
+    access: the superuser's only work (bootstrap). Safe to repeat on every `up`."""
+    data = state.pg_dir / "data"
     with _pg_connect(state, "postgres") as conn:
+        ensure_roles(conn, state.pg_passwords)
         found = conn.execute("select 1 from pg_database where datname = %s", (DB_NAME,)).fetchone()
         if found is None:
-            conn.execute(f'create database "{DB_NAME}"')
+            conn.execute(sql.SQL("create database {} owner {}").format(
+                sql.Identifier(DB_NAME), sql.Identifier(OWNER_ROLE)))
+        else:
+            conn.execute(sql.SQL("alter database {} owner to {}").format(
+                sql.Identifier(DB_NAME), sql.Identifier(OWNER_ROLE)))
+        if _trusting(data):
+            _write_hba(state)
+            conn.execute("select pg_reload_conf()")
+    if found is not None:
+        with _pg_connect(state, DB_NAME) as conn:
+            hand_over_to_owner(conn)
+
+
+def ensure_roles(conn: psycopg.Connection[Any], passwords: dict[str, str]) -> None:
+    """Create (or update) the superuser's, owner's and service's passwords and the service's
+    statement limit, connected as a superuser. Roles are cluster-wide: one call serves every
+    database of the cluster (the tests' per-test copies included)."""
+    if DB_USER in passwords:  # the embedded superuser; another cluster's is left alone
+        conn.execute(sql.SQL("alter role {} password {}").format(
+            sql.Identifier(DB_USER), sql.Literal(passwords[DB_USER])))
+    for role, options in ((OWNER_ROLE, "login createdb"), (SERVICE_ROLE, "login nocreatedb")):
+        exists = conn.execute("select 1 from pg_roles where rolname = %s", (role,)).fetchone()
+        verb = "alter" if exists else "create"
+        conn.execute(sql.SQL(verb + " role {} " + options + " password {}").format(
+            sql.Identifier(role), sql.Literal(passwords[role])))
+    conn.execute(sql.SQL("alter role {} set statement_timeout = {}").format(
+        sql.Identifier(SERVICE_ROLE), sql.Literal(SERVICE_STATEMENT_TIMEOUT)))
+
+
+# A home from before the roles: its tables, functions and the sim schema belong to the
+# superuser that ran the migrations; the owner role takes them over so it can migrate on.
+_HAND_OVER = """
+do $$
+declare r record;
+begin
+    for r in select c.oid::regclass as name from pg_class c
+               join pg_namespace n on n.oid = c.relnamespace
+              where n.nspname in ('public', 'sim') and c.relkind in ('r', 'p', 'v', 'm')
+                and c.relowner = (select oid from pg_roles where rolname = current_user) loop
+        execute format('alter table %s owner to rebalancer_owner', r.name);
+    end loop;
+    for r in select p.oid::regprocedure as name from pg_proc p
+               join pg_namespace n on n.oid = p.pronamespace
+              where n.nspname in ('public', 'sim')
+                and p.proowner = (select oid from pg_roles where rolname = current_user) loop
+        execute format('alter function %s owner to rebalancer_owner', r.name);
+    end loop;
+    if exists (select from pg_namespace where nspname = 'sim'
+                  and nspowner = (select oid from pg_roles where rolname = current_user)) then
+        alter schema sim owner to rebalancer_owner;
+    end if;
+end
+$$;
+"""
+
+
+def hand_over_to_owner(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(_HAND_OVER)
 
 
 def stop_postgres(state: State, modes: tuple[str, ...] = ("fast", "immediate")) -> bool:

@@ -32,6 +32,8 @@ from rebalancer.embedded.state import (
     read_state,
     read_text,
     with_nats_passwords,
+    with_pg_passwords,
+    write_pgpass,
     write_state,
 )
 from rebalancer.settings import Settings
@@ -68,7 +70,9 @@ def up(home: Path, *, pg_bin: Path | None = None) -> InfraInfo:
     paths.home.mkdir(parents=True, exist_ok=True)
     with locked(paths):
         state = with_nats_passwords(read_state(paths) or new_state(paths, pg_bin))
+        state = with_pg_passwords(state)
         write_state(paths, state)
+        write_pgpass(paths, state)
         if postmaster_pid(state) is None:
             state = start_postgres(paths, state, pg_bin)
         conf = nats_conf_for(paths, state)
@@ -97,6 +101,19 @@ def down(home: Path) -> list[str]:
         if stop_nats(paths):
             stopped.append("nats")
     return stopped
+
+
+def migrate_url(settings: Settings) -> str:
+    """Where migrations run, as the owner role: REBALANCER_MIGRATE_DATABASE_URL, else (a
+    database of your own) REBALANCER_DATABASE_URL, else the embedded owner's URL."""
+    if settings.migrate_database_url:
+        return settings.migrate_database_url
+    if settings.database_url:
+        return settings.database_url
+    up(settings.home, pg_bin=settings.pg_bin)
+    info = load_info(settings.home)
+    assert info is not None  # `up` just wrote the state
+    return info.migrate_database_url
 
 
 def ensure_urls(settings: Settings) -> tuple[str, str]:

@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import shlex
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +18,16 @@ from typing import Any
 from rebalancer.embedded.permissions import NATS_OPERATOR, NATS_PERMISSIONS, NATS_SUBSCRIBER
 from rebalancer.errors import InfraError
 
-HOST = "127.0.0.1"  # loopback only: these servers trust every local connection
+HOST = "127.0.0.1"  # loopback only, and every connection needs a password
+# The bootstrap superuser (initdb's): used only by `up` to create the roles and the database.
 DB_USER = "rebalancer"
 DB_NAME = "rebalancer"
+# The roles infra/migrations/011_roles.sql grants to: the owner runs migrations, the service
+# (`serve` and the command line) may only read and append the events.
+OWNER_ROLE = "rebalancer_owner"
+SERVICE_ROLE = "rebalancer_service"
+PG_ROLES = (DB_USER, OWNER_ROLE, SERVICE_ROLE)
+PGPASS_FILE = "pgpass"
 READY_TIMEOUT = 30.0
 STATE_FILE = "infra.json"
 
@@ -39,13 +47,16 @@ class InfraInfo:
     """Where the embedded servers of one `home` listen and keep their data."""
 
     home: Path
-    database_url: str
+    database_url: str  # as the service role; the password is in the pgpass file, not the URL
     nats_url: str = field(repr=False)  # as the operator, password included
     nats_subscriber_url: str = field(repr=False)  # as the subscriber, password included
     pg_port: int
     nats_port: int
     pg_bin_dir: Path
     pg_data_dir: Path
+    # As the owner role (migrations) and as the superuser (bootstrap, tests): pgpass as well.
+    migrate_database_url: str = ""
+    admin_database_url: str = field(default="", repr=False)
 
     @property
     def nats_address(self) -> str:
@@ -53,9 +64,10 @@ class InfraInfo:
         return f"nats://{HOST}:{self.nats_port}"
 
     def exports(self) -> str:
-        """Three shell lines that point the rebalancer (and a read-only reader) at these servers."""
+        """Four shell lines that point the rebalancer (and a read-only reader) at these servers."""
         return (
             f"export REBALANCER_DATABASE_URL={shlex.quote(self.database_url)}\n"
+            f"export REBALANCER_MIGRATE_DATABASE_URL={shlex.quote(self.migrate_database_url)}\n"
             f"export REBALANCER_NATS_URL={shlex.quote(self.nats_url)}\n"
             f"export REBALANCER_NATS_SUBSCRIBER_URL={shlex.quote(self.nats_subscriber_url)}"
         )
@@ -66,6 +78,7 @@ class InfraInfo:
         return {
             "home": str(self.home),
             "database_url": masked_url(self.database_url),
+            "migrate_database_url": masked_url(self.migrate_database_url),
             "nats_url": masked_url(self.nats_url),
             "nats_subscriber_url": masked_url(self.nats_subscriber_url),
             "pg_port": self.pg_port,
@@ -87,6 +100,9 @@ class State:
     # NATS passwords by user (NATS_OPERATOR, NATS_SUBSCRIBER); empty in a home made before NATS
     # had users, until the next `up` adds them.
     nats_passwords: dict[str, str] = field(default_factory=dict, repr=False)
+    # PostgreSQL passwords by role (PG_ROLES); empty in a home made before password auth, until
+    # the next `up` sets them (see postgres.secure_cluster). Written to the pgpass file too.
+    pg_passwords: dict[str, str] = field(default_factory=dict, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -96,6 +112,7 @@ class State:
             "pg_dir": str(self.pg_dir),
             "pg_user": self.pg_user,
             "nats_passwords": self.nats_passwords,
+            "pg_passwords": self.pg_passwords,
         }
 
     @classmethod
@@ -107,6 +124,7 @@ class State:
             pg_dir=Path(data["pg_dir"]),
             pg_user=data.get("pg_user"),
             nats_passwords={str(k): str(v) for k, v in data.get("nats_passwords", {}).items()},
+            pg_passwords={str(k): str(v) for k, v in data.get("pg_passwords", {}).items()},
         )
 
 
@@ -121,6 +139,10 @@ class Paths:
     @property
     def lock(self) -> Path:
         return self.home / ".infra.lock"
+
+    @property
+    def pgpass(self) -> Path:
+        return self.home / PGPASS_FILE
 
     @property
     def nats_dir(self) -> Path:
@@ -159,7 +181,7 @@ def write_state(paths: Paths, state: State) -> None:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Replace `path` with `text`, readable by its owner only (it holds the NATS passwords)."""
+    """Replace `path` with `text`, readable by its owner only (it holds passwords)."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -185,6 +207,30 @@ def with_nats_passwords(state: State) -> State:
     return dataclasses.replace(state, nats_passwords={**state.nats_passwords, **added})
 
 
+def with_pg_passwords(state: State) -> State:
+    """`state` with a password for every PostgreSQL role (new homes, homes from before)."""
+    missing = [role for role in PG_ROLES if not state.pg_passwords.get(role)]
+    if not missing:
+        return state
+    # token_hex: no character that needs escaping in pgpass (`:` and `\\`) or in SQL.
+    added = {role: secrets.token_hex(24) for role in missing}
+    return dataclasses.replace(state, pg_passwords={**state.pg_passwords, **added})
+
+
+def write_pgpass(paths: Paths, state: State) -> None:
+    """The libpq password file the URLs name (`passfile=`): mode 600, so libpq accepts it and
+    no other OS user can read it. The URLs themselves carry no password, so printing them
+    (`infra up`, `infra env`) shows none."""
+    lines = [f"{HOST}:*:*:{role}:{state.pg_passwords[role]}\n" for role in PG_ROLES
+             if role in state.pg_passwords]
+    write_private(paths.pgpass, "".join(lines))
+
+
+def pg_url(paths: Paths, state: State, role: str, dbname: str = DB_NAME) -> str:
+    passfile = urllib.parse.quote(str(paths.pgpass), safe="/")
+    return f"postgresql://{role}@{HOST}:{state.pg_port}/{dbname}?passfile={passfile}"
+
+
 def _nats_url(state: State, user: str) -> str:
     password = state.nats_passwords.get(user)
     if password is None:
@@ -196,7 +242,9 @@ def _nats_url(state: State, user: str) -> str:
 def infra_info(paths: Paths, state: State) -> InfraInfo:
     return InfraInfo(
         home=paths.home,
-        database_url=f"postgresql://{DB_USER}@{HOST}:{state.pg_port}/{DB_NAME}",
+        database_url=pg_url(paths, state, SERVICE_ROLE),
+        migrate_database_url=pg_url(paths, state, OWNER_ROLE),
+        admin_database_url=pg_url(paths, state, DB_USER, "postgres"),
         nats_url=_nats_url(state, NATS_OPERATOR),
         nats_subscriber_url=_nats_url(state, NATS_SUBSCRIBER),
         pg_port=state.pg_port,

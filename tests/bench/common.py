@@ -25,7 +25,7 @@ async def scratch_database() -> AsyncIterator[str]:
         from rebalancer import embedded
 
         started = not embedded.status(HOME)["postgresql"]
-        admin_url = embedded.up(HOME).database_url
+        admin_url = embedded.up(HOME).admin_database_url
     dbname = f"bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(f"create database {dbname}")

@@ -71,7 +71,7 @@ def prepare_server() -> tuple[str, str | None, bool]:
 
     started = not embedded.status(HOME)["postgresql"]
     info = embedded.up(HOME)
-    with psycopg.connect(info.database_url, autocommit=True) as conn:
+    with psycopg.connect(info.admin_database_url, autocommit=True) as conn:
         row = conn.execute("show shared_preload_libraries").fetchone()
         available = conn.execute("select 1 from pg_available_extensions"
                                  " where name = 'pg_stat_statements'").fetchone()
@@ -83,7 +83,7 @@ def prepare_server() -> tuple[str, str | None, bool]:
     if restart:
         embedded.down(HOME)
         info = embedded.up(HOME)
-    return info.database_url, info.nats_url, started
+    return info.admin_database_url, info.nats_url, started
 
 
 # -- 3. SQL statements per step -----------------------------------------------------------------

@@ -33,9 +33,12 @@ Raw = dict[str, Any]
 
 
 @pytest.fixture
-async def sql(database_url: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    """A connection beside the store's, to tamper with rows as an intruder would."""
-    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+async def sql(admin_database_url: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A connection beside the store's, to tamper with rows as an intruder would: the service
+    may not, and the events guard stops the owner, so a superuser skipping triggers (what an
+    attacker with superuser would do; docs/security.md)."""
+    async with await psycopg.AsyncConnection.connect(admin_database_url, autocommit=True) as conn:
+        await conn.execute("set session_replication_role = replica")
         yield conn
 
 

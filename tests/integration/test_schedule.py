@@ -224,10 +224,11 @@ async def test_a_foreign_transaction_held_open_does_not_stop_the_worker(
 
 
 async def test_the_worker_outlives_its_own_sql_being_refused(
-    database_url: str, store: EventStore, world_file: Path
+    database_url: str, owner_database_url: str, store: EventStore, world_file: Path
 ) -> None:
     async with Worker(database_url, world=world_file) as worker:
-        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        async with await psycopg.AsyncConnection.connect(owner_database_url,
+                                                         autocommit=True) as conn:
             # The claim query no longer matches the table: every claim is refused.
             await conn.execute("alter table workflow_schedule rename column claimed_by to held_by")
             workflow_id = await start(store, worker, "0.02")

@@ -72,10 +72,10 @@ async def test_a_component_that_dies_stops_serve_with_its_name(
 
 
 async def test_a_read_model_gone_stops_its_projection_not_the_money(
-    database_url: str, store: EventStore, caplog: pytest.LogCaptureFixture
+    database_url: str, owner_database_url: str, store: EventStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     await migrate(database_url)
-    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+    async with await psycopg.AsyncConnection.connect(owner_database_url, autocommit=True) as conn:
         # A read model gone (a botched manual change): its projection stops at the first event
         # and says so; the worker finds work in the schedule, so workflows still move.
         await conn.execute("drop table workflows")

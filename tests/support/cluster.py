@@ -14,7 +14,7 @@ from rebalancer.embedded.postgres import (
     wait_postgres,
 )
 from rebalancer.embedded.servers import new_state
-from rebalancer.embedded.state import DB_NAME, DB_USER, HOST, Paths
+from rebalancer.embedded.state import DB_NAME, DB_USER, HOST, Paths, with_pg_passwords
 
 
 class Cluster:
@@ -27,10 +27,13 @@ class Cluster:
     def __init__(self, home: Path, extra_conf: str = "") -> None:
         self.paths = Paths(home.resolve())
         self.paths.home.mkdir(parents=True, exist_ok=True)
-        self.state = new_state(self.paths, None)
+        self.state = with_pg_passwords(new_state(self.paths, None))
         self.extra_conf = extra_conf
+        # As the superuser: these tests are about outages, not privileges (those are
+        # tests/integration/embedded/test_pg_roles.py's).
         self.url = psycopg.conninfo.make_conninfo(
-            host=HOST, port=self.state.pg_port, user=DB_USER, dbname=DB_NAME
+            host=HOST, port=self.state.pg_port, user=DB_USER, dbname=DB_NAME,
+            password=self.state.pg_passwords[DB_USER],
         )
 
     def start(self) -> None:

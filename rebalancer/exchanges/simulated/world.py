@@ -175,7 +175,12 @@ class SimulatedWorld:
             if row is not None:
                 await conn.execute(
                     "truncate sim.deposits, sim.operations, sim.balances, sim.seeded_totals,"
-                    " sim.world restart identity")
+                    " sim.world")
+                # Ids from 1 again. Not `restart identity`: that needs the sequences' owner,
+                # setval only the UPDATE the service role has (infra/migrations/011_roles.sql).
+                await conn.execute(
+                    "select setval(pg_get_serial_sequence('sim.operations', 'id'), 1, false),"
+                    " setval(pg_get_serial_sequence('sim.deposits', 'id'), 1, false)")
                 await conn.execute("update sim.fault_counter set value = 0")
             world_row = await fetch_one(
                 conn, "insert into sim.world (source, config) values (%s, %s::jsonb)"

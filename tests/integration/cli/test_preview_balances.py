@@ -19,10 +19,12 @@ SEED_PATH = ["upbit_to_binance_sub_futures", "--param", "from_account=upbit-pers
 
 
 @pytest.fixture
-def cli_env(database_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+def cli_env(database_url: str, owner_database_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
     for name in ("REBALANCER_NATS_URL", "REBALANCER_EXCHANGES", "REBALANCER_CONFIG"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("REBALANCER_DATABASE_URL", database_url)
+    # preview's throwaway database is made by the owner role (the service may not).
+    monkeypatch.setenv("REBALANCER_MIGRATE_DATABASE_URL", owner_database_url)
     return database_url
 
 

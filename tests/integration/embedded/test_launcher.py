@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -20,6 +21,7 @@ import nats.errors
 import psycopg
 import pytest
 
+from events.migrations import migrate
 from rebalancer import embedded
 from rebalancer.errors import InfraError
 from rebalancer.settings import Settings
@@ -120,7 +122,11 @@ def test_up_starts_both_and_a_second_up_is_a_no_op(home: Path) -> None:
     # First up: initdb, start both, answer on loopback.
     first = embedded.up(home)
     assert embedded.status(home) == {"postgresql": True, "nats": True}
-    assert first.database_url == f"postgresql://rebalancer@127.0.0.1:{first.pg_port}/rebalancer"
+    # The service role, its password in the mode-600 pgpass file the URL names, not in the URL.
+    pgpass = home.resolve() / "pgpass"
+    assert first.database_url == (f"postgresql://rebalancer_service@127.0.0.1:{first.pg_port}"
+                                  f"/rebalancer?passfile={pgpass}")
+    assert stat.S_IMODE(pgpass.stat().st_mode) == 0o600
     # NATS answers its greeting to anyone, but asks for a user; the URLs carry one each.
     assert _nats_greeting(first.nats_port)["auth_required"] is True
     assert re.fullmatch(rf"nats://operator:[\w-]{{32}}@127\.0\.0\.1:{first.nats_port}",
@@ -146,12 +152,23 @@ def test_infra_env_prints_export_lines_whose_urls_answer(home: Path) -> None:
     result = _cli(home, "infra", "env")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert len(lines) == 3
-    assert lines[0].startswith("export REBALANCER_DATABASE_URL=postgresql://rebalancer@127.0.0.1:")
-    assert lines[1].startswith("export REBALANCER_NATS_URL=nats://operator:")
-    assert lines[2].startswith("export REBALANCER_NATS_SUBSCRIBER_URL=nats://subscriber:")
-    database_url, operator_url, subscriber_url = (line.split("=", 1)[1] for line in lines)
+    assert len(lines) == 4
+    assert all(line.startswith("export ") for line in lines)
+    exported = dict(shlex.split(line)[1].split("=", 1) for line in lines)
+    assert list(exported) == ["REBALANCER_DATABASE_URL", "REBALANCER_MIGRATE_DATABASE_URL",
+                              "REBALANCER_NATS_URL", "REBALANCER_NATS_SUBSCRIBER_URL"]
+    database_url, migrate_url, operator_url, subscriber_url = exported.values()
+    assert database_url.startswith("postgresql://rebalancer_service@127.0.0.1:")
+    assert migrate_url.startswith("postgresql://rebalancer_owner@127.0.0.1:")
+    assert operator_url.startswith("nats://operator:")
+    assert subscriber_url.startswith("nats://subscriber:")
+    # No PostgreSQL password is printed: it stays in the pgpass file.
+    pgpass = (home / "pgpass").read_text()
+    for password in (line.rsplit(":", 1)[1] for line in pgpass.splitlines()):
+        assert password not in result.stdout
+        assert password not in started.stdout
     assert _select_one(database_url) == 1
+    assert _select_one(migrate_url) == 1
     assert asyncio.run(_nats_round_trip(operator_url)) == b"pong"
     info = embedded.load_info(home)
     assert info is not None
@@ -377,3 +394,28 @@ def test_infra_up_refuses_a_wrong_rebalancer_pg_bin(home: Path, tmp_path: Path) 
 def test_an_empty_rebalancer_pg_bin_means_find_them(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REBALANCER_PG_BIN", "")
     assert Settings().pg_bin is None
+
+
+def test_a_home_from_before_the_roles_is_secured_on_its_next_up(home: Path) -> None:
+    # Made like an old home: `trust` rules, no PostgreSQL passwords in infra.json, the schema
+    # migrated by the superuser.
+    info = embedded.up(home)
+    asyncio.run(migrate(info.admin_database_url.replace("/postgres?", "/rebalancer?")))
+    embedded.down(home)
+    (info.pg_data_dir / "pg_hba.conf").write_text("host all all 127.0.0.1/32 trust\n")
+    state = json.loads((home / "infra.json").read_text())
+    del state["pg_passwords"]
+    (home / "infra.json").write_text(json.dumps(state))
+    (home / "pgpass").unlink()
+    again = embedded.up(home)
+    assert "trust" not in (again.pg_data_dir / "pg_hba.conf").read_text()
+    with psycopg.connect(again.database_url, connect_timeout=5) as conn:
+        owners = conn.execute("select distinct tableowner from pg_tables"
+                              " where schemaname in ('public', 'sim')").fetchall()
+        assert conn.execute("select current_user").fetchone() == ("rebalancer_service",)
+    assert owners == [("rebalancer_owner",)]
+    # Without the new password nobody gets in any more.
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        psycopg.connect(again.database_url.split("?")[0], connect_timeout=5)
+    # The owner migrates on (nothing pending) and the service may use what it made.
+    assert asyncio.run(migrate(again.migrate_database_url)) == []

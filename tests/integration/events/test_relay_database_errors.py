@@ -25,9 +25,9 @@ async def break_checkpoint_table(database_url: str) -> None:
 
 
 async def test_a_sql_bug_in_the_relay_is_a_query_error_not_an_outage(
-    store: EventStore, database_url: str, nats_url: str
+    store: EventStore, owner_database_url: str, nats_url: str
 ) -> None:
-    await break_checkpoint_table(database_url)
+    await break_checkpoint_table(owner_database_url)
     async with Relay(store, nats_url, name="sql-bug") as relay:
         with pytest.raises(StoreQueryError) as caught:
             await relay.relay_once()
@@ -36,9 +36,9 @@ async def test_a_sql_bug_in_the_relay_is_a_query_error_not_an_outage(
 
 
 async def test_the_relay_loop_logs_a_sql_bug_as_an_error_and_recovers_once_fixed(
-    store: EventStore, database_url: str, nats_url: str, caplog: pytest.LogCaptureFixture
+    store: EventStore, owner_database_url: str, nats_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    await break_checkpoint_table(database_url)
+    await break_checkpoint_table(owner_database_url)
     history = make_history(random.Random(9))
     await append_all(store, [history])
     relay = Relay(store, nats_url, name="sql-bug-loop", poll_interval=0.05, max_backoff=0.2)
@@ -50,7 +50,7 @@ async def test_the_relay_loop_logs_a_sql_bug_as_an_error_and_recovers_once_fixed
         await eventually(lambda: [r for r in caplog.records if "42703" in r.getMessage()],
                          timeout=10, what="an ERROR naming the SQLSTATE")
         assert not task.done()
-        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as c:
+        async with await psycopg.AsyncConnection.connect(owner_database_url, autocommit=True) as c:
             await c.execute("alter table relay_checkpoints rename column pos to position")
         await eventually(relay.lag, lambda lag: lag.events_behind == 0, timeout=10,
                          what="the relay catching up once the schema is fixed")

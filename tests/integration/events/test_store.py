@@ -161,12 +161,16 @@ async def test_an_unregistered_event_class_is_refused(store: EventStore) -> None
     assert await event_count(store) == 0
 
 
-async def test_the_hash_chain_detects_an_edited_row(store: EventStore, database_url: str) -> None:
+async def test_the_hash_chain_detects_an_edited_row(
+    store: EventStore, admin_database_url: str
+) -> None:
     stream = new_stream()
     await store.append(stream, [started(), moved("start", "created", "running")], 0)
     await store.append(stream, [moved("pause", "running", "paused")], 2)
     assert await store.verify_stream(stream) == []
-    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+    async with await psycopg.AsyncConnection.connect(admin_database_url, autocommit=True) as conn:
+        # A superuser skipping the events guard (docs/security.md), as an attacker would.
+        await conn.execute("set session_replication_role = replica")
         # An edit of the payload that keeps the JSON valid and the model happy.
         await conn.execute(
             "update events set data = jsonb_set(data, '{dest}', '\"done\"')"
@@ -178,7 +182,7 @@ async def test_the_hash_chain_detects_an_edited_row(store: EventStore, database_
 
 
 async def test_the_hash_chain_detects_a_deleted_middle_event(
-    store: EventStore, database_url: str
+    store: EventStore, admin_database_url: str
 ) -> None:
     stream = new_stream()
     await store.append(
@@ -186,7 +190,8 @@ async def test_the_hash_chain_detects_a_deleted_middle_event(
         [started(), moved("start", "created", "running"), moved("pause", "running", "paused")],
         0,
     )
-    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+    async with await psycopg.AsyncConnection.connect(admin_database_url, autocommit=True) as conn:
+        await conn.execute("set session_replication_role = replica")
         await conn.execute("delete from events where stream_id = %s and version = 2", (stream,))
     problems = await store.verify_stream(stream)
     assert {p.version for p in problems} == {3}

@@ -22,7 +22,8 @@ SEED_PATH = ["upbit_to_binance_sub_futures", "--param", "from_account=upbit-pers
 
 
 @pytest.fixture
-def world(tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+def world(tmp_path: Path, database_url: str, owner_database_url: str,
+          monkeypatch: pytest.MonkeyPatch
           ) -> Iterator[LiveWorld]:
     arranged = live_world()
     for name, value in arranged.environment().items():
@@ -31,6 +32,8 @@ def world(tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("REBALANCER_CONFIG", str(arranged.config_file(tmp_path)))
     monkeypatch.setenv("REBALANCER_DATABASE_URL", database_url)
+    # preview's throwaway database is made by the owner role (the service may not).
+    monkeypatch.setenv("REBALANCER_MIGRATE_DATABASE_URL", owner_database_url)
     configured = LiveExchanges.from_config.__func__  # type: ignore[attr-defined]
 
     def through_fakes(cls: type[LiveExchanges], *args: Any, **kwargs: Any) -> LiveExchanges:

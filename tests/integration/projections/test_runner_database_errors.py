@@ -27,10 +27,10 @@ async def _rename(database_url: str, old: str, new: str) -> None:
 
 
 async def test_a_sql_bug_in_the_checkpoint_query_is_a_query_error_from_catch_up(
-    store: EventStore, database_url: str
+    store: EventStore, database_url: str, owner_database_url: str
 ) -> None:
     await append_all(store, [make_history(random.Random(4))])
-    await _rename(database_url, "events_applied", "applied")
+    await _rename(owner_database_url, "events_applied", "applied")
     with pytest.raises(StoreQueryError) as caught:
         await ProjectionRunner(store, default_projections()).catch_up()
     assert not isinstance(caught.value, StoreUnavailableError)
@@ -38,9 +38,9 @@ async def test_a_sql_bug_in_the_checkpoint_query_is_a_query_error_from_catch_up(
 
 
 async def test_the_running_runner_logs_a_sql_bug_as_an_error_and_recovers_once_fixed(
-    store: EventStore, database_url: str, caplog: pytest.LogCaptureFixture
+    store: EventStore, owner_database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    await _rename(database_url, "events_applied", "applied")
+    await _rename(owner_database_url, "events_applied", "applied")
     history = make_history(random.Random(6))
     await append_all(store, [history])
     runner = ProjectionRunner(store, default_projections(), poll_interval=0.05, max_backoff=0.2)
@@ -53,7 +53,7 @@ async def test_the_running_runner_logs_a_sql_bug_as_an_error_and_recovers_once_f
         assert not task.done()
         # No projection was taken for poisoned by the runner's own SQL failing.
         assert runner.stopped == {}
-        await _rename(database_url, "applied", "events_applied")
+        await _rename(owner_database_url, "applied", "events_applied")
 
         async def versions() -> list[int]:
             return [row["version"] for row in (await read_model(store))["workflows"]]
