@@ -111,6 +111,8 @@ async def test_task_event_lands_on_its_subject_with_dedupe_id_and_body(
         assert info.config.subjects == ["rebalancer.events.>"]
         assert info.config.duplicate_window == 120
         assert info.state.messages == 3
+        # The audit's outside copy: no message can be deleted or purged through the API.
+        assert info.config.deny_delete and info.config.deny_purge
         # Read back raw messages, in stream order, to see subjects, headers and bodies.
         sub = await nc.jetstream().subscribe(f"rebalancer.events.{workflow_id}.>",
                                              ordered_consumer=True)
@@ -124,7 +126,7 @@ async def test_task_event_lands_on_its_subject_with_dedupe_id_and_body(
         f"{stream_id}:1", f"{stream_id}:2", f"{stream_id}:3"]
     body = json.loads(msgs[2].data)
     assert set(body) == {"position", "stream_id", "version", "type", "schema_version", "data",
-                         "metadata", "recorded_at"}
+                         "metadata", "recorded_at", "hash"}
     stored: RecordedEvent = (await store.read_stream(stream_id, 2))[0]
     assert body["position"] == stored.position
     assert (body["stream_id"], body["version"], body["type"], body["schema_version"]) == (
@@ -133,6 +135,7 @@ async def test_task_event_lands_on_its_subject_with_dedupe_id_and_body(
     assert body["data"]["dest"] == "submitting"
     assert body["metadata"] == {"actor": "test"}
     assert body["recorded_at"] == stored.recorded_at.isoformat()
+    assert body["hash"] == stored.hash.hex()
 
 
 async def test_subscriber_gets_every_event_once_across_a_nats_outage(
