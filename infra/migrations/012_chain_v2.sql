@@ -97,3 +97,14 @@ begin
     returning e.position, e.transaction_id, e.version, e.recorded_at, e.hash;
 end
 $$;
+
+-- What `rebalancer replay --force` did over a failed audit (docs/contracts.md §1): the rebuild
+-- is recorded with the audit's findings, so a replay never quietly papers over evidence.
+create table if not exists maintenance_log (
+    id           bigint generated always as identity primary key,
+    action       text not null,
+    findings     int not null,
+    bad_streams  text[] not null,
+    details      jsonb not null,
+    recorded_at  timestamptz not null default now()
+);

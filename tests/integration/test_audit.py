@@ -113,7 +113,8 @@ async def test_synthetic_histories_audit_clean(store: EventStore) -> None:
         assert each.findings == []
         assert each.ok and each.bad_streams == []
         assert (each.streams, each.events) == (40, total)
-    assert format_report(report) == f"audited 40 streams, {total} events: all intact"
+    assert format_report(report) == (f"audited 40 streams, {total} events: all intact\n"
+                                     "not checked against the JetStream copy (no NATS given)")
     # One workflow alone, by its bare id.
     one = histories[3]
     single = await audit(store, one.stream_id.removeprefix("workflow-"))
@@ -353,7 +354,8 @@ async def test_run_audit_exits_0_when_intact_and_1_naming_each_bad_stream(
         await append_history(store, history)
     total = sum(len(h.events) for h in histories)
     assert await run_audit(database_url, None, False) == (
-        0, f"audited 3 streams, {total} events: all intact"
+        0, f"audited 3 streams, {total} events: all intact\n"
+        "not checked against the JetStream copy (no NATS given)"
     )
     # Two streams tampered with: one payload edited, one illegal move appended.
     first, second, good = histories
