@@ -110,6 +110,8 @@ async def audit(
     for stream_id, version in orphans:
         report.streams += 1
         report.findings.append(_missing_tail(stream_id, version, 0))
+    if outside.checked and outside.event_count == 0:
+        report.findings.extend(await _copy_gone(store))
     # Streams only the copy or the anchors still know (the read-model row deleted too).
     orphan_ids = {stream_id for stream_id, _ in orphans}
     for stream_id, findings in outside.leftovers():
@@ -204,6 +206,22 @@ async def record_forced_replay(store: EventStore, report: AuditReport) -> None:
              json.dumps({"findings": [finding.line() for finding in report.findings][:1000],
                          "jetstream": report.outside})),
         )
+
+
+async def _copy_gone(store: EventStore) -> list[Finding]:
+    # JetStream refuses to delete a message of the copy, not to delete the whole stream: an
+    # empty copy after the relay said it published is that (or another NATS than the relay's).
+    try:
+        rows = await store.fetch_rows(
+            "select coalesce(sum(published), 0) from relay_checkpoints", ())
+    except UndefinedTableError:
+        return []
+    published = int(rows[0][0]) if rows else 0
+    if not published:
+        return []
+    return [Finding("REBALANCER_EVENTS", None, None, "jetstream_copy",
+                    f"the copy is empty, but the relay recorded {published} published events"
+                    " (the stream deleted, or this is not the relay's NATS)")]
 
 
 # -- one stream ---------------------------------------------------------------------------------

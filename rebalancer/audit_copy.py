@@ -75,6 +75,7 @@ class OutsideRecord:
                 findings.extend(_differences(event, copy))
         for anchor in anchors:
             findings.extend(_anchor_findings(stream_id, anchor, by_version.get(anchor.version)))
+        findings.extend(_unanchored(stream_id, copied, anchors))
         return findings
 
     def leftovers(self) -> list[tuple[str, list[Finding]]]:
@@ -211,6 +212,23 @@ def _differences(event: RecordedEvent, copy: _Copied) -> list[Finding]:
                   f" {copy.recorded_at.isoformat()} in the copy)")
     return [Finding(event.stream_id, event.version, event.position, COPY_CHECK,
                     f"differs from the JetStream copy in {', '.join(differ)}{detail}")]
+
+
+def _unanchored(
+    stream_id: str, copied: dict[int, _Copied], anchors: list[_Anchored]
+) -> list[Finding]:
+    # The relay anchors each stream's last event of every batch, so the last copied event is
+    # anchored - if a relay that publishes `hash` (and anchors) copied it. A copy without its
+    # anchor is one re-filled by someone without the key, or anchors removed with their stream.
+    hashed = [version for version, copy in copied.items() if copy.hash is not None]
+    if not hashed:
+        return []
+    last = max(hashed)
+    if any(anchor.version == last for anchor in anchors):
+        return []
+    return [Finding(stream_id, last, copied[last].position, ANCHOR_CHECK,
+                    f"no anchor for v{last}, the last event in the JetStream copy (anchors"
+                    " removed, a copy re-filled without the key, or relayed without a key)")]
 
 
 def _anchor_findings(

@@ -304,3 +304,28 @@ async def test_an_anchor_signed_with_another_key_does_not_verify(
     assert [(f.stream_id, f.version, f.check, f.message) for f in report.findings] == [
         (victim.stream_id, head.version, "anchor",
          f"the anchor of v{head.version} does not verify with the chain key")]
+
+
+async def test_a_deleted_copy_is_caught_empty_and_refilled_without_the_key(
+    store: EventStore, database_url: str, nats_server: NatsServer, key_file: Path,
+) -> None:
+    histories = await stored_and_relayed(store, nats_server.url, key_file, seeds=(6, 7))
+    # NATS operator rights: JetStream refuses deleting messages, not deleting the streams.
+    nc = await nats.connect(nats_server.url)
+    try:
+        for stream in ("REBALANCER_EVENTS", CHAIN_STREAM):
+            await nc.jetstream().delete_stream(stream)
+    finally:
+        await nc.close()
+    report = await audited(database_url, nats_server.url, key_file)
+    assert [(f.stream_id, f.check) for f in report.findings] == [
+        ("REBALANCER_EVENTS", "jetstream_copy")]
+    assert report.findings[0].message.startswith("the copy is empty, but the relay recorded")
+    # Re-filled by a relay without the key: the copy matches, but nothing is anchored.
+    async with Relay(store, nats_server.url, name="refill") as relay:
+        await relay.relay_once()
+    report = await audited(database_url, nats_server.url, key_file)
+    assert {(f.stream_id, f.check) for f in report.findings} == {
+        (h.stream_id, "anchor") for h in histories}
+    assert all(f.message.startswith(f"no anchor for v{f.version}, the last event")
+               for f in report.findings)
