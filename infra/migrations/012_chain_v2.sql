@@ -20,7 +20,9 @@ $$;
 
 -- append_events as in 008, with the v2 hash: the position is drawn from the identity sequence
 -- and recorded_at is now() given explicitly, inside the one INSERT, so the hash covers exactly
--- the stored values and an append is still one statement (one round trip) per call.
+-- the stored values and an append is still one statement (one round trip) per call. The
+-- function runs with its caller's rights: a role that appends needs INSERT on events and USAGE
+-- on events_position_seq (an explicit nextval, unlike the identity default, checks it).
 create or replace function append_events(
     p_stream_id text, p_expected_version int, p_events jsonb
 ) returns table (out_position bigint, out_transaction_id xid8, out_version int,
