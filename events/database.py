@@ -144,7 +144,7 @@ async def check_reachable(conninfo: str, timeout: float = 10.0) -> None:
     """Raise StoreUnavailableError with a one-line reason when PostgreSQL does not answer."""
     try:
         conn = await psycopg.AsyncConnection.connect(
-            conninfo, connect_timeout=max(1, int(timeout))
+            conninfo, connect_timeout=max(1, round(timeout))
         )
     except psycopg.OperationalError as e:
         raise StoreUnavailableError(

@@ -38,7 +38,8 @@ def available(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
-async def migrate(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
+async def migrate(conninfo: str, directory: Path = MIGRATIONS_DIR, *,
+                  connect_timeout: float = 10.0) -> list[str]:
     """Apply every migration not yet recorded; returns the names applied (empty: up to date).
 
     Each migration runs in its own transaction together with its bookkeeping row, so a failed
@@ -47,7 +48,8 @@ async def migrate(conninfo: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
     """
     migrations = available(directory)
     try:
-        conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True, connect_timeout=10)
+        conn = await psycopg.AsyncConnection.connect(
+            conninfo, autocommit=True, connect_timeout=max(1, round(connect_timeout)))
     except psycopg.OperationalError as e:
         raise StoreUnavailableError(f"cannot reach PostgreSQL: {first_line(e)}") from e
     applied_now: list[str] = []

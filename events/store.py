@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import re
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -40,6 +42,8 @@ from events.errors import (
     StoreQueryError,
     StoreUnavailableError,
 )
+
+log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "rebalancer_events"
 NOTIFY_MIN_INTERVAL = 0.01  # seconds between two wake-ups sent by one store
@@ -157,6 +161,9 @@ class EventStore:
         self._notifier: asyncio.Task[None] | None = None
         self._closing = False
         self._notify_conn: psycopg.AsyncConnection[Any] | None = None
+        # Since when pooled work has failed for PostgreSQL being away: one log line when an
+        # outage begins and one when the next block succeeds, whoever runs them.
+        self._down_since: float | None = None
 
     @classmethod
     async def open(
@@ -209,17 +216,28 @@ class EventStore:
         StoreUnavailableError (unreachable, pool exhausted or closed, timeouts) or
         StoreQueryError (the statement or its data refused; UndefinedTableError for a missing
         table), the original as its cause."""
-        async with translated(), self._pool.connection() as conn:
-            try:
-                yield conn
-            except psycopg.Error as e:
-                # Whatever PostgreSQL said last, a connection that broke under the block is an
-                # outage (a backend killed mid-statement, a server restarting), never a SQL bug.
-                if (conn.broken or conn.closed) and not isinstance(e, UNAVAILABLE):
-                    raise StoreUnavailableError(
-                        f"PostgreSQL unavailable: the connection broke ({first_line(e)})"
-                    ) from e
-                raise
+        try:
+            async with translated(), self._pool.connection() as conn:
+                try:
+                    yield conn
+                except psycopg.Error as e:
+                    # Whatever PostgreSQL said last, a connection that broke under the block is
+                    # an outage (a backend killed mid-statement, a server restarting), never a
+                    # SQL bug.
+                    if (conn.broken or conn.closed) and not isinstance(e, UNAVAILABLE):
+                        raise StoreUnavailableError(
+                            f"PostgreSQL unavailable: the connection broke ({first_line(e)})"
+                        ) from e
+                    raise
+        except StoreUnavailableError as e:
+            if self._down_since is None and not self._closing:
+                self._down_since = time.monotonic()
+                log.warning("PostgreSQL at %s unreachable (%s); retrying", where(self._conninfo),
+                            e)
+            raise
+        if self._down_since is not None:
+            away, self._down_since = time.monotonic() - self._down_since, None
+            log.warning("PostgreSQL at %s back after %.1f s", where(self._conninfo), away)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -158,19 +159,44 @@ class Accounts(BaseModel):
 def validation_text(error: ValidationError) -> str:
     """Where and what, for every problem, without the offending input values."""
     return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {e['msg']}" for e in error.errors())
+        f"{'.'.join(str(p) for p in e['loc']) or 'value'}: {_problem(e)}" for e in error.errors())
+
+
+def _problem(item: Mapping[str, Any]) -> str:
+    # pydantic's "Extra inputs are not permitted" hides that the key is a typo.
+    return "unknown key" if item["type"] == "extra_forbidden" else str(item["msg"])
+
+
+# The configuration's sections; any other top-level key is a typo that would be ignored.
+CONFIG_KEYS = ("accounts", "exchanges", "specs")
 
 
 def load_config_file(path: Path | None = None) -> dict[str, object]:
-    """The whole configuration file (accounts, spec directories) as plain data."""
+    """The whole configuration file (accounts, spec directories) as plain data; every problem
+    is one line naming the file, the key and what is wrong."""
     path = path or DEFAULT_CONFIG
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise SpecError(f"cannot read configuration {path}: {e}") from e
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecError(f"configuration {path}: cannot read: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise SpecError(f"configuration {path}: {_yaml_problem(e)}") from None
     if not isinstance(data, dict):
-        raise SpecError(f"configuration {path} must be a mapping")
+        raise SpecError(f"configuration {path}: must be a mapping of {', '.join(CONFIG_KEYS)}")
+    unknown = sorted(str(key) for key in data if key not in CONFIG_KEYS)
+    if unknown:
+        raise SpecError(f"configuration {path}: {unknown[0]}: unknown key"
+                        f" (known: {', '.join(CONFIG_KEYS)})")
     return data
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        return f"line {mark.line + 1}, column {mark.column + 1}: {error.problem}"
+    return " ".join(str(error).split())
 
 
 def load_accounts(path: Path | None = None) -> Accounts:
@@ -180,7 +206,8 @@ def load_accounts(path: Path | None = None) -> Accounts:
         return Accounts.model_validate({"accounts": data.get("accounts") or {}})
     except ValidationError as e:
         # Never pydantic's own text: it quotes the input, which may hold a pasted secret.
-        raise SpecError(f"bad accounts in {path or DEFAULT_CONFIG}: {validation_text(e)}") from None
+        raise SpecError(f"configuration {path or DEFAULT_CONFIG}: {validation_text(e)}"
+                        ) from None
 
 
 def spec_dirs(path: Path | None = None) -> list[Path]:
@@ -188,6 +215,7 @@ def spec_dirs(path: Path | None = None) -> list[Path]:
     data = load_config_file(path)
     listed = data.get("specs") or []
     if not isinstance(listed, list):
-        raise SpecError("the configuration's `specs:` must be a list of directories")
+        raise SpecError(f"configuration {path or DEFAULT_CONFIG}: specs: must be a list of"
+                        " directories")
     base = (path or DEFAULT_CONFIG).resolve().parent
     return [base / str(d) for d in listed]

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from datetime import datetime
@@ -36,6 +37,7 @@ from rebalancer.commands import (
 from rebalancer.errors import RebalancerError, SpecError
 from rebalancer.exchanges.base import Exchanges, RetryableError
 from rebalancer.preflight import preflight_problems
+from rebalancer.specs.loading import SpecCatalogue
 from rebalancer.specs.models import WorkflowSpec
 from rebalancer.specs.resolution import resolve_params
 
@@ -214,10 +216,14 @@ class Api:
         return reply
 
     async def start(self, request: Start) -> Reply:
-        spec = self.specs().get(request.spec)
+        specs = self.specs()
+        spec = specs.get(request.spec)
         if spec is None:
-            return error("unknown_spec", f"no spec named {request.spec!r}",
-                         known=sorted(self.specs()))
+            broken = specs.broken_named(request.spec) if isinstance(specs, SpecCatalogue) else None
+            if broken is not None:
+                return error("invalid_request", f"spec {request.spec!r} is broken"
+                             f" ({broken.file}): {broken.error}")
+            return error("unknown_spec", f"no spec named {request.spec!r}", known=sorted(specs))
         # A repeat of a start that went through is answered from the store, not walked again:
         # the money it moved since would make the walk refuse its own workflow.
         if self.exchanges is not None and not await self.store.stream_version(
@@ -349,17 +355,49 @@ class NatsUnavailableError(RebalancerError):
     """NATS cannot be reached (or refused us); the command did not go out."""
 
 
+class OutageLog:
+    """One WARNING when a connection to NATS is lost and one when it is back, with how long it
+    was away: nats-py's default error callback logs a traceback per reconnect attempt."""
+
+    def __init__(self, url: str) -> None:
+        self.where = where(url)
+        self.client: Any = None  # set once connected: its own close is no outage
+        self.down_since: float | None = None
+
+    async def on_error(self, error: Exception) -> None:
+        log.debug("NATS at %s: %s", self.where, error or type(error).__name__)
+
+    async def on_disconnected(self) -> None:
+        client = self.client
+        if client is None or client.is_closed or client.is_draining or self.down_since is not None:
+            return
+        self.down_since = time.monotonic()
+        log.warning("NATS at %s unreachable; reconnecting", self.where)
+
+    async def on_reconnected(self) -> None:
+        if self.down_since is None:
+            return
+        away, self.down_since = time.monotonic() - self.down_since, None
+        log.warning("NATS at %s back after %.1f s", self.where, away)
+
+
 async def connect(url: str, *, name: str, timeout: float = 5.0) -> Any:
-    """A NATS connection that reconnects forever once it has connected the first time."""
+    """A NATS connection that reconnects forever once it has connected the first time; an
+    outage is two log lines (OutageLog), not one per attempt."""
     import nats
 
+    outage = OutageLog(url)
     try:
-        return await nats.connect(url, name=name, connect_timeout=timeout,
-                                  max_reconnect_attempts=-1, reconnect_time_wait=1.0,
-                                  allow_reconnect=True)
+        client = await nats.connect(url, name=name, connect_timeout=timeout,
+                                    max_reconnect_attempts=-1, reconnect_time_wait=1.0,
+                                    allow_reconnect=True, error_cb=outage.on_error,
+                                    disconnected_cb=outage.on_disconnected,
+                                    reconnected_cb=outage.on_reconnected)
     except Exception as e:  # nats-py raises several unrelated types for "not there"
-        raise NatsUnavailableError(f"cannot reach NATS at {_where(url)}: {e or type(e).__name__}"
+        raise NatsUnavailableError(f"cannot reach NATS at {where(url)}: {e or type(e).__name__}"
                                    ) from e
+    outage.client = client
+    return client
 
 
 async def request(url: str, subject: str, payload: Mapping[str, Any],
@@ -372,7 +410,7 @@ async def request(url: str, subject: str, payload: Mapping[str, Any],
         msg = await nc.request(subject, json.dumps(payload).encode(), timeout=timeout)
     except nats.errors.NoRespondersError as e:
         raise NatsUnavailableError(
-            f"nothing answers {subject} at {_where(url)}: is `rebalancer serve` running?") from e
+            f"nothing answers {subject} at {where(url)}: is `rebalancer serve` running?") from e
     except nats.errors.TimeoutError as e:
         raise NatsUnavailableError(f"no reply to {subject} within {timeout:g} s") from e
     finally:
@@ -417,11 +455,11 @@ async def _connect_once(url: str, timeout: float) -> Any:
                          max_reconnect_attempts=0, allow_reconnect=False, error_cb=quiet),
             timeout)
     except Exception as e:
-        raise NatsUnavailableError(f"cannot reach NATS at {_where(url)}: {e or type(e).__name__}"
+        raise NatsUnavailableError(f"cannot reach NATS at {where(url)}: {e or type(e).__name__}"
                                    ) from e
 
 
-def _where(url: str) -> str:
+def where(url: str) -> str:
     """host:port of a NATS URL, never its credentials."""
     from urllib.parse import urlsplit
 

@@ -161,9 +161,9 @@ def format_report(report: AuditReport) -> str:
 
 
 async def run_audit(
-    database_url: str, workflow_id: str | None, as_json: bool, *,
-    nats_url: str | None = None, chain_key_file: Path | None = None,
-    connect_timeout: float = 5.0, no_nats_reason: str = "no NATS given",
+    database_url: str, workflow_id: str | None, as_json: bool, connect_timeout: float = 10.0,
+    *, nats_url: str | None = None, chain_key_file: Path | None = None,
+    no_nats_reason: str = "no NATS given",
 ) -> tuple[int, str]:
     """Open the store, audit, and return (exit status, output): 0 when intact, 1 otherwise.
 
@@ -182,7 +182,7 @@ async def run_audit(
 
 async def audit_database(
     database_url: str, workflow_id: str | None, *, nats_url: str | None = None,
-    chain_key_file: Path | None = None, connect_timeout: float = 5.0,
+    chain_key_file: Path | None = None, connect_timeout: float = 10.0,
     no_nats_reason: str = "no NATS given",
 ) -> AuditReport:
     """`audit` on a store opened for it, with the JetStream copy read first when `nats_url`
@@ -192,7 +192,8 @@ async def audit_database(
         await read_outside(nats_url, stream_id, chain_key_file, connect_timeout=connect_timeout)
         if nats_url is not None else OutsideRecord.unchecked(no_nats_reason)
     )
-    async with await EventStore.open(database_url, max_size=2) as store:
+    async with await EventStore.open(database_url, max_size=2,
+                                     connect_timeout=connect_timeout) as store:
         return await audit(store, workflow_id, outside=outside)
 
 

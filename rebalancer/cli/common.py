@@ -40,6 +40,22 @@ class ConflictError(UsageError):
     exit_status = EXIT_CONFLICT
 
 
+# Commands that never read the configuration: they work while it is being fixed.
+NO_CONFIG_COMMANDS = frozenset({"infra", "db"})
+
+
+def check_configuration(settings: Settings) -> None:
+    """Read the whole configuration file once, before the command: a typo anywhere in it is
+    one line naming the file, the key and the problem (SpecError, exit 2), whichever section
+    the command would have read first."""
+    from rebalancer.accounts import load_accounts, spec_dirs
+    from rebalancer.exchanges.live import exchange_options
+
+    load_accounts(settings.config)
+    spec_dirs(settings.config)
+    exchange_options(settings.config)
+
+
 def database_url(settings: Settings) -> str:
     # Only the database is needed: an explicit URL must not start the embedded servers.
     return settings.database_url or embedded.ensure_urls(settings)[0]
@@ -69,7 +85,7 @@ def with_store(settings: Settings, work: Callable[[EventStore], Awaitable[T]]) -
     url = database_url(settings)
 
     async def run() -> T:
-        store = await EventStore.open(url, max_size=4)
+        store = await EventStore.open(url, max_size=4, connect_timeout=settings.connect_timeout)
         try:
             return await work(store)
         finally:

@@ -43,6 +43,8 @@ def checked_start(args: argparse.Namespace, settings: Settings
 
     accounts = load_accounts(settings.config)
     specs = configured_specs(settings, accounts)
+    if (broken := specs.broken_named(args.spec)) and args.spec not in specs:
+        raise UsageError(f"spec {args.spec!r} is broken ({broken.file}): {broken.error}")
     if args.spec not in specs:
         raise UsageError(f"unknown spec {args.spec!r} (known: {', '.join(sorted(specs))})")
     params = parse_params(args.param)

@@ -31,7 +31,7 @@ async def opened_exchanges(settings: Settings, accounts: Accounts) -> AsyncItera
             from events.migrations import migrate
 
             url = database_url(settings)
-            await migrate(url)
+            await migrate(url, connect_timeout=settings.connect_timeout)
         yield await open_exchanges(settings, url, accounts, stack)
 
 

@@ -24,7 +24,7 @@ def infra_up(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_OK
     pg = "already running" if was["postgresql"] else "started"
     nats = "already running" if was["nats"] else "started"
-    print(f"PostgreSQL {pg}: {info.database_url}")
+    print(f"PostgreSQL {pg}: {embedded.masked_url(info.database_url)}")
     print(f"  data {info.pg_data_dir}, binaries {info.pg_bin_dir}")
     print(f"NATS {nats}: {info.nats_address} (users operator and subscriber; `infra env`)")
     print(f"  store {info.home / 'nats' / 'store'}")
@@ -67,7 +67,7 @@ def db_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
     # Only the database is needed: an explicit URL must not start the embedded servers.
     database_url = settings.database_url or embedded.ensure_urls(settings)[0]
-    applied = asyncio.run(migrate(database_url))
+    applied = asyncio.run(migrate(database_url, connect_timeout=settings.connect_timeout))
     for name in applied:
         print(f"applied {name}")
     if not applied:

@@ -9,7 +9,12 @@ from collections.abc import Callable
 from pydantic import ValidationError
 
 from events.errors import EventStoreError
-from rebalancer.cli.common import EXIT_UNREACHABLE, EXIT_USAGE
+from rebalancer.cli.common import (
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    NO_CONFIG_COMMANDS,
+    check_configuration,
+)
 from rebalancer.cli.parser import build_parser
 from rebalancer.errors import RebalancerError
 from rebalancer.settings import Settings
@@ -58,12 +63,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rebalancer: {settings_problem(e)}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return handler(args, settings)
+        if args.command not in NO_CONFIG_COMMANDS:
+            check_configuration(settings)
+        status = handler(args, settings)
+        # Flushed here, not at exit: a reader gone by then is a BrokenPipeError caught below
+        # rather than the interpreter's "Exception ignored" and exit status 120.
+        sys.stdout.flush()
+        return status
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # The reader went away (`| head -1`): it wanted no more. Point stdout at /dev/null so
-        # the interpreter's last flush does not complain either.
+        # The reader went away (`| head -1`): it wanted no more, so this is success (exit 0,
+        # not 141 as for a process killed by SIGPIPE). Point stdout at /dev/null so the
+        # interpreter's last flush does not complain either.
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

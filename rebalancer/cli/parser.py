@@ -6,6 +6,7 @@ import argparse
 import re
 from decimal import Decimal
 from pathlib import Path
+from typing import NoReturn
 
 from events.vocabulary import RESOLUTIONS
 from rebalancer.cli.control import (
@@ -27,8 +28,17 @@ from rebalancer.cli.sim import sim_check, sim_ledger, sim_seed
 from rebalancer.cli.specs import specs_list, specs_validate
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad usage is one line on stderr, exit 2: the usage text is for `--help`, not an error."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = f" (see `{self.prog} --help`)"
+        self.exit(2, f"rebalancer: error: {' '.join(message.split())}{hint}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    # Subparsers are made of the same class, so every command's errors are one line too.
+    parser = OneLineParser(
         prog="rebalancer",
         description="Moves crypto assets between exchange accounts along event-sourced workflows.",
     )

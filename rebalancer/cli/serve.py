@@ -21,6 +21,8 @@ def worker_serve(args: argparse.Namespace, settings: Settings) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # The pool warns on every reconnect attempt; the store says an outage once (events/store.py).
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     if settings.database_url and not settings.nats_url:
         # A worker-only deployment: money moves, nothing is relayed or served over NATS.
         logging.getLogger("rebalancer").warning(
@@ -28,7 +30,7 @@ def worker_serve(args: argparse.Namespace, settings: Settings) -> int:
         database_url, nats_url = settings.database_url, None
     else:
         database_url, nats_url = embedded.ensure_urls(settings)
-    asyncio.run(migrate(database_url))
+    asyncio.run(migrate(database_url, connect_timeout=settings.connect_timeout))
     try:
         asyncio.run(serve(settings, database_url, nats_url, tick=args.tick))
     except ComponentFailedError as e:

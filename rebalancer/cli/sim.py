@@ -20,7 +20,7 @@ def sim_seed(args: argparse.Namespace, settings: Settings) -> int:
     from rebalancer.accounts import load_accounts
 
     url = database_url(settings)
-    asyncio.run(migrate(url))
+    asyncio.run(migrate(url, connect_timeout=settings.connect_timeout))
     accounts = load_accounts(settings.config)
     result = asyncio.run(seed(url, args.world, reset=args.reset, accounts=accounts))
     print(to_json(result) if args.json else format_seed(result))

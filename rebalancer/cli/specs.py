@@ -21,15 +21,25 @@ if TYPE_CHECKING:
 
 def specs_list(args: argparse.Namespace, settings: Settings) -> int:
     from rebalancer.accounts import spec_dirs
-    from rebalancer.specs.loading import list_specs
+    from rebalancer.specs.loading import available_specs
 
-    found = list_specs(spec_dirs(settings.config))
+    specs = available_specs(spec_dirs(settings.config))
+    rows: list[dict[str, object]] = [
+        {"name": name, "description": specs[name].description, "tasks": len(specs[name].tasks),
+         "error": None}
+        for name in sorted(specs)
+    ]
+    # A broken file is listed with its one-line error: the others stay usable meanwhile.
+    rows += [{"name": b.name, "file": str(b.file), "error": b.error} for b in specs.broken]
     if args.json:
-        print(json.dumps([{"name": n, "description": d, "tasks": t} for n, d, t in found]))
-    else:
-        width = max((len(n) for n, _, _ in found), default=4)
-        for name, description, tasks in found:
-            print(f"{name:<{width}}  {tasks} tasks  {description}")
+        print(json.dumps(rows))
+        return EXIT_OK
+    width = max((len(str(row["name"])) for row in rows), default=4)
+    for row in rows:
+        if row["error"] is None:
+            print(f"{row['name']:<{width}}  {row['tasks']} tasks  {row['description']}")
+        else:
+            print(f"{row['name']:<{width}}  BROKEN  {row['file']}: {row['error']}")
     return EXIT_OK
 
 

@@ -12,7 +12,7 @@ from rebalancer.embedded.permissions import (
 )
 from rebalancer.embedded.postgres import find_pg_bin_dir
 from rebalancer.embedded.servers import down, ensure_urls, load_info, status, up
-from rebalancer.embedded.state import InfraInfo
+from rebalancer.embedded.state import InfraInfo, masked_url
 
 __all__ = [
     "NATS_OPERATOR",
@@ -25,6 +25,7 @@ __all__ = [
     "ensure_urls",
     "find_pg_bin_dir",
     "load_info",
+    "masked_url",
     "nats_authorization",
     "nats_config",
     "reference_nats_authorization",

@@ -24,6 +24,16 @@ READY_TIMEOUT = 30.0
 STATE_FILE = "infra.json"
 
 
+def masked_url(url: str) -> str:
+    """`url` with the password of its user part, if any, as `***`: `nats://operator:***@host:4222`."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}{slash}{path}"
+
+
 @dataclass(frozen=True)
 class InfraInfo:
     """Where the embedded servers of one `home` listen and keep their data."""
@@ -51,12 +61,13 @@ class InfraInfo:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The same fields with paths as strings (the NATS URLs carry their passwords)."""
+        """The same fields with paths as strings, for output: every password in a URL is `***`
+        (`rebalancer infra env` is the one place that prints them, for `eval`)."""
         return {
             "home": str(self.home),
-            "database_url": self.database_url,
-            "nats_url": self.nats_url,
-            "nats_subscriber_url": self.nats_subscriber_url,
+            "database_url": masked_url(self.database_url),
+            "nats_url": masked_url(self.nats_url),
+            "nats_subscriber_url": masked_url(self.nats_subscriber_url),
             "pg_port": self.pg_port,
             "nats_port": self.nats_port,
             "pg_bin_dir": str(self.pg_bin_dir),

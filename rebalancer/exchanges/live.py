@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rebalancer.accounts import (
+    DEFAULT_CONFIG,
     Account,
     Accounts,
     CredentialSource,
@@ -68,10 +69,19 @@ class ExchangeOptions(BaseModel):
 
 
 def exchange_options(path: Path | None) -> dict[str, ExchangeOptions]:
-    """The configuration's `exchanges:` section; raises SpecError naming what is wrong."""
+    """The configuration's `exchanges:` section; raises SpecError naming the file and the key."""
+    try:
+        return _exchange_options(path)
+    except SpecError as e:
+        text = str(e)
+        where = f"configuration {path or DEFAULT_CONFIG}: "
+        raise SpecError(text if text.startswith("configuration ") else where + text) from None
+
+
+def _exchange_options(path: Path | None) -> dict[str, ExchangeOptions]:
     section = load_config_file(path).get("exchanges") or {}
     if not isinstance(section, dict):
-        raise SpecError("the configuration's `exchanges:` must map exchange names to options")
+        raise SpecError("exchanges: must map exchange names to options")
     options: dict[str, ExchangeOptions] = {}
     for name, values in section.items():
         if name not in CONNECTORS and name != "simulated":

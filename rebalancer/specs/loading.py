@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, get_args
 
@@ -107,6 +108,71 @@ def load_specs(
     return specs
 
 
+@dataclass(frozen=True)
+class BrokenSpec:
+    """A spec file that cannot be used, and why in one line: the others stay usable."""
+
+    name: str  # the `name:` it declares where readable, else the file's stem
+    file: Path
+    error: str
+
+
+class SpecCatalogue(dict[str, WorkflowSpec]):
+    """The usable specs by name, with the spec files that are broken beside them."""
+
+    def __init__(self, specs: Mapping[str, WorkflowSpec] | None = None,
+                 broken: Iterable[BrokenSpec] = ()) -> None:
+        super().__init__(specs or {})
+        self.broken: tuple[BrokenSpec, ...] = tuple(broken)
+
+    def broken_named(self, name: str) -> BrokenSpec | None:
+        return next((b for b in self.broken if b.name == name), None)
+
+
+def scan_specs(dirs: Iterable[Path | str], accounts: Accounts | None = None) -> SpecCatalogue:
+    """Every spec in `dirs` that loads, by name; a file that does not (bad YAML, invalid spec,
+    a name already taken by an earlier file, an unreadable directory) is listed as broken
+    instead of failing the lot: one typo in one file must not stop every other spec."""
+    specs: dict[str, WorkflowSpec] = {}
+    origin: dict[str, Path] = {}
+    broken: list[BrokenSpec] = []
+    for directory in map(Path, dirs):
+        if not directory.is_dir():
+            broken.append(BrokenSpec(directory.name, directory, "not a directory"))
+            continue
+        for path in sorted(p for p in directory.iterdir() if p.suffix in SPEC_SUFFIXES):
+            try:
+                spec = load_spec_file(path, accounts)
+            except InvalidSpecError as e:
+                broken.append(BrokenSpec(_declared_name(path), path, "; ".join(e.problems)))
+                continue
+            except SpecError as e:
+                text = str(e).removeprefix(f"{path}: ")
+                broken.append(BrokenSpec(_declared_name(path), path, text))
+                continue
+            if spec.name in specs:
+                again = f"spec {spec.name!r} is already defined in {origin[spec.name]}"
+                broken.append(BrokenSpec(spec.name, path, again))
+                continue
+            specs[spec.name] = spec
+            origin[spec.name] = path
+    return SpecCatalogue(specs, [_one_line(b) for b in broken])
+
+
+def _one_line(broken: BrokenSpec) -> BrokenSpec:
+    return BrokenSpec(broken.name, broken.file, " ".join(broken.error.split()))
+
+
+def _declared_name(path: Path) -> str:
+    """The `name:` a broken file declares, as far as it can be read; else its stem."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, ValueError):
+        return path.stem
+    name = data.get("name") if isinstance(data, Mapping) else None
+    return name if isinstance(name, str) and name.strip() else path.stem
+
+
 def builtin_specs() -> dict[str, WorkflowSpec]:
     """The specs shipped in `rebalancer/specs/builtin/`."""
     return load_specs([BUILTIN_DIR])
@@ -114,15 +180,16 @@ def builtin_specs() -> dict[str, WorkflowSpec]:
 
 def available_specs(
     dirs: Iterable[Path | str] = (), accounts: Accounts | None = None
-) -> dict[str, WorkflowSpec]:
-    """The built-in specs plus those in `dirs` (what `rebalancer start SPEC` chooses from);
-    a name defined twice, built-in or not, is refused."""
-    return load_specs([BUILTIN_DIR, *dirs], accounts)
+) -> SpecCatalogue:
+    """The built-in specs plus those in `dirs` (what `rebalancer start SPEC` chooses from).
+    A broken file, or one that defines a name again (built-in or not), is in `.broken`; the
+    first definition of a name stays usable."""
+    return scan_specs([BUILTIN_DIR, *dirs], accounts)
 
 
 def list_specs(dirs: Iterable[Path | str] = ()) -> list[tuple[str, str, int]]:
-    """For `rebalancer specs list`: (name, description, task count) of the built-in specs and
-    those in `dirs`, by name."""
+    """For `rebalancer specs list`: (name, description, task count) of the usable built-in
+    specs and those in `dirs`, by name (`available_specs(dirs).broken` has the others)."""
     specs = available_specs(dirs)
     return [(name, specs[name].description, len(specs[name].tasks)) for name in sorted(specs)]
 
@@ -195,11 +262,14 @@ def _yaml_error_text(error: yaml.YAMLError) -> str:
 
 __all__ = [
     "BUILTIN_DIR",
+    "BrokenSpec",
+    "SpecCatalogue",
     "available_specs",
     "builtin_specs",
     "list_specs",
     "load_spec_file",
     "load_specs",
+    "scan_specs",
     "spec_from_data",
     "validate_file",
 ]

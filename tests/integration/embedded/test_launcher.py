@@ -158,6 +158,33 @@ def test_infra_env_prints_export_lines_whose_urls_answer(home: Path) -> None:
     assert (operator_url, subscriber_url) == (info.nats_url, info.nats_subscriber_url)
 
 
+def test_infra_up_and_status_json_mask_the_nats_passwords(home: Path) -> None:
+    started = _cli(home, "infra", "up", "--json")
+    assert started.returncode == 0, started.stderr
+    info = embedded.load_info(home)
+    assert info is not None
+    passwords = [url.split(":")[2].split("@")[0] for url in (info.nats_url,
+                                                            info.nats_subscriber_url)]
+    shown = json.loads(started.stdout)
+    assert shown["nats_url"] == f"nats://operator:***@127.0.0.1:{info.nats_port}"
+    assert shown["nats_subscriber_url"] == f"nats://subscriber:***@127.0.0.1:{info.nats_port}"
+    again = _cli(home, "infra", "up", "--json")  # already running: the same, masked
+    status = _cli(home, "infra", "status", "--json")
+    for result in (started, again, status):
+        for password in passwords:
+            assert password not in result.stdout + result.stderr
+
+
+def test_masked_url_hides_only_the_password() -> None:
+    assert embedded.masked_url("nats://operator:s3cret@127.0.0.1:4222") == (
+        "nats://operator:***@127.0.0.1:4222")
+    assert embedded.masked_url("postgresql://u:p@w@db:5432/x?sslmode=require") == (
+        "postgresql://u:***@db:5432/x?sslmode=require")
+    assert embedded.masked_url("postgresql://rebalancer@127.0.0.1:5432/r") == (
+        "postgresql://rebalancer@127.0.0.1:5432/r")
+    assert embedded.masked_url("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"
+
+
 def test_nats_passwords_stay_out_of_human_output_and_other_users_files(home: Path) -> None:
     started = _cli(home, "infra", "up")
     assert started.returncode == 0, started.stderr

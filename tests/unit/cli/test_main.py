@@ -61,3 +61,35 @@ def test_a_bad_demo_amount_is_a_usage_error(text: str) -> None:
     with pytest.raises(SystemExit) as ended:
         build_parser().parse_args(["demo", "--amount", text])
     assert ended.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        ([], "the following arguments are required: COMMAND (see `rebalancer --help`)"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["start"], "the following arguments are required: SPEC (see `rebalancer start --help`)"),
+        (["resolve", "3b241a34-5d0b-4c8e-9a57-3a2f4a1c0a11", "t", "--outcome", "nope",
+          "--note", "x"], "argument --outcome: invalid choice: 'nope'"),
+        (["status", "--limit", "0"], "0 is not a positive number"),
+        (["specs", "list", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_usage_is_one_line_without_the_usage_dump_and_exit_2(
+    capsys: pytest.CaptureFixture[str], argv: list[str], said: str,
+) -> None:
+    with pytest.raises(SystemExit) as ended:
+        main(argv)
+    assert ended.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith("rebalancer: error: ") and said in captured.err
+    assert "usage:" not in captured.err
+
+
+def test_help_still_shows_the_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as ended:
+        main(["start", "--help"])
+    assert ended.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: rebalancer start")
