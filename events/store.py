@@ -445,17 +445,35 @@ class EventStore:
         return Checkpoint(row[0], row[1]) if row else ORIGIN
 
     async def verify_stream(self, stream_id: str) -> list[StreamProblem]:
-        """Re-check a stored stream: versions contiguous from 1 and the hash chain intact."""
+        """Re-check a stored stream: versions contiguous from 1 and the hash chain intact.
+
+        A hash_version other than 1 or 2 is checked as v2 and so fails: an intruder cannot
+        switch a row to a form it does not hash."""
+        # Each row is checked with the canonical form its hash_version names (v1 before
+        # migration 012, v2 since: position and recorded_at covered too).
         rows = await self.fetch_rows(
-            "select position, version, hash, event_canonical(stream_id, version, type,"
-            " schema_version, data, metadata) from events where stream_id = %s"
+            "select position, version, hash, hash_version, case hash_version when 1 then"
+            " event_canonical(stream_id, version, type, schema_version, data, metadata)"
+            " else event_canonical_v2(position, stream_id, version, type, schema_version,"
+            " data, metadata, recorded_at) end from events where stream_id = %s"
             " order by version",
             (stream_id,),
         )
         problems: list[StreamProblem] = []
         previous = b""
         expected_version = 1
-        for position, version, stored_hash, canonical in rows:
+        newest_form = 1
+        for position, version, stored_hash, form, canonical in rows:
+            if form < newest_form:
+                # Appends only ever write the newest form: a v1 row after a v2 one was
+                # downgraded, to hide an edit of what only v2 covers.
+                problems.append(
+                    StreamProblem(
+                        stream_id, version, position,
+                        f"hash version {form} follows version {newest_form}",
+                    )
+                )
+            newest_form = max(newest_form, form)
             if version != expected_version:
                 problems.append(
                     StreamProblem(

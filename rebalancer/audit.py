@@ -1,4 +1,5 @@
-"""Audit of stored streams: hash chains, version sequences, decoding and machine legality."""
+"""Audit of stored streams: hash chains, version sequences, decoding and machine legality, and
+the table against the JetStream copy and the keyed chain anchors (rebalancer/audit_copy.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Final
 
 from psycopg import sql
@@ -20,37 +22,17 @@ from events.catalogue import catalogue as default_catalogue
 from events.errors import UndefinedTableError
 from events.store import STREAM_ID_PATTERN, EventStore, RecordedEvent, StreamProblem
 from events.vocabulary import TaskKind
+from rebalancer.audit_copy import OutsideRecord, read_outside
+from rebalancer.audit_findings import CHECKS, Finding
 from rebalancer.errors import RebalancerError
 from rebalancer.workflow import StreamFold, TaskRecord
 
-# The kinds of finding, in the order a stream's findings at one version are listed.
-CHECKS: Final = ("versions", "hash_chain", "schema", "legality", "missing_tail")
 STREAM_PAGE: Final = 500  # stream ids fetched per query when auditing every stream
 _KINDS: Final = frozenset(kind.value for kind in TaskKind)
 
 
 class AuditInputError(RebalancerError, ValueError):
     """The workflow id to audit is not a UUID or names no stream (a usage error: exit 2)."""
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One thing wrong with a stored stream, at an event when it can be placed on one."""
-
-    stream_id: str
-    version: int | None
-    position: int | None
-    check: str  # one of CHECKS
-    message: str
-
-    def line(self) -> str:
-        """`stream_id vVERSION (position P) [check] message`, leaving out what is unknown."""
-        where = self.stream_id
-        if self.version is not None:
-            where += f" v{self.version}"
-        if self.position is not None:
-            where += f" (position {self.position})"
-        return f"{where} [{self.check}] {self.message}"
 
 
 @dataclass
@@ -60,6 +42,8 @@ class AuditReport:
     streams: int
     events: int
     findings: list[Finding]
+    # What the JetStream copy and the anchors were: checked, or why not.
+    outside: str = "not checked against the JetStream copy"
 
     @property
     def bad_streams(self) -> list[str]:
@@ -77,6 +61,7 @@ class AuditReport:
             "events": self.events,
             "bad_streams": self.bad_streams,
             "findings": [asdict(finding) for finding in self.findings],
+            "jetstream": self.outside,
         }
 
 
@@ -85,36 +70,53 @@ async def audit(
     workflow_id: str | None = None,
     *,
     read_model_schema: str = "public",
+    outside: OutsideRecord | None = None,
 ) -> AuditReport:
     """Audit one workflow's stream, or every stream in the store.
 
     Streams are read one at a time, so memory holds one stream, never the whole store. Raises
     AuditInputError for a workflow id that is not a UUID or has neither events nor a read-model
     row, StoreUnavailableError / StoreQueryError when the database fails.
+
+    `outside` is the JetStream copy and the anchors, read before the table (`read_outside`):
+    whatever the relay published was stored before, so the copy is never ahead of an intact
+    table. Streams it names that the table lacks altogether are findings too.
     """
     read_model = _ReadModel(store, read_model_schema)
-    report = AuditReport(streams=0, events=0, findings=[])
+    outside = outside or OutsideRecord.unchecked("no NATS given")
+    report = AuditReport(streams=0, events=0, findings=list(outside.unreadable),
+                         outside=outside.note)
     if workflow_id is not None:
         stream_id = stream_id_of(workflow_id)
         # The read model is read before the stream: a version it saw was already stored then,
         # and an append racing the audit can only lengthen the stream, never fake a lost tail.
         seen = await read_model.versions([stream_id])
-        count, findings = await _audit_stream(store, stream_id, seen.get(stream_id))
-        if count == 0 and stream_id not in seen:
+        known_outside = outside.has(stream_id)
+        count, findings = await _audit_stream(store, stream_id, seen.get(stream_id), outside)
+        if count == 0 and stream_id not in seen and not known_outside:
             raise AuditInputError(f"workflow {workflow_id} has no events")
-        report.streams, report.events, report.findings = 1, count, findings
+        report.streams, report.events = 1, count
+        report.findings.extend(findings)
         return report
     async for page in _stream_pages(store):
         seen = await read_model.versions(page)
         for stream_id in page:
-            count, findings = await _audit_stream(store, stream_id, seen.get(stream_id))
+            count, findings = await _audit_stream(store, stream_id, seen.get(stream_id), outside)
             report.streams += 1
             report.events += count
             report.findings.extend(findings)
     # Workflows the read model knows but whose every event is gone: no stream page names them.
-    for stream_id, version in await read_model.orphans():
+    orphans = await read_model.orphans()
+    for stream_id, version in orphans:
         report.streams += 1
         report.findings.append(_missing_tail(stream_id, version, 0))
+    if outside.checked and outside.event_count == 0:
+        report.findings.extend(await _copy_gone(store))
+    # Streams only the copy or the anchors still know (the read-model row deleted too).
+    orphan_ids = {stream_id for stream_id, _ in orphans}
+    for stream_id, findings in outside.leftovers():
+        report.streams += stream_id not in orphan_ids
+        report.findings.extend(findings)
     return report
 
 
@@ -150,35 +152,84 @@ def format_report(report: AuditReport) -> str:
     """A summary line, then one line per finding."""
     head = f"audited {_count(report.streams, 'stream')}, {_count(report.events, 'event')}"
     if report.ok:
-        return f"{head}: all intact"
+        return f"{head}: all intact\n{report.outside}"
     bad = len(report.bad_streams)
     lines = [f"{head}: {_count(len(report.findings), 'finding')} in {_count(bad, 'stream')}"]
     lines.extend(finding.line() for finding in report.findings)
+    lines.append(report.outside)
     return "\n".join(lines)
 
 
 async def run_audit(
-    database_url: str, workflow_id: str | None, as_json: bool, connect_timeout: float = 10.0
+    database_url: str, workflow_id: str | None, as_json: bool, connect_timeout: float = 10.0,
+    *, nats_url: str | None = None, chain_key_file: Path | None = None,
+    no_nats_reason: str = "no NATS given",
 ) -> tuple[int, str]:
     """Open the store, audit, and return (exit status, output): 0 when intact, 1 otherwise.
 
-    Raises AuditInputError for a bad or unknown workflow id, StoreUnavailableError when the
-    database cannot be reached.
+    With `nats_url`, the table is also checked against the JetStream copy and the anchors
+    (their MACs with the key in `chain_key_file`); without it, or with NATS unreachable, the
+    output says it was not. Raises AuditInputError for a bad or unknown workflow id,
+    StoreUnavailableError when the database cannot be reached.
     """
-    if workflow_id is not None:
-        stream_id_of(workflow_id)  # refuse a malformed id before connecting
-    async with await EventStore.open(database_url, max_size=2,
-                                     connect_timeout=connect_timeout) as store:
-        report = await audit(store, workflow_id)
+    report = await audit_database(database_url, workflow_id, nats_url=nats_url,
+                                  chain_key_file=chain_key_file,
+                                  connect_timeout=connect_timeout,
+                                  no_nats_reason=no_nats_reason)
     text = json.dumps(report.to_json(), indent=2) if as_json else format_report(report)
     return (0 if report.ok else 1), text
+
+
+async def audit_database(
+    database_url: str, workflow_id: str | None, *, nats_url: str | None = None,
+    chain_key_file: Path | None = None, connect_timeout: float = 10.0,
+    no_nats_reason: str = "no NATS given",
+) -> AuditReport:
+    """`audit` on a store opened for it, with the JetStream copy read first when `nats_url`
+    is given (as `run_audit`, whose errors it raises)."""
+    stream_id = None if workflow_id is None else stream_id_of(workflow_id)  # refuse early
+    outside = (
+        await read_outside(nats_url, stream_id, chain_key_file, connect_timeout=connect_timeout)
+        if nats_url is not None else OutsideRecord.unchecked(no_nats_reason)
+    )
+    async with await EventStore.open(database_url, max_size=2,
+                                     connect_timeout=connect_timeout) as store:
+        return await audit(store, workflow_id, outside=outside)
+
+
+async def record_forced_replay(store: EventStore, report: AuditReport) -> None:
+    """Leave a row in maintenance_log: a rebuild ran over this failed audit (`replay --force`)."""
+    async with store.connection() as conn:
+        await conn.execute(
+            "insert into maintenance_log (action, findings, bad_streams, details)"
+            " values ('replay --force', %s, %s, %s::jsonb)",
+            (len(report.findings), report.bad_streams,
+             json.dumps({"findings": [finding.line() for finding in report.findings][:1000],
+                         "jetstream": report.outside})),
+        )
+
+
+async def _copy_gone(store: EventStore) -> list[Finding]:
+    # JetStream refuses to delete a message of the copy, not to delete the whole stream: an
+    # empty copy after the relay said it published is that (or another NATS than the relay's).
+    try:
+        rows = await store.fetch_rows(
+            "select coalesce(sum(published), 0) from relay_checkpoints", ())
+    except UndefinedTableError:
+        return []
+    published = int(rows[0][0]) if rows else 0
+    if not published:
+        return []
+    return [Finding("REBALANCER_EVENTS", None, None, "jetstream_copy",
+                    f"the copy is empty, but the relay recorded {published} published events"
+                    " (the stream deleted, or this is not the relay's NATS)")]
 
 
 # -- one stream ---------------------------------------------------------------------------------
 
 
 async def _audit_stream(
-    store: EventStore, stream_id: str, read_model_version: int | None
+    store: EventStore, stream_id: str, read_model_version: int | None, outside: OutsideRecord
 ) -> tuple[int, list[Finding]]:
     findings = [_from_problem(problem) for problem in await store.verify_stream(stream_id)]
     events = await store.read_stream(stream_id)
@@ -190,6 +241,7 @@ async def _audit_stream(
     last = events[-1].version if events else 0
     if read_model_version is not None and read_model_version > last:
         findings.append(_missing_tail(stream_id, read_model_version, last))
+    findings.extend(outside.check(stream_id, events))
     findings.sort(key=_order)
     return len(events), findings
 
@@ -362,8 +414,10 @@ __all__ = [
     "AuditReport",
     "Finding",
     "audit",
+    "audit_database",
     "check_events",
     "format_report",
+    "record_forced_replay",
     "run_audit",
     "stream_id_of",
 ]

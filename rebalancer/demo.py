@@ -16,6 +16,7 @@ from rich.table import Table
 
 from events.migrations import migrate
 from events.relay import PublishedEvent, Relay
+from events.relay.anchors import load_key
 from events.store import RecordedEvent
 from events.vocabulary import WORKFLOW_TERMINAL, WorkflowState
 from rebalancer.api import follow
@@ -23,7 +24,7 @@ from rebalancer.cli.format import move_text
 from rebalancer.commands import start_workflow
 from rebalancer.exchanges.simulated import SimulatedWorld
 from rebalancer.service import runtime
-from rebalancer.settings import Settings
+from rebalancer.settings import Settings, chain_key_path
 from rebalancer.specs.loading import builtin_specs
 from rebalancer.specs.resolution import resolve_params, resolve_result
 from rebalancer.workflow import Workflow, fold
@@ -76,7 +77,8 @@ async def run_demo(
             actor="demo",
         )
         engine = rt.engine("demo", follow_projections=True)
-        relay = Relay(rt.store, nats_url)
+        relay = Relay(rt.store, nats_url,
+                      chain_key=load_key(chain_key_path(settings), create=True))
         # The stream must exist before the live view subscribes to it (a fresh NATS has none).
         await relay.ensure_stream()
         stop = asyncio.Event()

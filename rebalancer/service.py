@@ -16,6 +16,7 @@ from datetime import timedelta
 
 from events.database import first_line
 from events.relay import Relay
+from events.relay.anchors import load_key
 from events.store import EventStore
 from projections.runner import ProjectionRunner, default_projections
 from rebalancer.accounts import Accounts, load_accounts, spec_dirs
@@ -26,7 +27,7 @@ from rebalancer.engine import Engine
 from rebalancer.errors import ComponentFailedError
 from rebalancer.exchanges.base import Exchanges
 from rebalancer.exchanges.live import LiveExchanges, exchange_mode
-from rebalancer.settings import Settings
+from rebalancer.settings import Settings, chain_key_path
 from rebalancer.specs.loading import SpecCatalogue, available_specs
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,8 @@ async def serve(settings: Settings, database_url: str, nats_url: str | None, *,
             ("projections", lambda: runner.run(stop)),
         ]
         if nats_url is not None:
-            relay = Relay(rt.store, nats_url)
+            key = load_key(chain_key_path(settings), create=True)
+            relay = Relay(rt.store, nats_url, chain_key=key)
             stack.push_async_callback(relay.close)
             components += [
                 ("relay", lambda: relay.run(stop)),

@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     # Read-only consumers (`rebalancer watch`) connect as the subscriber user when it is set.
     nats_subscriber_url: str | None = None
     home: Path = Field(default=Path(".rebalancer"))
+    # The relay's chain-anchor key (32 bytes, mode 600); None: `home`/chain.key, created by
+    # `infra up` and `serve` on first use. Never in the database, never logged.
+    chain_key_file: Path | None = None
     config: Path | None = None
     # Which exchanges the worker talks to: "simulated" or "live"; unset, "live" when the
     # configuration names credentials, else "simulated" (rebalancer/exchanges/live.py).
@@ -56,6 +59,11 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_exchanges_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+
+def chain_key_path(settings: Settings) -> Path:
+    """Where the chain key lives (REBALANCER_CHAIN_KEY_FILE, else REBALANCER_HOME/chain.key)."""
+    return settings.chain_key_file or settings.home / "chain.key"
 
 
 def environment_variable(name: str) -> str | None:

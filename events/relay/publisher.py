@@ -24,6 +24,7 @@ from psycopg.rows import tuple_row
 from events.concurrency import first_of
 from events.errors import EventStoreError, StoreQueryError, StoreUnavailableError
 from events.relay.acks import Acks, settle
+from events.relay.anchors import CHAIN_STREAM, Anchor, chain_stream_config, heads
 from events.relay.wire import MSG_ID, STREAM, body_of, msg_id, stream_config, subject_for
 from events.store import ORIGIN, Checkpoint, EventStore, RecordedEvent
 
@@ -82,6 +83,7 @@ class Relay:
         connect_timeout: float = 5.0,
         max_backoff: float = MAX_BACKOFF,
         coalesce: float = COALESCE,
+        chain_key: bytes | None = None,
         **connect_options: Any,
     ) -> None:
         if batch < 1 or window < 1:
@@ -96,6 +98,8 @@ class Relay:
         self._connect_timeout = connect_timeout
         self._max_backoff = max_backoff
         self._coalesce = coalesce
+        # With a key, each acknowledged batch's stream heads are anchored in REBALANCER_CHAIN.
+        self._chain_key = chain_key
         self._connect_options = connect_options
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
@@ -161,18 +165,21 @@ class Relay:
         return self._js
 
     async def ensure_stream(self) -> None:
-        """Create the REBALANCER_EVENTS stream, or bring an existing one to this configuration."""
+        """Create the REBALANCER_EVENTS and REBALANCER_CHAIN streams, or bring existing ones
+        to this configuration."""
         js = await self.connect()
-        config = stream_config()
-        try:
+        for name, config in ((STREAM, stream_config()), (CHAIN_STREAM, chain_stream_config())):
             try:
-                await js.stream_info(STREAM)
-            except nats.js.errors.NotFoundError:
-                await js.add_stream(config)
-            else:
-                await js.update_stream(config)
-        except _NATS_FAILURES as e:
-            raise RelayUnavailableError(f"cannot set up stream {STREAM}: {_describe(e)}") from e
+                try:
+                    await js.stream_info(name)
+                except nats.js.errors.NotFoundError:
+                    await js.add_stream(config)
+                else:
+                    await js.update_stream(config)
+            except _NATS_FAILURES as e:
+                raise RelayUnavailableError(
+                    f"cannot set up stream {name}: {_describe(e)}"
+                ) from e
         self._stream_ready = True
 
     async def close(self) -> None:
@@ -249,6 +256,9 @@ class Relay:
             acked, failure = await self._publish(acks, events)
             if acked:
                 done = events[:acked]
+                # Anchored before the checkpoint moves: a failure here re-publishes the batch
+                # (dropped as duplicates) and its anchors next round.
+                await self._anchor(acks, done)
                 if self.before_checkpoint is not None:
                     await self.before_checkpoint(done)
                 await self._save_checkpoint(conn, checkpoint, done)
@@ -311,6 +321,31 @@ class Relay:
         finally:
             # Acks still owed no longer count: those events are published again next time.
             for future, _ in in_flight:
+                future.cancel()
+
+    async def _anchor(self, acks: Acks, done: list[RecordedEvent]) -> None:
+        """One keyed anchor per stream of an acknowledged batch: its last event's head.
+
+        Raises RelayUnavailableError when JetStream does not acknowledge them all.
+        """
+        if self._chain_key is None:
+            return
+        loop = asyncio.get_running_loop()
+        futures: list[tuple[asyncio.Future[PubAck], float]] = []
+        try:
+            for event in heads(done):
+                anchor = Anchor.of(event, self._chain_key)
+                future = await acks.publish(anchor.subject, anchor.body(),
+                                            {MSG_ID: anchor.msg_id})
+                futures.append((future, loop.time() + self._publish_timeout))
+            for future, deadline in futures:
+                await settle(future, deadline, loop)
+        except _NATS_FAILURES as e:
+            raise RelayUnavailableError(
+                f"JetStream did not acknowledge the chain anchors: {_describe(e)}"
+            ) from e
+        finally:
+            for future, _ in futures:
                 future.cancel()
 
     # -- checkpoint ------------------------------------------------------------------------

@@ -60,6 +60,8 @@ def body_of(event: RecordedEvent) -> bytes:
         "data": event.data,
         "metadata": event.metadata,
         "recorded_at": event.recorded_at.isoformat(),
+        # The stored chain hash (hex): `rebalancer audit` compares the table with this copy.
+        "hash": event.hash.hex(),
     }
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -70,7 +72,8 @@ def msg_id(event: RecordedEvent) -> str:
 
 
 def stream_config() -> StreamConfig:
-    """The REBALANCER_EVENTS stream: file storage, a dedupe window, long retention."""
+    """The REBALANCER_EVENTS stream: file storage, a dedupe window, long retention, and no
+    message deletable or purgeable through the API: it is the audit's outside copy."""
     return StreamConfig(
         name=STREAM,
         description="Every stored rebalancer event, in global order (published by the relay)",
@@ -80,6 +83,8 @@ def stream_config() -> StreamConfig:
         discard=DiscardPolicy.OLD,
         max_age=MAX_AGE,
         duplicate_window=DUPLICATE_WINDOW,
+        deny_delete=True,
+        deny_purge=True,
     )
 
 
@@ -96,6 +101,7 @@ class PublishedEvent:
     metadata: dict[str, Any]
     recorded_at: datetime
     subject: str
+    hash: str | None = None  # hex; None in copies relayed before the field existed
 
     @classmethod
     def from_message(cls, msg: Msg | RawStreamMsg) -> PublishedEvent:
@@ -112,5 +118,6 @@ class PublishedEvent:
             metadata=dict(body["metadata"]),
             recorded_at=datetime.fromisoformat(body["recorded_at"]),
             subject=msg.subject,
+            hash=str(body["hash"]) if "hash" in body else None,
         )
 

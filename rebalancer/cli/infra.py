@@ -8,13 +8,17 @@ import json
 
 from rebalancer import embedded
 from rebalancer.cli.common import EXIT_OK, UsageError
-from rebalancer.settings import Settings
+from rebalancer.settings import Settings, chain_key_path
 
 
 def infra_up(args: argparse.Namespace, settings: Settings) -> int:
+    from events.relay.anchors import load_key
+
     home = settings.home
     was = embedded.status(home)
     info = embedded.up(home, pg_bin=settings.pg_bin)
+    # The relay's anchor key, made now so that a backup of the home directory has it.
+    load_key(chain_key_path(settings), create=True)
     if args.json:
         print(json.dumps(info.to_json(), indent=2))
         return EXIT_OK

@@ -89,13 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="rebuild into a shadow schema and diff against the live read models instead"
         " (exit 1 on any difference)",
     )
+    replay.add_argument(
+        "--force", action="store_true",
+        help="rebuild even when the audit that runs first finds problems (recorded in"
+        " maintenance_log)",
+    )
+    replay.add_argument("--no-nats", action="store_true",
+                        help="audit first without the JetStream copy")
     replay.add_argument("--json", action="store_true")
     replay.set_defaults(handler=read_models_replay)
 
     audit = commands.add_parser(
-        "audit", help="re-check hash chains, versions and machine legality of every stream"
+        "audit", help="re-check hash chains, versions and machine legality of every stream,"
+        " and the table against the JetStream copy and the chain anchors"
     )
     audit.add_argument("workflow_id", nargs="?", metavar="WORKFLOW_ID")
+    audit.add_argument("--no-nats", action="store_true",
+                       help="skip the JetStream copy and the anchors (said in the output)")
     audit.add_argument("--json", action="store_true")
     audit.set_defaults(handler=streams_audit)
 

@@ -17,6 +17,7 @@ from rebalancer.cli.common import (
     EXIT_OK,
     UsageError,
     database_url,
+    nats_url,
     parse_workflow_id,
     stream_id_of,
     with_store,
@@ -30,7 +31,7 @@ from rebalancer.cli.format import (
     table,
     when,
 )
-from rebalancer.settings import Settings
+from rebalancer.settings import Settings, chain_key_path
 
 if TYPE_CHECKING:
     from events.store import EventStore, RecordedEvent
@@ -41,10 +42,25 @@ if TYPE_CHECKING:
 def streams_audit(args: argparse.Namespace, settings: Settings) -> int:
     from rebalancer.audit import run_audit
 
-    status, text = asyncio.run(run_audit(database_url(settings), args.workflow_id, args.json,
-                                         settings.connect_timeout))
+    url, reason = _audit_nats_url(args, settings)
+    status, text = asyncio.run(run_audit(
+        database_url(settings), args.workflow_id, args.json,
+        nats_url=url, chain_key_file=chain_key_path(settings),
+        connect_timeout=settings.connect_timeout, no_nats_reason=reason,
+    ))
     print(text)
     return status
+
+
+def _audit_nats_url(args: argparse.Namespace, settings: Settings) -> tuple[str | None, str]:
+    """The NATS whose JetStream copy the audit reads, None to skip it (--no-nats, or a
+    database given without a NATS: the embedded one would hold another store's copy), and
+    the reason said when it is skipped."""
+    if args.no_nats:
+        return None, "--no-nats"
+    if settings.database_url and not settings.nats_url:
+        return None, "REBALANCER_NATS_URL is not set"
+    return nats_url(settings), ""
 
 
 def workflow_history(args: argparse.Namespace, settings: Settings) -> int:
@@ -237,8 +253,26 @@ def read_models_replay(args: argparse.Namespace, settings: Settings) -> int:
         return _verify_read_models(args, settings)
     from projections.replay import rebuild
     from projections.runner import ProjectionRunner, default_projections
+    from rebalancer.audit import audit_database, format_report, record_forced_replay
+
+    # A rebuild forgets what the read models saw (the audit's missing_tail evidence): it runs
+    # only over an intact audit, or when told --force, and then leaves a record that it did.
+    url, reason = _audit_nats_url(args, settings)
+    report = asyncio.run(audit_database(
+        database_url(settings), None, nats_url=url, chain_key_file=chain_key_path(settings),
+        connect_timeout=settings.connect_timeout, no_nats_reason=reason,
+    ))
+    if not report.ok and not args.force:
+        print(format_report(report), file=sys.stderr)
+        print(f"rebalancer: replay: refused: the audit found {len(report.findings)} problem(s)"
+              f" in {', '.join(report.bad_streams)}; a rebuild would erase evidence"
+              " (`rebalancer audit` for details, --force to rebuild anyway, recorded)",
+              file=sys.stderr)
+        return EXIT_CHECK_FAILED
 
     async def run(store: EventStore) -> list[dict[str, Any]]:
+        if not report.ok:
+            await record_forced_replay(store, report)
         done = []
         for projection in default_projections():
             started = time.perf_counter()
@@ -256,7 +290,8 @@ def read_models_replay(args: argparse.Namespace, settings: Settings) -> int:
     seconds = round(time.perf_counter() - started, 3)
     failed = [entry for entry in done if entry["error"]]
     if args.json:
-        print_json({"projections": done, "seconds": seconds, "ok": not failed})
+        print_json({"projections": done, "seconds": seconds, "ok": not failed,
+                    "forced_over_findings": len(report.findings)})
     else:
         for entry in done:
             print(f"{entry['name']:<12} {entry['events_applied']:>9} events"
@@ -265,6 +300,9 @@ def read_models_replay(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"  stopped: {entry['error']}")
         outcome = "stopped early" if failed else "rebuilt"
         print(f"{outcome}: {len(done)} read models in {seconds:.2f} s")
+        if not report.ok:
+            print(f"forced over a failed audit ({len(report.findings)} findings in"
+                  f" {', '.join(report.bad_streams)}); recorded in maintenance_log")
     return EXIT_CHECK_FAILED if failed else EXIT_OK
 
 

@@ -116,7 +116,8 @@ async def test_synthetic_histories_audit_clean(store: EventStore) -> None:
         assert each.findings == []
         assert each.ok and each.bad_streams == []
         assert (each.streams, each.events) == (40, total)
-    assert format_report(report) == f"audited 40 streams, {total} events: all intact"
+    assert format_report(report) == (f"audited 40 streams, {total} events: all intact\n"
+                                     "not checked against the JetStream copy (no NATS given)")
     # One workflow alone, by its bare id.
     one = histories[3]
     single = await audit(store, one.stream_id.removeprefix("workflow-"))
@@ -356,7 +357,8 @@ async def test_run_audit_exits_0_when_intact_and_1_naming_each_bad_stream(
         await append_history(store, history)
     total = sum(len(h.events) for h in histories)
     assert await run_audit(database_url, None, False) == (
-        0, f"audited 3 streams, {total} events: all intact"
+        0, f"audited 3 streams, {total} events: all intact\n"
+        "not checked against the JetStream copy (no NATS given)"
     )
     # Two streams tampered with: one payload edited, one illegal move appended.
     first, second, good = histories
@@ -398,3 +400,41 @@ async def test_run_audit_refuses_a_bad_or_unknown_workflow_id(
     assert isinstance(refused.value, RebalancerError)
     assert isinstance(refused.value, ValueError)
     assert ("is not a UUID" in str(refused.value)) != ("has no events" in str(refused.value))
+
+
+# -- hash versions (migration 012) --------------------------------------------------------------
+
+
+async def test_v1_rows_from_before_012_audit_clean_and_a_downgrade_is_found(
+    store: EventStore, sql: psycopg.AsyncConnection[Any]
+) -> None:
+    history = done_history(13)
+    stream_id = history.stream_id
+    await append_history(store, history)
+    # Rewrite the first five rows as migration 001 hashed them (v1: no position, no
+    # recorded_at), then re-chain the rest on top, as a store upgraded mid-stream holds them.
+    rows = await (await sql.execute(
+        "select version from events where stream_id = %s order by version", (stream_id,)
+    )).fetchall()
+    previous = b""
+    for (version,) in rows:
+        canonical = ("event_canonical(stream_id, version, type, schema_version, data, metadata)"
+                     if version <= 5 else
+                     "event_canonical_v2(position, stream_id, version, type, schema_version,"
+                     " data, metadata, recorded_at)")
+        cur = await sql.execute(
+            f"update events set hash = sha256(%s || {canonical}),"
+            " hash_version = case when version <= 5 then 1 else 2 end"
+            " where stream_id = %s and version = %s returning hash",
+            (previous, stream_id, version),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        previous = bytes(row[0])
+    assert (await audit(store)).findings == []
+    # v1 after v2: an intruder switching a row to the form that does not cover recorded_at.
+    await sql.execute("update events set hash_version = 1 where stream_id = %s and version = 7",
+                      (stream_id,))
+    assert found(await audit(store)) == {("hash_chain", 7)}
+    messages = {f.message for f in (await audit(store)).findings}
+    assert "hash version 1 follows version 2" in messages

@@ -29,6 +29,7 @@ from events.relay import (
     body_of,
     subject_for,
 )
+from events.relay.anchors import CHAIN_STREAM, Anchor
 from events.store import EventStore, RecordedEvent
 from tests.support import NatsServer, event_count, eventually
 from tests.support.synthetic import History, interleaved, make_history
@@ -111,6 +112,8 @@ async def test_task_event_lands_on_its_subject_with_dedupe_id_and_body(
         assert info.config.subjects == ["rebalancer.events.>"]
         assert info.config.duplicate_window == 120
         assert info.state.messages == 3
+        # The audit's outside copy: no message can be deleted or purged through the API.
+        assert info.config.deny_delete and info.config.deny_purge
         # Read back raw messages, in stream order, to see subjects, headers and bodies.
         sub = await nc.jetstream().subscribe(f"rebalancer.events.{workflow_id}.>",
                                              ordered_consumer=True)
@@ -124,7 +127,7 @@ async def test_task_event_lands_on_its_subject_with_dedupe_id_and_body(
         f"{stream_id}:1", f"{stream_id}:2", f"{stream_id}:3"]
     body = json.loads(msgs[2].data)
     assert set(body) == {"position", "stream_id", "version", "type", "schema_version", "data",
-                         "metadata", "recorded_at"}
+                         "metadata", "recorded_at", "hash"}
     stored: RecordedEvent = (await store.read_stream(stream_id, 2))[0]
     assert body["position"] == stored.position
     assert (body["stream_id"], body["version"], body["type"], body["schema_version"]) == (
@@ -133,6 +136,7 @@ async def test_task_event_lands_on_its_subject_with_dedupe_id_and_body(
     assert body["data"]["dest"] == "submitting"
     assert body["metadata"] == {"actor": "test"}
     assert body["recorded_at"] == stored.recorded_at.isoformat()
+    assert body["hash"] == stored.hash.hex()
 
 
 async def test_subscriber_gets_every_event_once_across_a_nats_outage(
@@ -342,3 +346,37 @@ async def test_checkpoint_never_passes_an_unacknowledged_event(
     async with client(nats_server.url) as nc:
         info = await nc.jetstream().stream_info(STREAM)
         assert info.state.messages == sum(len(h.events) for h in histories)
+
+
+async def test_with_a_key_each_batch_anchors_every_stream_head_once(
+    store: EventStore, nats_server: NatsServer
+) -> None:
+    rng = random.Random(31)
+    histories = [make_history(rng) for _ in range(3)]
+    for stream, version, batch in interleaved(histories, rng):
+        await store.append(stream, batch, version)
+    key = bytes(range(32))
+    async with Relay(store, nats_server.url, batch=10_000, chain_key=key) as relay, \
+            client(nats_server.url) as nc:
+        await relay.relay_once()
+        heads = {h.stream_id: (await store.read_stream(h.stream_id))[-1] for h in histories}
+        # One more event in one stream: the next batch anchors that stream alone.
+        first = histories[0]
+        version = await store.stream_version(first.stream_id)
+        await store.append(first.stream_id, [WorkflowStateChanged(
+            trigger="pause", source="running", dest="paused", reason=None)], version)
+        await relay.relay_once()
+        js = nc.jetstream()
+        info = await js.stream_info(CHAIN_STREAM)
+        assert info.config.deny_delete and info.config.deny_purge
+        assert info.state.messages == 4
+        sub = await js.subscribe("rebalancer.chain.>", ordered_consumer=True)
+        anchors = [Anchor.from_body((await sub.next_msg(timeout=5)).data) for _ in range(4)]
+    assert sorted(a.stream_id for a in anchors[:3]) == sorted(heads)
+    assert anchors[3].stream_id == first.stream_id and anchors[3].version == version + 1
+    for anchor in anchors:
+        assert anchor.verifies(key) and not anchor.verifies(bytes(32))
+    for anchor in anchors[:3]:
+        head = heads[anchor.stream_id]
+        assert (anchor.version, anchor.position, anchor.hash, anchor.recorded_at) == (
+            head.version, head.position, head.hash.hex(), head.recorded_at.isoformat())
