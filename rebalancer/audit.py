@@ -198,10 +198,10 @@ async def audit_database(
 
 
 async def record_forced_replay(store: EventStore, report: AuditReport) -> None:
-    """Leave a row in maintenance_log: a rebuild ran over this failed audit (`replay --force`)."""
+    """Leave a row in replay_log: a rebuild ran over this failed audit (`replay --force`)."""
     async with store.connection() as conn:
         await conn.execute(
-            "insert into maintenance_log (action, findings, bad_streams, details)"
+            "insert into replay_log (action, findings, bad_streams, details)"
             " values ('replay --force', %s, %s, %s::jsonb)",
             (len(report.findings), report.bad_streams,
              json.dumps({"findings": [finding.line() for finding in report.findings][:1000],

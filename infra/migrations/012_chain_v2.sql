@@ -102,7 +102,7 @@ $$;
 
 -- What `rebalancer replay --force` did over a failed audit (docs/contracts.md §1): the rebuild
 -- is recorded with the audit's findings, so a replay never quietly papers over evidence.
-create table if not exists maintenance_log (
+create table if not exists replay_log (
     id           bigint generated always as identity primary key,
     action       text not null,
     findings     int not null,
@@ -110,3 +110,13 @@ create table if not exists maintenance_log (
     details      jsonb not null,
     recorded_at  timestamptz not null default now()
 );
+
+-- The service records a forced replay and may read the log, never rewrite it (docs/security.md).
+do $$
+begin
+    if exists (select 1 from pg_roles where rolname = 'rebalancer_service') then
+        grant select, insert on replay_log to rebalancer_service;
+        revoke update, delete, truncate on replay_log from rebalancer_service;
+    end if;
+end
+$$;

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--force", action="store_true",
         help="rebuild even when the audit that runs first finds problems (recorded in"
-        " maintenance_log)",
+        " replay_log)",
     )
     replay.add_argument("--no-nats", action="store_true",
                         help="audit first without the JetStream copy")

@@ -302,7 +302,7 @@ def read_models_replay(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{outcome}: {len(done)} read models in {seconds:.2f} s")
         if not report.ok:
             print(f"forced over a failed audit ({len(report.findings)} findings in"
-                  f" {', '.join(report.bad_streams)}); recorded in maintenance_log")
+                  f" {', '.join(report.bad_streams)}); recorded in replay_log")
     return EXIT_CHECK_FAILED if failed else EXIT_OK
 
 

@@ -180,12 +180,13 @@ def test_the_chain_key_file_is_made_once_mode_600_with_32_bytes(tmp_path: Path) 
 
 
 async def test_an_edited_address_with_the_chain_recomputed_is_caught(
-    store: EventStore, database_url: str, nats_server: NatsServer, key_file: Path,
+    store: EventStore, database_url: str, admin_database_url: str, nats_server: NatsServer,
+    key_file: Path,
     cli_env: None, capsys: pytest.CaptureFixture[str],
 ) -> None:
     victim, *others = await stored_and_relayed(store, nats_server.url, key_file)
     version = await withdrawal_version(store, victim.stream_id)
-    async with as_superuser(database_url) as conn:
+    async with as_superuser(admin_database_url) as conn:
         await conn.execute(
             "update events set data = jsonb_set(data, '{request_params,address}',"
             " '\"0xmallory\"') where stream_id = %s and version = %s",
@@ -211,11 +212,12 @@ async def test_an_edited_address_with_the_chain_recomputed_is_caught(
 
 
 async def test_a_deleted_stream_with_its_read_model_row_is_caught(
-    store: EventStore, database_url: str, nats_server: NatsServer, key_file: Path,
+    store: EventStore, database_url: str, admin_database_url: str, nats_server: NatsServer,
+    key_file: Path,
     cli_env: None, capsys: pytest.CaptureFixture[str],
 ) -> None:
     victim, *_ = await stored_and_relayed(store, nats_server.url, key_file)
-    async with as_superuser(database_url) as conn:
+    async with as_superuser(admin_database_url) as conn:
         await conn.execute("delete from events where stream_id = %s", (victim.stream_id,))
         await conn.execute("delete from workflows where stream_id = %s", (victim.stream_id,))
     report = await audited(database_url, nats_server.url, key_file)
@@ -232,11 +234,12 @@ async def test_a_deleted_stream_with_its_read_model_row_is_caught(
 
 
 async def test_a_back_dated_event_is_caught(
-    store: EventStore, database_url: str, nats_server: NatsServer, key_file: Path,
+    store: EventStore, database_url: str, admin_database_url: str, nats_server: NatsServer,
+    key_file: Path,
     cli_env: None, capsys: pytest.CaptureFixture[str],
 ) -> None:
     victim, *_ = await stored_and_relayed(store, nats_server.url, key_file)
-    async with as_superuser(database_url) as conn:
+    async with as_superuser(admin_database_url) as conn:
         await conn.execute(
             "update events set recorded_at = recorded_at - interval '3 days'"
             " where stream_id = %s and version = 2", (victim.stream_id,),
@@ -253,26 +256,27 @@ async def test_a_back_dated_event_is_caught(
 
 
 async def test_a_deleted_tail_then_replay_is_refused_and_forced_replay_keeps_the_evidence(
-    store: EventStore, database_url: str, nats_server: NatsServer, key_file: Path,
+    store: EventStore, database_url: str, admin_database_url: str, nats_server: NatsServer,
+    key_file: Path,
     cli_env: None, capsys: pytest.CaptureFixture[str],
 ) -> None:
     victim, *_ = await stored_and_relayed(store, nats_server.url, key_file)
     last = len(victim.events)
-    async with as_superuser(database_url) as conn:
+    async with as_superuser(admin_database_url) as conn:
         await conn.execute("delete from events where stream_id = %s and version = %s",
                            (victim.stream_id, last))
     # Replay refuses over the failed audit, naming the stream.
     assert await cli("replay") == 1
     err = capsys.readouterr().err
     assert "replay: refused" in err and victim.stream_id in err
-    rows = await store.fetch_rows("select count(*) from maintenance_log", ())
+    rows = await store.fetch_rows("select count(*) from replay_log", ())
     assert rows == [(0,)]
     # Forced, it rebuilds (the read model forgets v{last}) and records that it did.
     assert await cli("replay", "--force") == 0
     out = capsys.readouterr().out
-    assert "forced over a failed audit" in out and "maintenance_log" in out
+    assert "forced over a failed audit" in out and "replay_log" in out
     rows = await store.fetch_rows(
-        "select action, findings, bad_streams from maintenance_log", ())
+        "select action, findings, bad_streams from replay_log", ())
     assert len(rows) == 1 and rows[0][0] == "replay --force" and rows[0][1] >= 1
     assert rows[0][2] == [victim.stream_id]
     # The read model no longer remembers the tail; the copy and the anchor still do.
