@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 EXPECTED_LAST_MSG_ID = "Nats-Expected-Last-Msg-Id"
 WRONG_LAST_MSG_ID = 10070  # JetStream API error code of a broken chain
 MAX_BACKOFF = 5.0
+# Seconds after a reconnect in which JetStream not answering yet is still the same outage.
+JETSTREAM_SETTLE = 15.0
 # After a NOTIFY, wait this long (seconds) for more: a burst of appends is one round.
 COALESCE = 0.03
 # Two-key advisory lock space: this class id plus hashtext(name). The migration lock uses the
@@ -106,6 +109,7 @@ class Relay:
         self._acks: Acks | None = None
         self._stream_ready = False
         self._nats_back = asyncio.Event()
+        self._back_at = float("-inf")  # monotonic time NATS last came back after an outage
         # The checkpoint's own connection (see "checkpoint" below), whether it holds the lock,
         # and the checkpoint as this relay last stored it (valid while it holds the lock).
         self._session = store.session()
@@ -139,6 +143,7 @@ class Relay:
 
         async def reconnected() -> None:
             log.info("relay %s: NATS is back", self._name)
+            self._back_at = time.monotonic()
             self._nats_back.set()
             if theirs is not None:
                 await theirs()
@@ -195,8 +200,12 @@ class Relay:
         await self._session.close()
 
     def _reconnecting(self) -> bool:
+        """NATS is away, or came back moments ago: a restarted server's JetStream answers a
+        few seconds after its clients reconnect, and that is the outage already announced."""
         nc = self._nc
-        return nc is not None and not nc.is_closed and not nc.is_connected
+        if nc is not None and not nc.is_closed and not nc.is_connected:
+            return True
+        return time.monotonic() - self._back_at < JETSTREAM_SETTLE
 
     async def _on_error(self, error: Exception) -> None:
         log.debug("relay %s: NATS: %s", self._name, _describe(error))
