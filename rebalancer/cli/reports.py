@@ -17,7 +17,6 @@ from rebalancer.cli.common import (
     EXIT_OK,
     UsageError,
     database_url,
-    parse_workflow_id,
     stream_id_of,
     with_store,
 )
@@ -30,6 +29,7 @@ from rebalancer.cli.format import (
     table,
     when,
 )
+from rebalancer.cli.ids import resolve_workflow_id
 from rebalancer.settings import Settings
 
 if TYPE_CHECKING:
@@ -41,14 +41,18 @@ if TYPE_CHECKING:
 def streams_audit(args: argparse.Namespace, settings: Settings) -> int:
     from rebalancer.audit import run_audit
 
-    status, text = asyncio.run(run_audit(database_url(settings), args.workflow_id, args.json,
+    # `workflow-<id>` (a stream id, as audit reports print it) is taken as it is.
+    workflow_id = args.workflow_id
+    if workflow_id is not None and not workflow_id.strip().startswith("workflow-"):
+        workflow_id = resolve_workflow_id(settings, workflow_id)
+    status, text = asyncio.run(run_audit(database_url(settings), workflow_id, args.json,
                                          settings.connect_timeout))
     print(text)
     return status
 
 
 def workflow_history(args: argparse.Namespace, settings: Settings) -> int:
-    workflow_id = parse_workflow_id(args.workflow_id)
+    workflow_id = resolve_workflow_id(settings, args.workflow_id)
     events = with_store(settings, lambda store: store.read_stream(stream_id_of(workflow_id)))
     if not events:
         raise UsageError(f"no workflow {workflow_id}")
@@ -106,7 +110,7 @@ def workflow_status(args: argparse.Namespace, settings: Settings) -> int:
         return _list_workflows(args, settings)
     if args.state is not None:
         raise UsageError("--state filters the list; leave it out with a WORKFLOW_ID")
-    workflow_id = parse_workflow_id(args.workflow_id)
+    workflow_id = resolve_workflow_id(settings, args.workflow_id)
     if args.at is not None and args.at < 1:
         raise UsageError(f"--at {args.at}: versions start at 1")
     view, note = with_store(settings, lambda store: _load_view(store, workflow_id, args.at))
