@@ -69,8 +69,9 @@ def pick(text: str, found: list[str]) -> str:
         raise UsageError(f"no workflow id starts with {text!r}")
     if len(found) > 1:
         more = " (and more: type more of the id)" if len(found) > SHOWN else ""
-        raise UsageError(f"{text!r} is ambiguous: {min(len(found), SHOWN)} workflows start"
-                         f" with it{more}", found[:SHOWN])
+        count = f"{SHOWN}+" if len(found) > SHOWN else str(len(found))
+        raise UsageError(f"{text!r} is ambiguous: {count} workflows start with it{more}:",
+                         found[:SHOWN], listing=True)
     return found[0]
 
 
