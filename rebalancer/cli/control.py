@@ -194,8 +194,8 @@ def events_watch(args: argparse.Namespace, settings: Settings) -> int:
         if not workflow_id:
             return False
         state = await _state_of(database_url(settings), workflow_id, settings.connect_timeout)
-        if state not in WORKFLOW_TERMINAL:
-            return False
+        if state not in WORKFLOW_TERMINAL or args.from_start:
+            return False  # replayed, a finished one up to its last move
         print(json.dumps({"workflow_id": workflow_id, "state": state, "finished": True})
               if args.json else f"workflow {workflow_id} has already finished: {state}",
               flush=True)
