@@ -168,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     watch = commands.add_parser("watch", help="live events from NATS, from now on")
     watch.add_argument("workflow_id", nargs="?", metavar="WORKFLOW_ID",
-                       help=f"{ID_HELP}; until it ends (at once if it has); without it, every"
-                       " workflow's")
+                       help=f"only this workflow ({ID_HELP}), until it ends (at once if it"
+                       " has ended); without it, every workflow's events")
     watch.add_argument("--from-start", action="store_true",
                        help="replay the events relayed so far first")
     watch.add_argument("--json", action="store_true", help="one JSON object per event")
