@@ -7,7 +7,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict
 from datetime import datetime
 from decimal import Decimal
@@ -168,7 +168,23 @@ class Api:
         self.reply_within = reply_within
 
     async def handle(self, subject: str, data: bytes) -> Reply:
-        """The reply to one request; never raises for bad input."""
+        """The reply to one request; never raises for bad input. Each operator command is
+        one INFO line: its kind, the workflow (and task), and how it came out."""
+        reply = await self._reply(subject, data)
+        if subject in ROUTES and subject.startswith(f"{COMMANDS}."):
+            workflow_id, task = _named(reply, data)
+            if not reply.get("ok"):
+                outcome = f"refused: {reply['error']['code']}"
+            elif reply.get("state"):
+                outcome = f"ok, {reply['state']}"
+            else:
+                outcome = "ok, started" if reply.get("created") else "ok, already started"
+            log.info("command %s %s%s: %s", subject.removeprefix(f"{COMMANDS}."),
+                     workflow_id[:8] if workflow_id else "-", f" {task}" if task else "",
+                     outcome, extra={"workflow_id": workflow_id, "task": task})
+        return reply
+
+    async def _reply(self, subject: str, data: bytes) -> Reply:
         if len(data) > MAX_BODY:
             return error("invalid_request", f"body of {len(data)} bytes exceeds {MAX_BODY}")
         if _deeper_than(data, MAX_DEPTH):
@@ -276,6 +292,22 @@ ROUTES: dict[str, tuple[type[_Body], Callable[[Api, Any], Any]]] = {
     f"{QUERIES}.workflow": (QueryWorkflow, lambda api, r: api.query_workflow(r)),
     f"{QUERIES}.workflows": (QueryWorkflows, lambda api, r: api.query_workflows(r)),
 }
+
+
+def _named(reply: Reply, data: bytes) -> tuple[str | None, str | None]:
+    """The workflow id and task a command concerns, for its log line: from the reply, else
+    from the body where it is well formed (a refused body's text is never logged)."""
+    workflow_id, task = reply.get("workflow_id"), reply.get("task")
+    if workflow_id is None:
+        try:
+            body = (json.loads(data) if len(data) <= MAX_BODY
+                    and not _deeper_than(data, MAX_DEPTH) else None)
+        except (ValueError, RecursionError):
+            body = None
+        found = body.get("workflow_id") if isinstance(body, dict) else None
+        if isinstance(found, str) and _CANONICAL_UUID.fullmatch(found):
+            workflow_id = found
+    return workflow_id, task if isinstance(task, str) else None
 
 
 def _deeper_than(data: bytes, limit: int) -> bool:
@@ -426,23 +458,33 @@ async def request(url: str, subject: str, payload: Mapping[str, Any],
 
 
 async def follow(url: str, workflow_id: str, on_event: Callable[[Any], bool],
-                 timeout: float | None = None) -> None:
-    """Feed a workflow's relayed events, from its first, to `on_event` until it returns True."""
+                 timeout: float | None = None, *, from_start: bool = True,
+                 ready: Callable[[], Awaitable[bool]] | None = None) -> None:
+    """Feed a workflow's relayed events to `on_event` until it returns True: from its first,
+    or (`from_start=False`) those relayed from now on. `ready`, when given, is awaited once
+    the place to read from is fixed (and once while there is no stream yet); True ends it."""
     import nats.js.errors
 
     from events.relay import Subscriber
 
     nc = await _connect_once(url, 5.0)
+    asked = False
     try:
         subject = f"rebalancer.events.{workflow_id}.>" if workflow_id else "rebalancer.events.>"
         while True:
             try:
-                async with Subscriber(nc, subject) as events:
+                async with Subscriber(nc, subject, from_now=not from_start) as events:
+                    if ready is not None and await ready():
+                        return
                     while True:
                         if on_event(await events.next(timeout=timeout)):
                             return
             except nats.js.errors.NotFoundError:
                 # No stream yet: a `serve` that has never relayed creates it on its first pass.
+                if ready is not None and not asked:
+                    asked = True
+                    if await ready():
+                        return
                 await asyncio.sleep(0.5)
     finally:
         await nc.close()

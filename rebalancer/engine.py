@@ -19,7 +19,7 @@ from events.concurrency import first_of
 from events.database import first_line
 from events.errors import ConcurrencyError, StoreQueryError, StoreUnavailableError
 from events.store import EventStore
-from events.vocabulary import TaskKind, TaskTrigger, WorkflowState, WorkflowTrigger
+from events.vocabulary import TaskKind, TaskState, TaskTrigger, WorkflowState, WorkflowTrigger
 from projections.runner import ProjectionRunner, default_projections
 from rebalancer.accounts import Accounts
 from rebalancer.budgets import BudgetedExchanges, Budgets
@@ -198,6 +198,11 @@ class Engine:
         # The store hands back the rows as stored: the fold goes on without reading them.
         for recorded in result.records:
             workflow.apply(recorded)
+            # One line per move, for the operator reading `serve`'s log.
+            task = recorded.data.get("task_name") or "_workflow"
+            log.info("workflow %s %s: %s -> %s", workflow.workflow_id[:8], task,
+                     recorded.data.get("source"), recorded.data.get("dest"),
+                     extra={"workflow_id": workflow.workflow_id, "task": task})
 
     def _resolve(self, workflow: Workflow, index: int) -> Any:
         params = workflow.resolved_params
@@ -257,7 +262,15 @@ class Engine:
             except (RetryableError, UnknownOutcomeError) as e:
                 retries = claim.retries + 1
                 delay = backoff(retries, RETRY_BASE, RETRY_CAP, self._retry_scale, self._rng)
-                log.info("workflow %s: %s; retrying in %.1f s", workflow_id, e, delay)
+                # A lost response, or a money-moving call being made again (its intent is
+                # stored): worth an operator's eye, unlike a status poll that timed out.
+                current = workflow.current
+                loud = isinstance(e, UnknownOutcomeError) or (
+                    current is not None and current.state == TaskState.SUBMITTING)
+                log.log(logging.WARNING if loud else logging.INFO,
+                        "workflow %s: %s; retrying in %.1f s", workflow_id, e, delay,
+                        extra={"workflow_id": workflow_id,
+                               "task": current.name if current else None})
                 await self.schedule.release(workflow_id, workflow.version, delay,
                                             retries=retries, failures=claim.failures)
                 return Driven(StepOutcome.RETRY, moved)

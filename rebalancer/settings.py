@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=256, ge=1, le=100_000)
     claim_seconds: float = Field(default=3.0, ge=0.5, le=3600, allow_inf_nan=False)
     max_failures: int = Field(default=3, ge=1, le=1000)
+    # How `serve` logs: "text" lines, or "json" (one object a line) for log shippers.
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("pg_bin", mode="before")
     @classmethod
@@ -59,6 +61,11 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_exchanges_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _empty_log_format_is_text(cls, value: object) -> object:
+        return "text" if value == "" else value
 
 
 def chain_key_path(settings: Settings) -> Path:

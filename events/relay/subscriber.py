@@ -39,7 +39,9 @@ class Subscriber:
     none (docs/contracts.md §3). With `durable` it is a durable pull consumer (created when
     missing and the user may, else one the operator created) whose messages are acknowledged
     once the caller asks for the next one. `seen` resumes the version bookkeeping of an earlier
-    run. Use as an async context manager, then iterate or call `next()`.
+    run. `from_now` (without `durable`) skips what the stream holds already: only events
+    relayed after entering are read. Use as an async context manager, then iterate or call
+    `next()`.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class Subscriber:
         durable: str | None = None,
         seen: Mapping[str, int] | None = None,
         idle_heartbeat: float = 2.0,
+        from_now: bool = False,
     ) -> None:
         self.nc = nc
         self.subject = subject
@@ -64,12 +67,18 @@ class Subscriber:
         self._wake: Subscription | None = None
         self._woken = asyncio.Event()
         self._next_seq = 1  # the stream sequence the next read starts at (ephemeral)
+        self.from_now = from_now
         self._unacked: Msg | None = None
 
     async def __aenter__(self) -> Subscriber:
         js = self._js = self.nc.jetstream()
         if self.durable is None:
-            await js.stream_info(STREAM)  # NotFoundError before the relay made the stream
+            # NotFoundError before the relay made the stream.
+            info = await js.stream_info(STREAM)
+            if self.from_now:
+                # By sequence, as every read here: the subscriber user may create no consumer
+                # (so no deliver policy "new"), and the stream's last sequence is as good.
+                self._next_seq = (info.state.last_seq or 0) + 1
 
             async def wake(msg: Msg) -> None:
                 self._woken.set()

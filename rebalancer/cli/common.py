@@ -29,9 +29,12 @@ class UsageError(RebalancerError):
 
     exit_status = EXIT_USAGE
 
-    def __init__(self, message: str, lines: Sequence[str] = ()) -> None:
+    def __init__(self, message: str, lines: Sequence[str] = (), *, listing: bool = False
+                 ) -> None:
         super().__init__(message)
         self.lines = list(lines)
+        # The lines are a list the message introduces (candidates), not problems to count.
+        self.listing = listing
 
 
 class ConflictError(UsageError):
@@ -143,6 +146,8 @@ def problem_lines(error: BaseException) -> list[str]:
     if not problems:
         return [f"rebalancer: {_one_line(error)}"]
     subject = getattr(error, "subject", None) or str(error).split("\n", 1)[0].rstrip(":")
+    if getattr(error, "listing", False):
+        return [f"rebalancer: {_one_line(error)}", *(f"  {_one_line(p)}" for p in problems)]
     if len(problems) == 1:
         return [f"rebalancer: {_one_line(subject)}: {_one_line(problems[0])}"]
     return [f"rebalancer: {_one_line(subject)}: {len(problems)} problems",

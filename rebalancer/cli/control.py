@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import uuid
+from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from events.catalogue import WorkflowStateChanged
@@ -16,12 +19,13 @@ from rebalancer.cli.common import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
     UsageError,
+    database_url,
     nats_url,
-    parse_workflow_id,
     reader_url,
     request,
 )
 from rebalancer.cli.format import progress_line
+from rebalancer.cli.ids import resolve_workflow_id
 from rebalancer.settings import Settings
 
 if TYPE_CHECKING:
@@ -43,6 +47,8 @@ def checked_start(args: argparse.Namespace, settings: Settings
 
     accounts = load_accounts(settings.config)
     specs = configured_specs(settings, accounts)
+    if spec_file(args.spec) is not None:
+        args.spec = _configured_name(Path(args.spec), specs, accounts, settings)
     if (broken := specs.broken_named(args.spec)) and args.spec not in specs:
         raise UsageError(f"spec {args.spec!r} is broken ({broken.file}): {broken.error}")
     if args.spec not in specs:
@@ -53,9 +59,42 @@ def checked_start(args: argparse.Namespace, settings: Settings
     return accounts, specs[args.spec], params
 
 
+def spec_file(text: str) -> Path | None:
+    """`text` as a spec file's path: one that exists and ends .yaml/.yml (else a spec name)."""
+    path = Path(text)
+    return path if path.suffix in (".yaml", ".yml") and path.is_file() else None
+
+
+def _configured_name(path: Path, specs: Mapping[str, WorkflowSpec], accounts: Accounts,
+                     settings: Settings) -> str:
+    """The configured spec a spec file is, by name and identical content; else UsageError.
+
+    The start body (docs/contracts.md §3) names a spec the service has configured and carries
+    no spec of its own: the service runs only what its configuration lists, so a file is
+    checked here and then started by its name, or refused with what to do instead."""
+    from rebalancer.accounts import DEFAULT_CONFIG
+    from rebalancer.specs.loading import validate_file
+
+    spec = validate_file(path, accounts)  # every problem of the file, one a line (exit 2)
+    if specs.get(spec.name) == spec:
+        return spec.name
+    config = settings.config or DEFAULT_CONFIG
+    where = f"add {path.resolve().parent} to `specs:` in {config}"
+    if spec.name in specs:
+        raise UsageError(f"{path}: spec {spec.name!r} is valid but differs from the configured"
+                         f" spec of that name; the service starts only configured specs: rename"
+                         f" it, or {where} in place of the other, then `rebalancer start"
+                         f" {spec.name}`")
+    raise UsageError(f"{path}: spec {spec.name!r} is valid but not configured; the service"
+                     f" starts only configured specs: {where} (read again on every start, no"
+                     f" restart needed), then `rebalancer start {spec.name}`")
+
+
 def workflow_start(args: argparse.Namespace, settings: Settings) -> int:
     from rebalancer.exchanges.live import exchange_mode
 
+    if args.timeout is not None and not args.wait:
+        raise UsageError("--timeout limits --wait; give both")
     accounts, spec, params = checked_start(args, settings)
     # On live exchanges the preview always comes first; on the simulator when asked for.
     live = exchange_mode(settings, accounts) == "live"
@@ -66,13 +105,23 @@ def workflow_start(args: argparse.Namespace, settings: Settings) -> int:
     body = {"command_id": command_id, "spec": args.spec, "params": params}
     reply = request(settings, "start", body)
     workflow_id = reply["workflow_id"]
-    final = _follow(settings, workflow_id, quiet=args.json) if args.wait else None
+    final = (_follow(settings, workflow_id, quiet=args.json, timeout=args.timeout)
+             if args.wait else None)
+    timed_out = args.wait and final is None
     if args.json:
-        print(json.dumps({"workflow_id": workflow_id, "created": reply.get("created"),
-                          "state": final}))
+        shown: dict[str, Any] = {"workflow_id": workflow_id, "created": reply.get("created"),
+                                 "state": final}
+        if timed_out:
+            shown["timed_out"] = True
+        print(json.dumps(shown))
     elif not args.wait:
         print(workflow_id if reply.get("created")
               else f"{workflow_id} (already started by that command id)")
+    if timed_out:
+        # The workflow is not stopped: only this command stops following it.
+        print(f"rebalancer: workflow {workflow_id} is still running after {args.timeout:g} s;"
+              f" follow it with `rebalancer watch {workflow_id[:8]}`", file=sys.stderr)
+        return EXIT_CHECK_FAILED
     if final is not None and final != WorkflowState.DONE:
         return EXIT_CHECK_FAILED
     return EXIT_OK
@@ -100,10 +149,12 @@ def _previewed(args: argparse.Namespace, settings: Settings, accounts: Accounts,
 
 
 # The API takes only the canonical spelling of a workflow id (docs/contracts.md §3); the command
-# line takes any spelling of a UUID a person may paste and sends that one.
+# line takes any spelling of a UUID a person may paste, or a unique prefix of one, and sends
+# the canonical id.
 def workflow_control(args: argparse.Namespace, settings: Settings) -> int:
     body = {"command_id": args.command_id or f"cli-{uuid.uuid4()}",
-            "workflow_id": parse_workflow_id(args.workflow_id), "reason": args.reason}
+            "workflow_id": resolve_workflow_id(settings, args.workflow_id),
+            "reason": args.reason}
     reply = request(settings, args.command, body)
     print(json.dumps(reply) if args.json else f"{reply['workflow_id']}: {reply['state']}")
     return EXIT_OK
@@ -111,7 +162,7 @@ def workflow_control(args: argparse.Namespace, settings: Settings) -> int:
 
 def task_resolve(args: argparse.Namespace, settings: Settings) -> int:
     body = {"command_id": args.command_id or f"cli-{uuid.uuid4()}",
-            "workflow_id": parse_workflow_id(args.workflow_id), "task": args.task,
+            "workflow_id": resolve_workflow_id(settings, args.workflow_id), "task": args.task,
             "outcome": args.outcome,
             "note": args.note}
     reply = request(settings, "resolve", body)
@@ -123,6 +174,9 @@ def task_resolve(args: argparse.Namespace, settings: Settings) -> int:
 def events_watch(args: argparse.Namespace, settings: Settings) -> int:
     from rebalancer.api import follow
 
+    # Canonical, as in the event subjects; nor may a `.` or `*` in it widen the subscription.
+    workflow_id = resolve_workflow_id(settings, args.workflow_id) if args.workflow_id else ""
+
     def show(event: Any) -> bool:
         if args.json:
             print(json.dumps({"subject": event.subject, "stream_id": event.stream_id,
@@ -130,16 +184,48 @@ def events_watch(args: argparse.Namespace, settings: Settings) -> int:
                               "recorded_at": event.recorded_at.isoformat()}), flush=True)
         else:
             print(progress_line(event), flush=True)
-        return False
+        # One workflow's watch ends with it; nothing more will come for it.
+        return bool(workflow_id and event.type == WorkflowStateChanged.type_name
+                    and event.data["dest"] in WORKFLOW_TERMINAL)
 
-    # Canonical, as in the event subjects; nor may a `.` or `*` in it widen the subscription.
-    workflow_id = parse_workflow_id(args.workflow_id) if args.workflow_id else ""
-    asyncio.run(follow(reader_url(settings), workflow_id, show))
+    async def finished() -> bool:
+        """Whether the watched workflow has ended already (then said so): asked once the
+        subscriber holds its place, so an end recorded after this is relayed after it."""
+        if not workflow_id:
+            return False
+        state = await _state_of(database_url(settings), workflow_id, settings.connect_timeout)
+        if state not in WORKFLOW_TERMINAL or args.from_start:
+            return False  # replayed, a finished one up to its last move
+        print(json.dumps({"workflow_id": workflow_id, "state": state, "finished": True})
+              if args.json else f"workflow {workflow_id} has already finished: {state}",
+              flush=True)
+        return True
+
+    asyncio.run(follow(reader_url(settings), workflow_id, show,
+                       from_start=args.from_start, ready=finished))
     return EXIT_OK
 
 
-def _follow(settings: Settings, workflow_id: str, quiet: bool) -> str:
-    """Print the workflow's progress from NATS until it ends; returns its final state."""
+async def _state_of(url: str, workflow_id: str, connect_timeout: float) -> str:
+    """The workflow's state now (the read model, or its events where the read model is
+    behind); UsageError when there is no such workflow."""
+    from events.store import EventStore
+    from projections.workflows import fold, read_workflow
+
+    async with await EventStore.open(url, max_size=1,
+                                     connect_timeout=connect_timeout) as store:
+        view = await read_workflow(store, workflow_id)
+        if view is None:
+            view = fold(await store.read_stream(f"workflow-{workflow_id}"))
+    if view is None:
+        raise UsageError(f"no workflow {workflow_id}")
+    return view.state
+
+
+def _follow(settings: Settings, workflow_id: str, quiet: bool,
+            timeout: float | None = None) -> str | None:
+    """Print the workflow's progress from NATS until it settles; its final state, or None
+    when `timeout` seconds passed first (the workflow goes on)."""
     from rebalancer.api import follow
 
     final: list[str] = []
@@ -153,8 +239,12 @@ def _follow(settings: Settings, workflow_id: str, quiet: bool) -> str:
             return True
         return False
 
-    asyncio.run(follow(nats_url(settings), workflow_id, show))
-    return final[0]
+    async def run() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(follow(nats_url(settings), workflow_id, show), timeout)
+
+    asyncio.run(run())
+    return final[0] if final else None
 
 
 def parse_params(pairs: list[str]) -> dict[str, str]:

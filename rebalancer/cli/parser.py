@@ -25,7 +25,13 @@ from rebalancer.cli.reports import (
 )
 from rebalancer.cli.serve import run_demo_command, worker_serve
 from rebalancer.cli.sim import sim_check, sim_ledger, sim_seed
-from rebalancer.cli.specs import specs_list, specs_validate
+from rebalancer.cli.specs import specs_list, specs_show, specs_validate
+from rebalancer.logs import LOG_FORMATS
+
+JSON_HELP = "print JSON instead of text"
+ID_HELP = "a workflow id, or a unique prefix of one (as `status` prints it)"
+PARAM_HELP = "a spec parameter; repeat for each (see `specs show SPEC`)"
+COMMAND_ID_HELP = "idempotency key: a repeat with it does nothing more"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -55,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         handler=infra_env
     )
     state = infra_commands.add_parser("status", help="which servers are running")
-    state.add_argument("--json", action="store_true")
+    state.add_argument("--json", action="store_true", help=JSON_HELP)
     state.set_defaults(handler=infra_status)
 
     db = commands.add_parser("db", help="database schema")
@@ -67,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser(
         "status", help="workflows from the read model, or one workflow's state"
     )
-    status.add_argument("workflow_id", nargs="?", metavar="WORKFLOW_ID")
+    status.add_argument("workflow_id", nargs="?", metavar="WORKFLOW_ID",
+                        help=f"{ID_HELP}; without it, the list of workflows")
     status.add_argument("--at", type=int, metavar="VERSION",
                         help="the state as of this stream version, folded from the events")
     status.add_argument("--state", help="list only workflows in this state")
@@ -75,11 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="list at most this many, newest first (default 20)")
     status.add_argument("--alerts", action="store_true",
                         help="the alerts raised (newest first) and whether each was sent")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help=JSON_HELP)
     status.set_defaults(handler=workflow_status)
 
     history = commands.add_parser("history", help="every event of one workflow, readable")
-    history.add_argument("workflow_id", metavar="WORKFLOW_ID")
+    history.add_argument("workflow_id", metavar="WORKFLOW_ID", help=ID_HELP)
     history.add_argument("--json", action="store_true", help="the stored events as JSON")
     history.set_defaults(handler=workflow_history)
 
@@ -96,29 +103,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--no-nats", action="store_true",
                         help="audit first without the JetStream copy")
-    replay.add_argument("--json", action="store_true")
+    replay.add_argument("--json", action="store_true", help=JSON_HELP)
     replay.set_defaults(handler=read_models_replay)
 
     audit = commands.add_parser(
         "audit", help="re-check hash chains, versions and machine legality of every stream,"
         " and the table against the JetStream copy and the chain anchors"
     )
-    audit.add_argument("workflow_id", nargs="?", metavar="WORKFLOW_ID")
+    audit.add_argument("workflow_id", nargs="?", metavar="WORKFLOW_ID",
+                       help=f"{ID_HELP}; without it, every stream")
     audit.add_argument("--no-nats", action="store_true",
                        help="skip the JetStream copy and the anchors (said in the output)")
-    audit.add_argument("--json", action="store_true")
+    audit.add_argument("--json", action="store_true", help=JSON_HELP)
     audit.set_defaults(handler=streams_audit)
 
     serve = commands.add_parser("serve", help="run the worker and the projections")
     serve.add_argument("--tick", type=float, default=0.5, help="seconds between idle passes")
+    serve.add_argument("--log-format", choices=LOG_FORMATS, default=None,
+                       help="text (default) or json: one JSON object a line, for log shippers"
+                       " (also REBALANCER_LOG_FORMAT)")
     serve.set_defaults(handler=worker_serve)
 
     start = commands.add_parser("start", help="start a workflow from a spec")
-    start.add_argument("spec", metavar="SPEC", help="a spec name (see `specs list`)")
-    start.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    start.add_argument("spec", metavar="SPEC",
+                       help="a spec name (see `specs list`), or the path of a .yaml/.yml spec"
+                       " file: checked here, started only if configured with that content")
+    start.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                       help=PARAM_HELP)
     start.add_argument("--command-id", help="idempotency key: a repeat starts nothing new")
     start.add_argument("--wait", action="store_true",
                        help="follow it to the end; exit 1 unless it ends done")
+    start.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
+                       help="with --wait: stop following after this long (exit 1; the"
+                       " workflow goes on)")
     start.add_argument("--confirm-preview", action="store_true",
                        help="print the preview first and ask before starting (live: the"
                        " preview is always printed, and a preview that fails stops the start)")
@@ -126,14 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --confirm-preview: do not ask (the preview must end done)")
     start.add_argument("--no-preview", action="store_true",
                        help="live: start without the preview (when it cannot model the path)")
-    start.add_argument("--json", action="store_true")
+    start.add_argument("--json", action="store_true", help=JSON_HELP)
     start.set_defaults(handler=workflow_start)
 
     preview = commands.add_parser(
         "preview", help="the spec on a throwaway simulated world seeded from the exchanges now")
     preview.add_argument("spec", metavar="SPEC", help="a spec name (see `specs list`)")
-    preview.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
-    preview.add_argument("--json", action="store_true")
+    preview.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                         help=PARAM_HELP)
+    preview.add_argument("--json", action="store_true", help=JSON_HELP)
     preview.set_defaults(handler=spec_preview)
 
     for name, text in (("cancel", "cancel a workflow (refused while money is in flight)"),
@@ -141,37 +159,42 @@ def build_parser() -> argparse.ArgumentParser:
                        ("resume", "resume a paused workflow"),
                        ("retry", "put a workflow that needed attention back to running")):
         control = commands.add_parser(name, help=text)
-        control.add_argument("workflow_id", metavar="WORKFLOW_ID")
-        control.add_argument("--reason")
-        control.add_argument("--command-id")
-        control.add_argument("--json", action="store_true")
+        control.add_argument("workflow_id", metavar="WORKFLOW_ID", help=ID_HELP)
+        control.add_argument("--reason", help="why, for the record (in the event)")
+        control.add_argument("--command-id", help=COMMAND_ID_HELP)
+        control.add_argument("--json", action="store_true", help=JSON_HELP)
         control.set_defaults(handler=workflow_control)
 
     resolve = commands.add_parser("resolve", help="an operator's decision on a task that "
                                   "needs attention")
-    resolve.add_argument("workflow_id", metavar="WORKFLOW_ID")
-    resolve.add_argument("task", metavar="TASK")
-    resolve.add_argument("--outcome", required=True, choices=list(RESOLUTIONS))
+    resolve.add_argument("workflow_id", metavar="WORKFLOW_ID", help=ID_HELP)
+    resolve.add_argument("task", metavar="TASK", help="the task's name, as `status` shows it")
+    resolve.add_argument("--outcome", required=True, choices=list(RESOLUTIONS),
+                         help="what happened on the exchange, as checked there")
     resolve.add_argument("--note", required=True, help="what was checked, for the record")
-    resolve.add_argument("--command-id")
-    resolve.add_argument("--json", action="store_true")
+    resolve.add_argument("--command-id", help=COMMAND_ID_HELP)
+    resolve.add_argument("--json", action="store_true", help=JSON_HELP)
     resolve.set_defaults(handler=task_resolve)
 
-    watch = commands.add_parser("watch", help="live events from NATS")
-    watch.add_argument("workflow_id", nargs="?", metavar="WORKFLOW_ID")
-    watch.add_argument("--json", action="store_true")
+    watch = commands.add_parser("watch", help="live events from NATS, from now on")
+    watch.add_argument("workflow_id", nargs="?", metavar="WORKFLOW_ID",
+                       help=f"only this workflow ({ID_HELP}), until it ends (at once if it"
+                       " has ended); without it, every workflow's events")
+    watch.add_argument("--from-start", action="store_true",
+                       help="replay the events relayed so far first")
+    watch.add_argument("--json", action="store_true", help="one JSON object per event")
     watch.set_defaults(handler=events_watch)
 
     demo = commands.add_parser("demo", help="the seed path end to end on the simulated world")
     demo.add_argument("--amount", type=_amount, default=Decimal(1_000_000),
                       help="KRW to move (default 1,000,000)")
-    demo.add_argument("--json", action="store_true")
+    demo.add_argument("--json", action="store_true", help=JSON_HELP)
     demo.set_defaults(handler=run_demo_command)
 
     balances = commands.add_parser(
         "balances", help="what each account holds now, per wallet (read-only calls)")
     balances.add_argument("account", nargs="?", metavar="ACCOUNT", help="only this account")
-    balances.add_argument("--json", action="store_true")
+    balances.add_argument("--json", action="store_true", help=JSON_HELP)
     balances.set_defaults(handler=account_balances)
 
     sim = commands.add_parser("sim", help="the simulated exchange world")
@@ -179,27 +202,32 @@ def build_parser() -> argparse.ArgumentParser:
     seed = sim_commands.add_parser("seed", help="create the demo world's accounts and balances")
     seed.add_argument("--world", type=Path, help="a world file (default: the demo world)")
     seed.add_argument("--reset", action="store_true", help="wipe the world and seed it again")
-    seed.add_argument("--json", action="store_true")
+    seed.add_argument("--json", action="store_true", help=JSON_HELP)
     seed.set_defaults(handler=sim_seed)
     check = sim_commands.add_parser("check", help="per-currency totals; exit 1 if any changed")
-    check.add_argument("--json", action="store_true")
+    check.add_argument("--json", action="store_true", help=JSON_HELP)
     check.set_defaults(handler=sim_check)
     ledger = sim_commands.add_parser("ledger", help="executed operations")
-    ledger.add_argument("--limit", type=_positive_int)
-    ledger.add_argument("--json", action="store_true")
+    ledger.add_argument("--limit", type=_positive_int, help="only the latest this many")
+    ledger.add_argument("--json", action="store_true", help=JSON_HELP)
     ledger.set_defaults(handler=sim_ledger)
 
     specs = commands.add_parser("specs", help="workflow specs")
     specs_commands = specs.add_subparsers(dest="specs_command", required=True, metavar="ACTION")
     listing = specs_commands.add_parser("list", help="the specs available to `start`")
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--json", action="store_true", help=JSON_HELP)
     listing.set_defaults(handler=specs_list)
+    show = specs_commands.add_parser("show", help="one spec: its params with types, its tasks"
+                                     " with kinds, and the spec as loaded")
+    show.add_argument("name", metavar="NAME", help="a spec name (see `specs list`)")
+    show.add_argument("--json", action="store_true", help=JSON_HELP)
+    show.set_defaults(handler=specs_show)
     validate = specs_commands.add_parser("validate", help="check a spec file before using it")
-    validate.add_argument("file", metavar="FILE")
+    validate.add_argument("file", metavar="FILE", help="a .yaml/.yml spec file")
     validate.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                           help="also check these params and walk the pre-flight that `start`"
                           " runs against the configured exchanges (read-only)")
-    validate.add_argument("--json", action="store_true")
+    validate.add_argument("--json", action="store_true", help=JSON_HELP)
     validate.set_defaults(handler=specs_validate)
     return parser
 
@@ -213,6 +241,16 @@ def _amount(text: str) -> Decimal:
     if not re.fullmatch(r"[0-9]+(\.[0-9]+)?", plain) or Decimal(plain) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive amount such as 1,000,000")
     return Decimal(plain)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
 
 
 def _positive_int(text: str) -> int:

@@ -18,7 +18,6 @@ from rebalancer.cli.common import (
     UsageError,
     database_url,
     nats_url,
-    parse_workflow_id,
     stream_id_of,
     with_store,
 )
@@ -31,6 +30,7 @@ from rebalancer.cli.format import (
     table,
     when,
 )
+from rebalancer.cli.ids import resolve_workflow_id
 from rebalancer.settings import Settings, chain_key_path
 
 if TYPE_CHECKING:
@@ -42,9 +42,13 @@ if TYPE_CHECKING:
 def streams_audit(args: argparse.Namespace, settings: Settings) -> int:
     from rebalancer.audit import run_audit
 
+    # `workflow-<id>` (a stream id, as audit reports print it) is taken as it is.
+    workflow_id = args.workflow_id
+    if workflow_id is not None and not workflow_id.strip().startswith("workflow-"):
+        workflow_id = resolve_workflow_id(settings, workflow_id)
     url, reason = _audit_nats_url(args, settings)
     status, text = asyncio.run(run_audit(
-        database_url(settings), args.workflow_id, args.json,
+        database_url(settings), workflow_id, args.json,
         nats_url=url, chain_key_file=chain_key_path(settings),
         connect_timeout=settings.connect_timeout, no_nats_reason=reason,
     ))
@@ -64,7 +68,7 @@ def _audit_nats_url(args: argparse.Namespace, settings: Settings) -> tuple[str |
 
 
 def workflow_history(args: argparse.Namespace, settings: Settings) -> int:
-    workflow_id = parse_workflow_id(args.workflow_id)
+    workflow_id = resolve_workflow_id(settings, args.workflow_id)
     events = with_store(settings, lambda store: store.read_stream(stream_id_of(workflow_id)))
     if not events:
         raise UsageError(f"no workflow {workflow_id}")
@@ -122,7 +126,7 @@ def workflow_status(args: argparse.Namespace, settings: Settings) -> int:
         return _list_workflows(args, settings)
     if args.state is not None:
         raise UsageError("--state filters the list; leave it out with a WORKFLOW_ID")
-    workflow_id = parse_workflow_id(args.workflow_id)
+    workflow_id = resolve_workflow_id(settings, args.workflow_id)
     if args.at is not None and args.at < 1:
         raise UsageError(f"--at {args.at}: versions start at 1")
     view, note = with_store(settings, lambda store: _load_view(store, workflow_id, args.at))

@@ -16,11 +16,10 @@ def worker_serve(args: argparse.Namespace, settings: Settings) -> int:
     import logging
 
     from events.migrations import migrate
+    from rebalancer.logs import configure
     from rebalancer.service import serve
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure(args.log_format or settings.log_format)
     # The pool warns on every reconnect attempt; the store says an outage once (events/store.py).
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     if settings.database_url and not settings.nats_url:

@@ -1,4 +1,5 @@
-"""`rebalancer specs list | validate`: the specs `start` can use, and a check of a spec file."""
+"""`rebalancer specs list | show | validate`: the specs `start` can use, one of them in full,
+and a check of a spec file."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rebalancer.cli.common import EXIT_OK, EXIT_USAGE, problem_lines
+from rebalancer.cli.common import EXIT_OK, EXIT_USAGE, UsageError, problem_lines
 from rebalancer.errors import RebalancerError
 from rebalancer.settings import Settings
 
@@ -41,6 +43,51 @@ def specs_list(args: argparse.Namespace, settings: Settings) -> int:
         else:
             print(f"{row['name']:<{width}}  BROKEN  {row['file']}: {row['error']}")
     return EXIT_OK
+
+
+def specs_show(args: argparse.Namespace, settings: Settings) -> int:
+    import yaml
+
+    from rebalancer.accounts import load_accounts
+    from rebalancer.service import configured_specs
+
+    specs = configured_specs(settings, load_accounts(settings.config))
+    spec = specs.get(args.name)
+    if spec is None:
+        broken = specs.broken_named(args.name)
+        if broken is not None:
+            raise UsageError(f"spec {args.name!r} is broken ({broken.file}): {broken.error}")
+        raise UsageError(f"unknown spec {args.name!r} (known: {', '.join(sorted(specs))})")
+    loaded = spec.model_dump(mode="json", exclude_none=True)
+    if args.json:
+        print(json.dumps(loaded))
+        return EXIT_OK
+    print(f"spec {spec.name}" + (f": {spec.description}" if spec.description else ""))
+    print("params" if spec.params else "params    (none)")
+    rows = [(name, param.type, param.description) for name, param in spec.params.items()]
+    for line in _aligned(rows):
+        print(f"  {line}")
+    print("tasks")
+    tasks = [(str(i), task.name, task.kind.value + (f" (twap {task.twap.slices} slices)"
+                                                     if task.twap else ""))
+             for i, task in enumerate(spec.tasks)]
+    for line in _aligned(tasks):
+        print(f"  {line}")
+    if spec.result:
+        print("result")
+        for line in _aligned([(k, v) for k, v in spec.result.items()]):
+            print(f"  {line}")
+    # The whole spec as Rebalancer loaded it (defaults filled in), to copy from.
+    print("---")
+    print(yaml.safe_dump(loaded, sort_keys=False, allow_unicode=True).rstrip())
+    return EXIT_OK
+
+
+def _aligned(rows: Sequence[tuple[str, ...]]) -> list[str]:
+    widths = [max((len(row[i]) for row in rows), default=0) for i in range(len(rows[0]))
+              ] if rows else []
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows]
 
 
 def specs_validate(args: argparse.Namespace, settings: Settings) -> int:

@@ -432,3 +432,25 @@ async def test_watch_follows_a_workflow_as_the_subscriber(access: Access) -> Non
     await api.follow(access.subscriber_url, event.stream_id.removeprefix("workflow-"), show,
                      timeout=5)
     assert seen == [(event.stream_id, 1)]
+
+
+async def test_watch_from_now_needs_no_consumer_as_the_subscriber(access: Access) -> None:
+    # `rebalancer watch` without --from-start: only what is relayed once it has its place.
+    seen: list[tuple[str, int]] = []
+    async with connected(access.operator_url) as operator:
+        await _published_event(operator)  # already there: not shown
+        new = _event(uuid.uuid4().hex)
+
+        async def placed() -> bool:
+            # Published now: after the subscriber took the stream's last sequence.
+            await operator.jetstream().publish(relay.subject_for(new), relay.body_of(new),
+                                               headers={relay.MSG_ID: relay.msg_id(new)})
+            return False
+
+        def show(event: relay.PublishedEvent) -> bool:
+            seen.append((event.stream_id, event.version))
+            return True
+
+        await api.follow(access.subscriber_url, "", show, timeout=5, from_start=False,
+                         ready=placed)
+    assert seen == [(new.stream_id, new.version)]
