@@ -121,7 +121,7 @@ def fills(tasks: Iterable[TaskView]) -> list[dict[str, Any]]:
     """Per trade task that filled anything or was sent: what filled, at what average price."""
     found = []
     for task in tasks:
-        if task.kind != TaskKind.TRADE or task.request_params is None:
+        if task.kind != TaskKind.TRADE or not isinstance(task.request_params, dict):
             continue
         params = task.request_params
         refresh = _dict(task.refresh_result)

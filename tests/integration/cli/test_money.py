@@ -223,3 +223,28 @@ async def test_exposure_json_totals_match_the_worlds_money_in_transit(
         assert await pending_deposits(cli_env) == {}
         code, out = await cli(capsys, "exposure", "--json")
         assert json.loads(out)["totals"] == [] and json.loads(out)["in_transit"] == []
+
+
+async def test_migration_013_refills_rows_written_before_it(
+    cli_env: str, owner_database_url: str, store: EventStore,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from events.migrations import MIGRATIONS_DIR
+
+    workflow_id = await start_seed(store)
+    await project(store)
+    # A row as written before 013: the money columns null.
+    with psycopg.connect(owner_database_url, autocommit=True) as conn:
+        conn.execute("update workflows set result = null, fills = null, rate = null,"
+                     " fees = null, remainders = null")
+        conn.execute((MIGRATIONS_DIR / "013_workflow_money.sql").read_text(encoding="utf-8"))
+        assert conn.execute("select count(*) from workflows").fetchone() == (0,)
+        assert conn.execute("select count(*) from projection_checkpoints"
+                            " where name = 'workflows'").fetchone() == (0,)
+    await project(store)
+    with psycopg.connect(cli_env) as conn:
+        row = conn.execute("select result, fills, fees, remainders from workflows"
+                           " where workflow_id = %s", (workflow_id,)).fetchone()
+    assert row == ({"to_amount": None}, [], {}, [])
+    code, out = await cli(capsys, "replay", "--verify", "--no-nats")
+    assert code == 0, out
