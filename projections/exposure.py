@@ -5,6 +5,10 @@ landed) until the workflow's deposit task for the same account and currency is d
 deposits being watched are kept as zero-amount rows of kind `deposit` for that match); a
 withdrawal that failed, was canceled or never landed (`reset`) is not. Spot<->futures and
 master<->sub transfers are in transit from `submitting` until they are done.
+
+A row's amount is the one requested until a withdrawal's refresh reports `received` (what the
+destination will be credited: less the fee where the exchange counts it inside the amount).
+`read_exposure` is what `rebalancer exposure` shows, remainders left behind included.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 from psycopg import AsyncConnection, sql
 
 from events.catalogue import TaskStateChanged
-from events.store import RecordedEvent
+from events.store import EventStore, RecordedEvent
 from events.vocabulary import TASK_TERMINAL, TaskKind, TaskState, TaskTrigger
 from projections.workflows import ProjectionError, workflow_id_of
 
@@ -93,8 +97,10 @@ class ExposureProjection:
                             params.get("to_account"), params.get("currency"),
                             _amount(params, event), dest, event.recorded_at, event.version)
         if dest in IN_TRANSIT:
-            # The status follows the task; amounts stay as they were requested.
-            return "status", (workflow_id, index, dest, event.version)
+            # The status follows the task; the amount is as requested until the exchange says
+            # what the destination will be credited (a withdrawal's `received`: less the fee
+            # where the fee is counted inside the amount), then that.
+            return "status", (workflow_id, index, dest, event.version, _received(data))
         return None
 
     async def _flush(
@@ -148,10 +154,12 @@ def _statement(what: str, table: sql.Identifier, rows: int) -> sql.Composed:
         ).format(t=table, v=sql.SQL(", ").join([row] * rows))
     if what == "status":
         values = sql.SQL(", ").join(
-            [sql.SQL("(%s::uuid, %s::int, %s::text, %s::int)")] * rows)
+            [sql.SQL("(%s::uuid, %s::int, %s::text, %s::int, %s::numeric)")] * rows)
         return sql.SQL(
-            "update {t} e set status = v.status, last_version = v.version from (values {v})"
-            " v(workflow_id, task_index, status, version) where e.workflow_id = v.workflow_id"
+            "update {t} e set status = v.status, last_version = v.version,"
+            " amount = coalesce(v.amount, e.amount) from (values {v})"
+            " v(workflow_id, task_index, status, version, amount)"
+            " where e.workflow_id = v.workflow_id"
             " and e.task_index = v.task_index and e.last_version < v.version"
         ).format(t=table, v=values)
     values = sql.SQL(", ").join([sql.SQL("(%s::uuid, %s::int)")] * rows)
@@ -159,6 +167,20 @@ def _statement(what: str, table: sql.Identifier, rows: int) -> sql.Composed:
         "delete from {t} e using (values {v}) v(workflow_id, task_index)"
         " where e.workflow_id = v.workflow_id and e.task_index = v.task_index"
     ).format(t=table, v=values)
+
+
+def _received(data: dict[str, Any]) -> Decimal | None:
+    """What a withdrawal's move reports the destination will be credited, if it does."""
+    if data["kind"] != K.WITHDRAW:
+        return None
+    result = (data.get("refresh_result") or {}).get("result")
+    if not isinstance(result, dict):
+        return None
+    try:
+        received = Decimal(str(result["received"]))
+    except (KeyError, InvalidOperation):
+        return None
+    return received if received.is_finite() and received > 0 else None
 
 
 def _amount(params: dict[str, Any], event: RecordedEvent) -> Decimal:
@@ -169,3 +191,45 @@ def _amount(params: dict[str, Any], event: RecordedEvent) -> Decimal:
             f"{event.stream_id} v{event.version}: a {event.data['kind']} entering submitting"
             " must carry request_params.amount"
         ) from e
+
+
+# -- reading the live read model (`rebalancer exposure`) -------------------------------------
+
+_ITEMS = (
+    "select e.to_account as account, e.currency, e.workflow_id::text as workflow_id,"
+    " w.spec_name, w.state as workflow_state, e.task_index, w.tasks -> e.task_index ->> 'name'"
+    " as task, e.kind, e.from_account, e.amount, e.status, e.since"
+    " from {items} e left join {workflows} w on w.workflow_id = e.workflow_id"
+    " where e.kind <> 'deposit'"
+    " order by e.to_account, e.currency, e.since, e.workflow_id, e.task_index"
+)
+_TOTALS = "select account, currency, amount, items, oldest from {} order by account, currency"
+_REMAINDERS = (
+    "select r ->> 'account' as account, r ->> 'currency' as currency,"
+    " (r ->> 'amount')::numeric as amount, r ->> 'reason' as reason, r ->> 'task' as task,"
+    " w.workflow_id::text as workflow_id, w.spec_name, w.state as workflow_state, w.updated_at"
+    " from {} w cross join lateral jsonb_array_elements(coalesce(w.remainders, '[]')) r"
+    " order by 1, 2, w.updated_at, w.workflow_id"
+)
+
+
+async def read_exposure(store: EventStore, schema: str = "public") -> dict[str, Any]:
+    """Money in transit by workflow and its totals per account and currency (the `exposure`
+    view), and remainders left behind per account, from the live read models."""
+    items = await store.fetch_dicts(sql.SQL(_ITEMS).format(
+        items=sql.Identifier(schema, "exposure_items"),
+        workflows=sql.Identifier(schema, "workflows")), ())
+    totals = await store.fetch_dicts(
+        sql.SQL(_TOTALS).format(sql.Identifier(schema, "exposure")), ())
+    left = await store.fetch_dicts(
+        sql.SQL(_REMAINDERS).format(sql.Identifier(schema, "workflows")), ())
+    left_totals: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in left:
+        key = (row["account"], row["currency"])
+        entry = left_totals.setdefault(key, {"account": row["account"],
+                                             "currency": row["currency"],
+                                             "amount": Decimal(0), "items": 0})
+        entry["amount"] += row["amount"]
+        entry["items"] += 1
+    return {"in_transit": items, "totals": totals, "remainders": left,
+            "remainder_totals": list(left_totals.values())}

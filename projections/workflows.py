@@ -12,6 +12,7 @@ from psycopg import AsyncConnection, sql
 from events.catalogue import TaskStateChanged, WorkflowCreated, WorkflowStateChanged
 from events.store import EventStore, RecordedEvent
 from events.vocabulary import TaskState, WorkflowState
+from projections import money
 
 
 @dataclass
@@ -48,6 +49,13 @@ class WorkflowView:
     updated_at: datetime | None = None
     version: int = 0
     last_position: int = 0
+    # Derived from the tasks by `summarize` (projections/money.py), once per batch, not per
+    # event: the spec's result, per-trade fills, the effective rate, fees and remainders.
+    result: dict[str, Any] = field(default_factory=dict)
+    fills: list[dict[str, Any]] = field(default_factory=list)
+    rate: dict[str, Any] | None = None
+    fees: dict[str, str] = field(default_factory=dict)
+    remainders: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def current_task(self) -> TaskView | None:
@@ -118,11 +126,34 @@ def apply(view: WorkflowView | None, event: RecordedEvent) -> WorkflowView:
 
 
 def fold(events: list[RecordedEvent]) -> WorkflowView | None:
-    """Fold a whole stream (or its prefix) from nothing."""
+    """Fold a whole stream (or its prefix) from nothing, its money figures summarized."""
     view: WorkflowView | None = None
     for event in events:
         view = apply(view, event)
+    if view is not None:
+        summarize(view)
     return view
+
+
+def summarize(view: WorkflowView) -> WorkflowView:
+    """Set the view's derived money figures from its tasks (see projections/money.py)."""
+    view.result = money.evaluate_result(view.spec, view.params, view.tasks)
+    view.fills = money.fills(view.tasks)
+    view.fees = money.fees(view.tasks)
+    view.remainders = money.remainders(view.tasks)
+    view.rate = money.rate(view.params, to_amount_of(view), view.tasks)
+    return view
+
+
+def to_amount_of(view: WorkflowView) -> Any:
+    """What arrived: the spec result's `to_amount` when the spec declares one, else (a spec
+    without it) the last task's recorded amount once the workflow is done."""
+    if "to_amount" in (view.spec.get("result") or {}):
+        return view.result.get("to_amount")
+    last = view.tasks[-1] if view.tasks else None
+    if view.state == WorkflowState.DONE and last is not None and last.refresh_result:
+        return (last.refresh_result.get("result") or {}).get("amount")
+    return None
 
 
 def _decode_move(event: RecordedEvent) -> TaskStateChanged:
@@ -144,17 +175,15 @@ COLUMNS = (
     "workflow_id", "stream_id", "spec_name", "spec", "params", "command_id", "state", "reason",
     "current_task", "current_task_name", "tasks", "error", "from_amount", "from_currency",
     "to_amount", "to_currency", "created_at", "updated_at", "version", "last_position",
+    "result", "fills", "rate", "fees", "remainders",  # migration 013
 )
 
 
 def to_row(view: WorkflowView) -> tuple[Any, ...]:
     """The `workflows` row for a view (JSON columns as text, amounts as exact strings)."""
+    summarize(view)
     current = view.current_task
-    last = view.tasks[-1] if view.tasks else None
-    to_amount = None
-    if view.state == WorkflowState.DONE and last is not None and last.refresh_result:
-        result = last.refresh_result.get("result") or {}
-        to_amount = result.get("amount")
+    to_amount = money.dec(to_amount_of(view))  # a numeric column: a non-number stays null
     return (
         view.workflow_id, view.stream_id, view.spec_name, json.dumps(view.spec),
         json.dumps(view.params), view.command_id, view.state, view.reason,
@@ -166,6 +195,9 @@ def to_row(view: WorkflowView) -> tuple[Any, ...]:
         view.params.get("from_amount"), view.params.get("from_currency"),
         to_amount, view.params.get("to_currency"),
         view.created_at, view.updated_at, view.version, view.last_position,
+        json.dumps(view.result), json.dumps(view.fills),
+        None if view.rate is None else json.dumps(view.rate),
+        json.dumps(view.fees), json.dumps(view.remainders),
     )
 
 
@@ -186,6 +218,12 @@ def from_row(row: dict[str, Any]) -> WorkflowView:
         updated_at=row["updated_at"],
         version=row["version"],
         last_position=row["last_position"],
+        # Null in a row written before migration 013 (which resets the projection anyway).
+        result=row.get("result") or {},
+        fills=row.get("fills") or [],
+        rate=row.get("rate"),
+        fees=row.get("fees") or {},
+        remainders=row.get("remainders") or [],
     )
 
 
@@ -193,7 +231,7 @@ def _task_view(stored: dict[str, Any]) -> TaskView:
     return TaskView(**{**stored, "state": TaskState(stored["state"])})
 
 
-UPSERT_CHUNK = 500  # rows per statement: 20 parameters each, well under PostgreSQL's 65,535
+UPSERT_CHUNK = 500  # rows per statement: 25 parameters each, well under PostgreSQL's 65,535
 
 
 class WorkflowsProjection:

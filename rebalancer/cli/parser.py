@@ -17,6 +17,7 @@ from rebalancer.cli.control import (
 )
 from rebalancer.cli.exchanges import account_balances, spec_preview
 from rebalancer.cli.infra import db_migrate, infra_down, infra_env, infra_status, infra_up
+from rebalancer.cli.money import exposure_report
 from rebalancer.cli.reports import (
     read_models_replay,
     streams_audit,
@@ -84,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the alerts raised (newest first) and whether each was sent")
     status.add_argument("--json", action="store_true", help=JSON_HELP)
     status.set_defaults(handler=workflow_status)
+
+    exposure = commands.add_parser(
+        "exposure", help="money in transit per account and currency, by workflow, with totals;"
+        " and what workflows left behind (remainders) per account")
+    exposure.add_argument("--json", action="store_true",
+                          help="in_transit, totals, remainders and remainder_totals as JSON")
+    exposure.set_defaults(handler=exposure_report)
 
     history = commands.add_parser("history", help="every event of one workflow, readable")
     history.add_argument("workflow_id", metavar="WORKFLOW_ID", help=ID_HELP)

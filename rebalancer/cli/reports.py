@@ -193,6 +193,10 @@ def _print_view(view: WorkflowView, note: str | None) -> None:
             (_task_row(task) for task in view.tasks),
         )
     )
+    from rebalancer.cli.money import view_money_lines
+
+    for line in view_money_lines(view):
+        print(line)
 
 
 def _task_row(task: TaskView) -> tuple[object, ...]:
