@@ -22,7 +22,13 @@ from rebalancer.audit import (
     run_audit,
 )
 from rebalancer.errors import RebalancerError
-from tests.support.synthetic import SEED_TASKS, History, interleaved, make_history
+from tests.support.synthetic import (
+    SEED_TASKS,
+    History,
+    done_history,
+    interleaved,
+    make_history,
+)
 
 SPEC = {
     "name": "upbit_to_binance_sub_futures",
@@ -80,15 +86,6 @@ async def append_history(store: EventStore, history: History) -> None:
     version = 0
     for batch in history.appends:
         version = (await store.append(history.stream_id, batch, version)).version
-
-
-def done_history(seed: int) -> History:
-    """A synthetic history that ran every task to the end."""
-    rng = random.Random(seed)
-    while True:
-        history = make_history(rng)
-        if history.final_state == "done":
-            return history
 
 
 def found(report: AuditReport, stream_id: str | None = None) -> set[tuple[str, int | None]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from projections.runner import ProjectionRunner, default_projections
 from rebalancer.audit import AuditReport, audit_database
 from rebalancer.cli.main import main
 from tests.support import NatsServer
-from tests.support.synthetic import History, make_history
+from tests.support.synthetic import History, done_history
 
 
 @pytest.fixture
@@ -49,14 +48,6 @@ def cli_env(monkeypatch: pytest.MonkeyPatch, database_url: str, nats_server: Nat
     monkeypatch.setenv("REBALANCER_DATABASE_URL", database_url)
     monkeypatch.setenv("REBALANCER_NATS_URL", nats_server.url)
     monkeypatch.setenv("REBALANCER_CHAIN_KEY_FILE", str(key_file))
-
-
-def done_history(seed: int) -> History:
-    rng = random.Random(seed)
-    while True:
-        history = make_history(rng)
-        if history.final_state == "done":
-            return history
 
 
 async def stored_and_relayed(store: EventStore, nats_url: str, key_file: Path,

@@ -99,6 +99,15 @@ def make_history(rng: random.Random, *, amount: Decimal | None = None) -> Histor
     return history
 
 
+def done_history(seed: int) -> History:
+    """A synthetic history that ran every task to the end."""
+    rng = random.Random(seed)
+    while True:
+        history = make_history(rng)
+        if history.final_state == "done":
+            return history
+
+
 def _move(history: History, index: int, name: str, kind: str, trigger: str,
           **carried: Any) -> TaskStateChanged:
     source = history.task_states[index]
