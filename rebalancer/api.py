@@ -115,6 +115,8 @@ class Resolve(_Body):
     task: Text
     outcome: Outcome
     note: Note
+    # Facts of an outcome `done`: {"id": ..., "txid": ..., "amount": ...}, strings only.
+    result: dict[Text, ParamValue] | None = None
 
 
 class QueryWorkflow(_Body):
@@ -249,7 +251,8 @@ class Api:
 
     async def resolve(self, request: Resolve) -> Reply:
         return await resolve_task(self.store, request.command_id, request.workflow_id,
-                                  request.task, request.outcome, request.note, actor="nats")
+                                  request.task, request.outcome, request.note, actor="nats",
+                                  result=request.result, exchanges=self.exchanges)
 
     async def query_workflow(self, request: QueryWorkflow) -> Reply:
         view = await read_workflow(self.store, request.workflow_id)

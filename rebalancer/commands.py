@@ -20,8 +20,10 @@ from events.errors import ConcurrencyError
 from events.store import EventStore, RecordedEvent
 from events.vocabulary import RESOLUTIONS, Outcome, TaskState, TaskTrigger, WorkflowTrigger
 from rebalancer.accounts import Accounts
-from rebalancer.errors import IllegalTransitionError, RebalancerError
+from rebalancer.errors import IllegalTransitionError, RebalancerError, RetryableError
+from rebalancer.exchanges.base import Exchanges
 from rebalancer.machines import task_machine, workflow_machine
+from rebalancer.settling import Found, SettlingError, look_up, parse_result, settled_fields
 from rebalancer.specs.models import WorkflowSpec
 from rebalancer.specs.resolution import dump_params, resolve_params
 from rebalancer.specs.validation import validate_spec
@@ -204,19 +206,38 @@ async def resolve_task(
     note: str,
     *,
     actor: str = "operator",
+    result: Mapping[str, str] | None = None,
+    exchanges: Exchanges | None = None,
 ) -> Reply:
     """An operator's decision on a task in needs_attention: resend it, or declare it done or
-    failed. The workflow goes back to running on the worker's next pass."""
+    failed. The workflow goes back to running on the worker's next pass.
+
+    With `result` (done only), the stated fields are recorded where the task's kind records
+    them (rebalancer/settling.py); with `exchanges`, the operation they name is looked up first
+    and must agree, and its own record fills the fields left out. Like the pre-flight of a
+    start, the look-up happens before the command id is bound: a refusal leaves it free."""
+    given: dict[str, str] = {}
+    found: Found | None = None
+    if result:
+        if outcome != "done":
+            raise CommandError("invalid_request", f"a result is stated only with outcome done,"
+                                                  f" not {outcome}", field="result")
+        workflow = await _load(store, workflow_id)
+        task = _task_named(workflow, task_name)
+        try:
+            given = parse_result(task.kind, result)
+            if exchanges is not None and not await store.events_of_command(command_id):
+                found = await look_up(exchanges, task, given)
+        except SettlingError as e:
+            raise CommandError("invalid_request", str(e), field=f"result.{e.field}") from None
+        except RetryableError as e:
+            raise CommandError("internal", f"could not ask the exchange about the result ({e});"
+                               " repeat the request", retryable=True,
+                               cause="exchange_unavailable") from None
 
     async def run() -> Reply:
         workflow = await _load(store, workflow_id)
-        task = next((t for t in workflow.tasks if t.name == task_name.lower()), None)
-        if task is None:
-            raise CommandError(
-                "not_found",
-                f"workflow {workflow_id} has no task {task_name!r}",
-                tasks=[t.name for t in workflow.tasks],
-            )
+        task = _task_named(workflow, task_name)
         trigger = RESOLUTIONS[outcome]
         if not task_machine(task.kind).may(task.state, trigger):
             raise CommandError(
@@ -228,8 +249,9 @@ async def resolve_task(
             "error": {"code": f"resolved_{outcome}", "message": note, "actor": actor}
         }
         if trigger == TaskTrigger.RESOLVE_DONE:
-            # What later tasks reference stays as last recorded; the note says who decided.
-            carried["refresh_result"] = {**(task.refresh_result or {}), "resolution": note}
+            # What later tasks reference: as last recorded, then the exchange's record, then
+            # what the operator stated; the note says who decided.
+            carried.update(settled_fields(task, given, found, note))
         event = _task_move(task, trigger, **carried)
         await store.append(
             workflow.stream_id,
@@ -239,8 +261,22 @@ async def resolve_task(
         )
         return {"ok": True, "workflow_id": workflow_id, "task": task.name, "state": event.dest}
 
-    body = {"workflow_id": workflow_id, "task": task_name, "outcome": outcome, "note": note}
+    body: dict[str, Any] = {"workflow_id": workflow_id, "task": task_name, "outcome": outcome,
+                            "note": note}
+    if result:
+        body["result"] = dict(result)  # bound too: the same id with other facts is a conflict
     return await _idempotent(store, command_id, "resolve", body, workflow_id, run)
+
+
+def _task_named(workflow: Workflow, name: str) -> TaskRecord:
+    task = next((t for t in workflow.tasks if t.name == name.lower()), None)
+    if task is None:
+        raise CommandError(
+            "not_found",
+            f"workflow {workflow.workflow_id} has no task {name!r}",
+            tasks=[t.name for t in workflow.tasks],
+        )
+    return task
 
 
 def _task_move(task: TaskRecord, trigger: TaskTrigger, **carried: Any) -> TaskStateChanged:

@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     resolve.add_argument("task", metavar="TASK")
     resolve.add_argument("--outcome", required=True, choices=list(RESOLUTIONS))
     resolve.add_argument("--note", required=True, help="what was checked, for the record")
+    resolve.add_argument("--result", action="append", default=[], metavar="KEY=VALUE",
+                         help="with --outcome done: a fact later tasks reference, e.g. id=...,"
+                              " txid=..., amount=...; checked against the exchange (repeatable)")
     resolve.add_argument("--command-id")
     resolve.add_argument("--json", action="store_true")
     resolve.set_defaults(handler=task_resolve)
