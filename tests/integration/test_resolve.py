@@ -1,0 +1,134 @@
+"""Resolving a withdrawal nobody can match with the facts the exchange shows: the next deposit
+matches on the recorded txid and the workflow ends done."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from events.store import EventStore
+from rebalancer.api import Api
+from rebalancer.commands import start_workflow
+from rebalancer.exchanges.base import OrderRequest, OrderType, Side, WithdrawRequest
+from rebalancer.specs.builders import task, workflow
+from rebalancer.specs.loading import builtin_specs
+from rebalancer.specs.models import WorkflowSpec
+from rebalancer.workflow import client_id
+from tests.support import Worker, load, operations, write_world
+
+SCALE = 1000.0
+SOURCE, DEST = "upbit-personal", "binance-personal"
+FUNDING = OrderRequest("funding-1", "ETH/KRW", Side.BUY, OrderType.MARKET,
+                       quote_amount=Decimal(1_000_000))
+
+
+@pytest.fixture(scope="module")
+def world_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_world(tmp_path_factory.mktemp("world"))
+
+
+def withdraw_then_deposit(accounts: Any) -> WorkflowSpec:
+    """The seed path's hop: a withdrawal, then its deposit recognised by txid and amount."""
+    return workflow(
+        "withdraw_then_deposit", {"amount": "amount"},
+        [
+            task("withdraw_x", "withdraw", from_account=SOURCE, to_account=DEST,
+                 currency="ETH", amount="{amount}", network="ETH"),
+            task("deposit_x", "deposit", account=DEST, currency="ETH", from_account=SOURCE,
+                 txid="{$.withdraw_x.refresh_result.result.txid}",
+                 amount="{$.withdraw_x.refresh_result.result.received}"),
+        ],
+        accounts=accounts,
+    )
+
+
+async def ask(api: Api, command: str, **body: Any) -> dict[str, Any]:
+    return await api.handle(f"rebalancer.cmd.{command}", json.dumps(body).encode())
+
+
+async def test_an_ambiguous_withdrawal_resolved_with_its_txid_lets_the_deposit_match(
+    database_url: str, store: EventStore, world_file: Path
+) -> None:
+    async with (
+        Worker(database_url, world=world_file, time_scale=SCALE, owner="healthy") as healthy,
+        Worker(database_url, world=world_file, time_scale=SCALE, owner="lossy",
+               faults="lost_response=1.0") as lossy,
+    ):
+        port = healthy.world.for_account(SOURCE)
+        # Enough ETH for two withdrawals.
+        await port.create_order(FUNDING)
+        await port.create_order(dataclasses.replace(FUNDING, client_id="funding-2"))
+        workflow_id, _ = await start_workflow(
+            store, withdraw_then_deposit(healthy.accounts), {"amount": "0.2"}, healthy.accounts)
+        assert await lossy.step(workflow_id) == "moved"  # started
+        # Our withdrawal executes; its answer is lost: the task stays submitting.
+        assert await lossy.step(workflow_id) == "retry"
+        sent = (await load(store, workflow_id)).tasks[0]
+        assert sent.state == "submitting"
+        params = sent.request_params or {}
+        # Somebody sends an identical withdrawal by hand: Upbit keeps no client id, so the
+        # history holds two that could be ours.
+        await port.withdraw(WithdrawRequest(
+            client_id="by-hand", currency="ETH", amount=Decimal(params["amount"]),
+            address=params["address"], network=params["network"],
+            tag=params["tag"]))
+        events = await healthy.step_until_moved(workflow_id)
+        assert [(e.data["trigger"], e.data["dest"]) for e in events] == [
+            ("escalate", "needs_attention")]
+        error = events[0].data["error"]
+        assert "cannot tell which one is ours" in error["message"]
+        ours_id = client_id(workflow_id, 0, 1)
+        [ours] = [op for op in await operations(database_url, "withdraw")
+                  if op["audit_ref"] == ours_id]
+        stuck = await healthy.drive(workflow_id, until=("needs_attention",))
+        assert stuck.tasks[0].state == "needs_attention"
+
+        api = Api(store, healthy.accounts, builtin_specs, exchanges=healthy.world)
+        # A txid the exchange does not report for that id is refused, naming the field.
+        refused = await ask(api, "resolve", command_id="r0", workflow_id=workflow_id,
+                            task="withdraw_x", outcome="done", note="checked",
+                            result={"id": str(ours["id"]), "txid": "ab" * 32})
+        assert refused["ok"] is False and refused["error"]["code"] == "invalid_request"
+        assert refused["error"]["details"]["field"] == "result.txid"
+        # An id that is not this task's withdrawal is refused as well.
+        missing = await ask(api, "resolve", command_id="r1", workflow_id=workflow_id,
+                            task="withdraw_x", outcome="done", note="checked",
+                            result={"id": "999999"})
+        assert missing["error"]["details"]["field"] == "result.id"
+        # An amount is read by the money parser.
+        bad = await ask(api, "resolve", command_id="r2", workflow_id=workflow_id,
+                        task="withdraw_x", outcome="done", note="checked",
+                        result={"id": str(ours["id"]), "amount": "1e999"})
+        assert bad["error"]["details"]["field"] == "result.amount"
+        assert (await load(store, workflow_id)).tasks[0].state == "needs_attention"
+
+        # The right facts, as sim.operations shows them.
+        reply = await ask(api, "resolve", command_id="r3", workflow_id=workflow_id,
+                          task="withdraw_x", outcome="done",
+                          note="ours by the audit ref in sim.operations",
+                          result={"id": str(ours["id"]), "txid": ours["txid"],
+                                  "amount": str(ours["amount"])})
+        assert reply == {"ok": True, "workflow_id": workflow_id, "task": "withdraw_x",
+                         "state": "done"}
+        settled = (await load(store, workflow_id)).tasks[0]
+        assert (settled.request_result or {})["id"] == str(ours["id"])
+        recorded = (settled.refresh_result or {})["result"]
+        assert recorded["txid"] == ours["txid"] and recorded["received"] is not None
+        # The same command id with other facts is another command.
+        reused = await ask(api, "resolve", command_id="r3", workflow_id=workflow_id,
+                           task="withdraw_x", outcome="done", note="ours",
+                           result={"id": str(ours["id"])})
+        assert reused["error"]["code"] == "conflict"
+
+        assert (await ask(api, "retry", command_id="x1", workflow_id=workflow_id))["ok"]
+        done = await healthy.drive(workflow_id, until=("done", "failed"), timeout=20)
+        assert done.state == "done", done.reason
+        deposit = done.tasks[1]
+        assert (deposit.refresh_result or {})["result"]["txid"] == ours["txid"]
+        ok, totals = await healthy.world.check()
+        assert ok, totals
