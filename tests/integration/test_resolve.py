@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 from events.store import EventStore
+from projections.workflows import TaskView
 from rebalancer.api import Api
+from rebalancer.cli.reports import attention_text
 from rebalancer.commands import start_workflow
 from rebalancer.exchanges.base import OrderRequest, OrderType, Side, WithdrawRequest
 from rebalancer.specs.builders import task, workflow
@@ -85,8 +87,25 @@ async def test_an_ambiguous_withdrawal_resolved_with_its_txid_lets_the_deposit_m
         ours_id = client_id(workflow_id, 0, 1)
         [ours] = [op for op in await operations(database_url, "withdraw")
                   if op["audit_ref"] == ours_id]
+        [by_hand] = [op for op in await operations(database_url, "withdraw")
+                     if op["audit_ref"] != ours_id]
         stuck = await healthy.drive(workflow_id, until=("needs_attention",))
         assert stuck.tasks[0].state == "needs_attention"
+
+        # The attention lists both candidates, unclaimed, and the commands that settle it.
+        assert sorted((c["id"], c["claimed_by_workflow"]) for c in error["candidates"]) == sorted(
+            [(str(ours["id"]), None), (str(by_hand["id"]), None)])
+        assert all(Decimal(c["amount"]) == Decimal(params["amount"]) and c["at"]
+                   for c in error["candidates"])
+        where = f"rebalancer resolve {workflow_id} withdraw_x"
+        ours_command = next(c for c in error["commands"] if f"id={ours['id']} " in c)
+        assert ours_command.startswith(f"{where} --outcome done --result id={ours['id']}")
+        assert len(error["commands"]) == 3 and error["commands"][-1].startswith(
+            f"{where} --outcome failed")
+        # `status ID` shows them under the task.
+        shown = attention_text(TaskView(0, "withdraw_x", "withdraw", stuck.tasks[0].state,
+                                        error=stuck.tasks[0].error))
+        assert f"id {ours['id']}" in shown and "unclaimed" in shown and ours_command in shown
 
         api = Api(store, healthy.accounts, builtin_specs, exchanges=healthy.world)
         # A txid the exchange does not report for that id is refused, naming the field.
