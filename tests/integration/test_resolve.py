@@ -12,7 +12,10 @@ from typing import Any
 import pytest
 
 from events.store import EventStore
+from projections.alerts import pending_alerts
+from projections.runner import ProjectionRunner, default_projections
 from projections.workflows import TaskView
+from rebalancer.alerts import body_of
 from rebalancer.api import Api
 from rebalancer.cli.reports import attention_text
 from rebalancer.commands import start_workflow
@@ -106,6 +109,13 @@ async def test_an_ambiguous_withdrawal_resolved_with_its_txid_lets_the_deposit_m
         shown = attention_text(TaskView(0, "withdraw_x", "withdraw", stuck.tasks[0].state,
                                         error=stuck.tasks[0].error))
         assert f"id {ours['id']}" in shown and "unclaimed" in shown and ours_command in shown
+        # The needs_attention alert carries them too.
+        await ProjectionRunner(store, default_projections()).catch_up()
+        [alert] = [a for a in await pending_alerts(store) if a["kind"] == "needs_attention"
+                   and a["workflow_id"] == workflow_id]
+        body = json.loads(body_of(alert))
+        assert body["commands"] == error["commands"]
+        assert body["candidates"] == error["candidates"]
 
         api = Api(store, healthy.accounts, builtin_specs, exchanges=healthy.world)
         # A txid the exchange does not report for that id is refused, naming the field.
