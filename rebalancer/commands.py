@@ -197,6 +197,60 @@ async def control_workflow(
     return await _idempotent(store, command_id, kind, body, workflow_id, run)
 
 
+async def reopen_workflow(
+    store: EventStore,
+    command_id: str,
+    workflow_id: str,
+    from_task: str,
+    reason: str | None = None,
+    *,
+    actor: str = "operator",
+) -> Reply:
+    """`retry --from TASK`: a failed workflow (money may be in transit) runs again from `TASK`.
+
+    A failed TASK is sent again; a done one goes back to needs_attention, to be resolved with
+    the facts it never recorded (resolve --result); failed tasks after it go back to created.
+    Refused (conflict) once a task after it recorded a request: the money moved on from there.
+    """
+
+    async def run() -> Reply:
+        workflow = await _load(store, workflow_id)
+        if not workflow_machine().may(workflow.state, WorkflowTrigger.REOPEN):
+            raise CommandError("illegal_transition", f"only a failed workflow is re-opened at a"
+                               f" task; this one is {workflow.state}", state=workflow.state)
+        task = _task_named(workflow, from_task)
+        if not task_machine(task.kind).may(task.state, TaskTrigger.REOPEN):
+            raise CommandError("illegal_transition", f"task {task.name} is {task.state}: only a"
+                               " failed or done task is re-opened", state=task.state)
+        later = [t for t in workflow.tasks if t.index > task.index]
+        for moved in later:
+            if moved.request_params is not None or moved.state not in (
+                    TaskState.CREATED, TaskState.FAILED):
+                raise CommandError(
+                    "conflict",
+                    f"task {moved.name} already recorded a request ({moved.state}): the money"
+                    f" of {task.name} moved on from there; re-open at {moved.name} or later",
+                    task=moved.name, state=moved.state)
+        why = reason or f"re-opened by {actor}"
+        events: list[WorkflowStateChanged | TaskStateChanged] = [_task_move(
+            task, TaskTrigger.REOPEN,
+            error={"code": "reopened", "message": f"{why}: resolve it with what happened"
+                   " (resolve --outcome done --result ..., resend or failed)", "actor": actor}
+            if task.state == TaskState.DONE else None)]
+        events += [_task_move(t, TaskTrigger.REOPEN) for t in later if t.state == TaskState.FAILED]
+        events.append(WorkflowStateChanged(
+            trigger=WorkflowTrigger.REOPEN, source=workflow.state,
+            dest=workflow_machine().next_state(workflow.state, WorkflowTrigger.REOPEN),
+            reason=f"{why}, from task {task.name}"))
+        await store.append(workflow.stream_id, events, workflow.version,
+                           metadata=command_metadata(command_id, workflow_id, actor))
+        return {"ok": True, "workflow_id": workflow_id, "state": events[-1].dest,
+                "task": task.name, "task_state": events[0].dest}
+
+    body = {"workflow_id": workflow_id, "reason": reason, "from_task": from_task}
+    return await _idempotent(store, command_id, "retry", body, workflow_id, run)
+
+
 async def resolve_task(
     store: EventStore,
     command_id: str,
@@ -381,4 +435,5 @@ def _reply_from(events: list[RecordedEvent]) -> Reply:
     return reply
 
 
-__all__ = ["CommandError", "control_workflow", "resolve_task", "start_workflow"]
+__all__ = ["CommandError", "control_workflow", "reopen_workflow", "resolve_task",
+           "start_workflow"]

@@ -104,6 +104,8 @@ def _previewed(args: argparse.Namespace, settings: Settings, accounts: Accounts,
 def workflow_control(args: argparse.Namespace, settings: Settings) -> int:
     body = {"command_id": args.command_id or f"cli-{uuid.uuid4()}",
             "workflow_id": parse_workflow_id(args.workflow_id), "reason": args.reason}
+    if getattr(args, "from_task", None):
+        body["from_task"] = args.from_task
     reply = request(settings, args.command, body)
     print(json.dumps(reply) if args.json else f"{reply['workflow_id']}: {reply['state']}")
     return EXIT_OK

@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
         control = commands.add_parser(name, help=text)
         control.add_argument("workflow_id", metavar="WORKFLOW_ID")
         control.add_argument("--reason")
+        if name == "retry":
+            control.add_argument("--from", dest="from_task", metavar="TASK",
+                                 help="re-open a failed workflow at TASK (money in transit):"
+                                      " a failed TASK is sent again, a done one goes back to"
+                                      " needs_attention to be resolved with --result")
         control.add_argument("--command-id")
         control.add_argument("--json", action="store_true")
         control.set_defaults(handler=workflow_control)

@@ -161,3 +161,65 @@ async def test_an_ambiguous_withdrawal_resolved_with_its_txid_lets_the_deposit_m
         assert (deposit.refresh_result or {})["result"]["txid"] == ours["txid"]
         ok, totals = await healthy.world.check()
         assert ok, totals
+
+
+async def test_retry_from_reopens_a_failed_workflow_with_money_in_transit_and_it_ends_done(
+    database_url: str, store: EventStore, world_file: Path
+) -> None:
+    async with (
+        Worker(database_url, world=world_file, time_scale=SCALE, owner="healthy") as healthy,
+        Worker(database_url, world=world_file, time_scale=SCALE, owner="lossy",
+               faults="lost_response=1.0") as lossy,
+    ):
+        port = healthy.world.for_account(SOURCE)
+        await port.create_order(dataclasses.replace(FUNDING, client_id="funding-3"))
+        await port.create_order(dataclasses.replace(FUNDING, client_id="funding-4"))
+        workflow_id, _ = await start_workflow(
+            store, withdraw_then_deposit(healthy.accounts), {"amount": "0.2"}, healthy.accounts,
+            command_id="reopen-start")
+        assert await lossy.step(workflow_id) == "moved"
+        assert await lossy.step(workflow_id) == "retry"
+        params = (await load(store, workflow_id)).tasks[0].request_params or {}
+        await port.withdraw(WithdrawRequest(
+            client_id="by-hand-2", currency="ETH", amount=Decimal(params["amount"]),
+            address=params["address"], network=params["network"], tag=params["tag"]))
+        await healthy.drive(workflow_id, until=("needs_attention",))
+        api = Api(store, healthy.accounts, builtin_specs, exchanges=healthy.world)
+        # Declared done without its facts (as before --result): the deposit cannot render its
+        # txid and the workflow fails with the ETH in transit.
+        assert (await ask(api, "resolve", command_id="q1", workflow_id=workflow_id,
+                          task="withdraw_x", outcome="done", note="it went"))["ok"]
+        failed = await healthy.drive(workflow_id, until=("failed", "done"))
+        assert failed.state == "failed"
+        assert "has not recorded refresh_result.result.txid" in failed.reason
+
+        # from_task is for retry only; an unknown task is not found.
+        wrong = await ask(api, "pause", command_id="q2", workflow_id=workflow_id,
+                          from_task="withdraw_x")
+        assert wrong["error"]["code"] == "invalid_request"
+        missing = await ask(api, "retry", command_id="q3", workflow_id=workflow_id,
+                            from_task="nope")
+        assert missing["error"]["code"] == "not_found"
+        # Re-opened at the withdrawal: it goes back to needs_attention, the deposit to created.
+        reply = await ask(api, "retry", command_id="q4", workflow_id=workflow_id,
+                          from_task="withdraw_x", reason="txid never recorded")
+        assert reply == {"ok": True, "workflow_id": workflow_id, "state": "running",
+                         "task": "withdraw_x", "task_state": "needs_attention"}
+        reopened = await load(store, workflow_id)
+        assert [t.state for t in reopened.tasks] == ["needs_attention", "created"]
+        stuck = await healthy.drive(workflow_id, until=("needs_attention",))
+        assert stuck.state == "needs_attention"
+
+        [ours] = [op for op in await operations(database_url, "withdraw")
+                  if op["audit_ref"] == client_id(workflow_id, 0, 1)]
+        assert (await ask(api, "resolve", command_id="q5", workflow_id=workflow_id,
+                          task="withdraw_x", outcome="done", note="ours by audit ref",
+                          result={"id": str(ours["id"]), "txid": ours["txid"]}))["ok"]
+        done = await healthy.drive(workflow_id, until=("done", "failed"), timeout=20)
+        assert done.state == "done", done.reason
+        # Only a failed workflow is re-opened.
+        again = await ask(api, "retry", command_id="q6", workflow_id=workflow_id,
+                          from_task="withdraw_x")
+        assert again["error"]["code"] == "illegal_transition"
+        ok, totals = await healthy.world.check()
+        assert ok, totals
