@@ -223,3 +223,38 @@ async def test_retry_from_reopens_a_failed_workflow_with_money_in_transit_and_it
         assert again["error"]["code"] == "illegal_transition"
         ok, totals = await healthy.world.check()
         assert ok, totals
+
+
+async def test_retry_from_is_refused_where_a_later_task_recorded_a_request(
+    database_url: str, store: EventStore, world_file: Path
+) -> None:
+    async with Worker(database_url, world=world_file, time_scale=SCALE, owner="healthy") as w:
+        await w.world.for_account(SOURCE).create_order(
+            dataclasses.replace(FUNDING, client_id="funding-5"))
+        spec = workflow(
+            "withdraw_then_ghost", {"amount": "amount"},
+            [task("withdraw_x", "withdraw", from_account=SOURCE, to_account=DEST,
+                  currency="ETH", amount="{amount}", network="ETH"),
+             task("ghost_deposit", "deposit", account=DEST, currency="ETH",
+                  amount="123.45678", deadline_seconds=0.3)],
+            accounts=w.accounts,
+        )
+        workflow_id, _ = await start_workflow(store, spec, {"amount": "0.2"}, w.accounts,
+                                              command_id="ghost-start")
+        await w.drive(workflow_id, until=("needs_attention",), timeout=20)
+        api = Api(store, w.accounts, builtin_specs, exchanges=w.world)
+        assert (await ask(api, "resolve", command_id="g1", workflow_id=workflow_id,
+                          task="ghost_deposit", outcome="failed", note="never came"))["ok"]
+        failed = await w.drive(workflow_id, until=("failed",))
+        assert failed.tasks[1].request_params is not None  # it watched: a request recorded
+
+        refused = await ask(api, "retry", command_id="g2", workflow_id=workflow_id,
+                            from_task="withdraw_x")
+        assert refused["error"]["code"] == "conflict"
+        assert refused["error"]["details"]["task"] == "ghost_deposit"
+        assert "ghost_deposit already recorded a request" in refused["error"]["message"]
+        assert (await load(store, workflow_id)).state == "failed"  # nothing appended
+        # At the later task itself it is re-opened: the failed deposit watches again.
+        reply = await ask(api, "retry", command_id="g3", workflow_id=workflow_id,
+                          from_task="ghost_deposit")
+        assert (reply["state"], reply["task_state"]) == ("running", "created")
