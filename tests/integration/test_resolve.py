@@ -24,7 +24,7 @@ from rebalancer.specs.builders import task, workflow
 from rebalancer.specs.loading import builtin_specs
 from rebalancer.specs.models import WorkflowSpec
 from rebalancer.workflow import client_id
-from tests.support import Worker, load, operations, write_world
+from tests.support import Worker, load, operations, withdraw_once, write_world
 
 SCALE = 1000.0
 SOURCE, DEST = "upbit-personal", "binance-personal"
@@ -258,3 +258,38 @@ async def test_retry_from_is_refused_where_a_later_task_recorded_a_request(
         reply = await ask(api, "retry", command_id="g3", workflow_id=workflow_id,
                           from_task="ghost_deposit")
         assert (reply["state"], reply["task_state"]) == ("running", "created")
+
+
+async def test_the_attention_names_the_workflow_that_claimed_an_identical_withdrawal(
+    database_url: str, store: EventStore, world_file: Path
+) -> None:
+    async with (
+        Worker(database_url, world=world_file, time_scale=SCALE, owner="healthy") as healthy,
+        Worker(database_url, world=world_file, time_scale=SCALE, owner="lossy",
+               faults="lost_response=1.0") as lossy,
+    ):
+        port = healthy.world.for_account(SOURCE)
+        for n in (6, 7, 8):
+            await port.create_order(dataclasses.replace(FUNDING, client_id=f"funding-{n}"))
+        params = {"from_account": SOURCE, "to_account": DEST, "amount": "0.2"}
+        theirs_id, _ = await start_workflow(store, withdraw_once(healthy.accounts), params,
+                                            healthy.accounts, command_id="claim-a")
+        theirs = await healthy.drive(theirs_id, until=("done",), timeout=20)
+        claimed = (theirs.tasks[0].request_result or {})["id"]
+
+        workflow_id, _ = await start_workflow(store, withdraw_once(healthy.accounts), params,
+                                              healthy.accounts, command_id="claim-b")
+        assert await lossy.step(workflow_id) == "moved"
+        assert await lossy.step(workflow_id) == "retry"
+        sent = (await load(store, workflow_id)).tasks[0].request_params or {}
+        await port.withdraw(WithdrawRequest(
+            client_id="by-hand-3", currency="ETH", amount=Decimal(sent["amount"]),
+            address=sent["address"], network=sent["network"], tag=sent["tag"]))
+        [event] = await healthy.step_until_moved(workflow_id)
+        error = event.data["error"]
+        by_claim = {c["id"]: c["claimed_by_workflow"] for c in error["candidates"]}
+        assert by_claim[claimed] == theirs_id
+        assert sum(1 for owner in by_claim.values() if owner is None) == 2
+        # No command offers the claimed one as ours.
+        assert not any(f"id={claimed} " in c for c in error["commands"])
+        assert len(error["commands"]) == 3
