@@ -556,6 +556,31 @@ class EventStore:
         )
         return frozenset(str(row[0]) for row in rows)
 
+    async def claims(
+        self, kind: str, since: datetime, other_than: str
+    ) -> list[dict[str, Any]]:
+        """The operations other workflows' tasks of `kind` recorded as theirs since `since`:
+        {id, workflow_id, task, currency, amount, txid, at}, one per (stream, task, id)."""
+        rows = await self.fetch_rows(
+            "select stream_id, data ->> 'task_name', data -> 'request_params',"
+            " data -> 'request_result' ->> 'id', data -> 'refresh_result' -> 'result',"
+            " recorded_at from events where type = 'TaskStateChanged' and recorded_at >= %s"
+            " and stream_id <> %s and data ->> 'kind' = %s order by position",
+            (since, other_than, kind),
+        )
+        seen: dict[tuple[str, str], dict[str, Any]] = {}
+        for stream_id, task, params, exchange_id, result, at in rows:
+            entry = seen.setdefault((stream_id, task), {
+                "workflow_id": stream_id.removeprefix("workflow-"), "task": task, "id": None,
+                "currency": None, "amount": None, "txid": None, "at": None})
+            if params:
+                entry.update(currency=params.get("currency"), amount=params.get("amount"))
+            if exchange_id is not None and entry["id"] != exchange_id:
+                entry.update(id=exchange_id, at=at.isoformat())
+            if result and result.get("txid"):
+                entry["txid"] = result["txid"]
+        return [entry for entry in seen.values() if entry["id"] is not None]
+
     def listen(self) -> Notifications:
         """A dedicated connection LISTENing for appends; use as an async context manager."""
         return Notifications(self._conninfo)

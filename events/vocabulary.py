@@ -66,6 +66,9 @@ class TaskTrigger(StrEnum):
     RESOLVE_RESEND = "resolve_resend"
     RESOLVE_DONE = "resolve_done"
     RESOLVE_FAILED = "resolve_failed"
+    # An operator's `retry --from`: a failed task goes back to be sent, a done one (whose facts
+    # were never recorded) back to needs_attention to be resolved with them.
+    REOPEN = "reopen"
 
 
 class WorkflowTrigger(StrEnum):
@@ -79,6 +82,7 @@ class WorkflowTrigger(StrEnum):
     RESUME = "resume"
     ESCALATE = "escalate"
     RETRY = "retry"
+    REOPEN = "reopen"  # a failed workflow re-opened at a named task (`retry --from`)
 
 
 TASK_TERMINAL: Final = frozenset({TaskState.DONE, TaskState.FAILED, TaskState.CANCELED})
@@ -95,7 +99,10 @@ WORKFLOW_DRIVEN: Final = WORKFLOW_ACTIVE - {WorkflowState.PAUSED}
 # Triggers that store a new intent, and so number the next client id.
 INTENT_TRIGGERS: Final = frozenset({TaskTrigger.SUBMIT, TaskTrigger.NEXT_SLICE})
 # Triggers after which the task's last error no longer holds: it goes back to be sent afresh.
-ERROR_CLEARING_TRIGGERS: Final = frozenset({TaskTrigger.RESET, TaskTrigger.RESOLVE_RESEND})
+ERROR_CLEARING_TRIGGERS: Final = frozenset(
+    {TaskTrigger.RESET, TaskTrigger.RESOLVE_RESEND, TaskTrigger.REOPEN})
+# The one way out of a terminal state: an operator re-opening a failed workflow.
+REOPENING_TRIGGERS: Final = frozenset({TaskTrigger.REOPEN, WorkflowTrigger.REOPEN})
 # What an operator may say of a task in needs_attention, as the trigger it becomes.
 Outcome = Literal["resend", "done", "failed"]
 RESOLUTIONS: Final[dict[Outcome, TaskTrigger]] = {
@@ -107,6 +114,7 @@ RESOLUTIONS: Final[dict[Outcome, TaskTrigger]] = {
 __all__ = [
     "ERROR_CLEARING_TRIGGERS",
     "INTENT_TRIGGERS",
+    "REOPENING_TRIGGERS",
     "RESOLUTIONS",
     "TASK_TERMINAL",
     "WORKFLOW_ACTIVE",

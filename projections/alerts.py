@@ -13,6 +13,7 @@ from typing import Any
 
 from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from events.catalogue import TaskStateChanged, WorkflowStateChanged
 from events.store import EventStore, RecordedEvent
@@ -27,8 +28,8 @@ class AlertsProjection:
     def __init__(self, schema: str = "public") -> None:
         self.schema = schema
         self._insert = sql.SQL(
-            "insert into {} (key, kind, workflow_id, task, message, since)"
-            " values (%s, %s, %s, %s, %s, %s) on conflict (key) do nothing"
+            "insert into {} (key, kind, workflow_id, task, message, since, details)"
+            " values (%s, %s, %s, %s, %s, %s, %s) on conflict (key) do nothing"
         ).format(sql.Identifier(schema, "alerts"))
 
     async def apply_batch(self, conn: AsyncConnection[Any], events: list[RecordedEvent]) -> None:
@@ -45,18 +46,21 @@ def alert_for(event: RecordedEvent) -> tuple[Any, ...] | None:
     key = f"{workflow_id}:v{event.version}"
     if event.type == WorkflowStateChanged.type_name and data["dest"] == WorkflowState.FAILED:
         return (f"workflow_failed:{key}", "workflow_failed", workflow_id, None,
-                data.get("reason") or "workflow failed", event.recorded_at)
+                data.get("reason") or "workflow failed", event.recorded_at, None)
     if event.type == TaskStateChanged.type_name and data["trigger"] == TaskTrigger.ESCALATE:
         error = data.get("error") or {}
         kind = "task_stuck" if error.get("code") == "deadline" else "needs_attention"
+        # The candidates and the commands that settle it travel with the alert.
+        details = {k: error[k] for k in ("candidates", "commands") if error.get(k)}
         return (f"{kind}:{key}", kind, workflow_id, data["task_name"],
-                error.get("message") or "needs attention", event.recorded_at)
+                error.get("message") or "needs attention", event.recorded_at,
+                Jsonb(details) if details else None)
     return None
 
 
 # -- reading and delivering -------------------------------------------------------------------
 
-_COLUMNS = "a.key, a.kind, a.workflow_id::text, a.task, a.message, a.since"
+_COLUMNS = "a.key, a.kind, a.workflow_id::text, a.task, a.message, a.since, a.details"
 # Alerts from events and alerts raised by the service itself, read as one list.
 _ALL = "(select * from alerts union all select * from service_alerts) a"
 

@@ -41,10 +41,13 @@ def alert_stream() -> StreamConfig:
 
 
 def body_of(alert: dict[str, Any]) -> bytes:
-    return json.dumps({
+    body = {
         "kind": alert["kind"], "workflow_id": alert["workflow_id"], "task": alert["task"],
         "message": alert["message"], "since": alert["since"].isoformat(), "key": alert["key"],
-    }).encode()
+    }
+    # Additive: a needs_attention's candidates and the commands that would settle it.
+    body.update(alert.get("details") or {})
+    return json.dumps(body).encode()
 
 
 class AlertPublisher:

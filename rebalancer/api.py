@@ -30,6 +30,7 @@ from rebalancer.accounts import Accounts
 from rebalancer.commands import (
     CommandError,
     control_workflow,
+    reopen_workflow,
     resolve_task,
     start_workflow,
     workflow_id_for,
@@ -107,6 +108,8 @@ class Control(_Body):
     command_id: Text
     workflow_id: WorkflowId
     reason: Note | None = None
+    # retry only: re-open a failed workflow at this task (`retry --from`).
+    from_task: Text | None = None
 
 
 class Resolve(_Body):
@@ -115,6 +118,8 @@ class Resolve(_Body):
     task: Text
     outcome: Outcome
     note: Note
+    # Facts of an outcome `done`: {"id": ..., "txid": ..., "amount": ...}, strings only.
+    result: dict[Text, ParamValue] | None = None
 
 
 class QueryWorkflow(_Body):
@@ -260,12 +265,19 @@ class Api:
         return {"ok": True, "workflow_id": workflow_id, "created": created}
 
     async def control(self, kind: str, request: Control) -> Reply:
+        if request.from_task is not None:
+            if kind != "retry":
+                return error("invalid_request", f"from_task is for retry, not {kind}",
+                             problems=[{"field": "from_task", "problem": "retry only"}])
+            return await reopen_workflow(self.store, request.command_id, request.workflow_id,
+                                         request.from_task, request.reason, actor="nats")
         return await control_workflow(self.store, kind, request.command_id,
                                       request.workflow_id, request.reason, actor="nats")
 
     async def resolve(self, request: Resolve) -> Reply:
         return await resolve_task(self.store, request.command_id, request.workflow_id,
-                                  request.task, request.outcome, request.note, actor="nats")
+                                  request.task, request.outcome, request.note, actor="nats",
+                                  result=request.result, exchanges=self.exchanges)
 
     async def query_workflow(self, request: QueryWorkflow) -> Reply:
         view = await read_workflow(self.store, request.workflow_id)

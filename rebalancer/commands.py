@@ -20,8 +20,10 @@ from events.errors import ConcurrencyError
 from events.store import EventStore, RecordedEvent
 from events.vocabulary import RESOLUTIONS, Outcome, TaskState, TaskTrigger, WorkflowTrigger
 from rebalancer.accounts import Accounts
-from rebalancer.errors import IllegalTransitionError, RebalancerError
+from rebalancer.errors import IllegalTransitionError, RebalancerError, RetryableError
+from rebalancer.exchanges.base import Exchanges
 from rebalancer.machines import task_machine, workflow_machine
+from rebalancer.settling import Found, SettlingError, look_up, parse_result, settled_fields
 from rebalancer.specs.models import WorkflowSpec
 from rebalancer.specs.resolution import dump_params, resolve_params
 from rebalancer.specs.validation import validate_spec
@@ -195,6 +197,60 @@ async def control_workflow(
     return await _idempotent(store, command_id, kind, body, workflow_id, run)
 
 
+async def reopen_workflow(
+    store: EventStore,
+    command_id: str,
+    workflow_id: str,
+    from_task: str,
+    reason: str | None = None,
+    *,
+    actor: str = "operator",
+) -> Reply:
+    """`retry --from TASK`: a failed workflow (money may be in transit) runs again from `TASK`.
+
+    A failed TASK is sent again; a done one goes back to needs_attention, to be resolved with
+    the facts it never recorded (resolve --result); failed tasks after it go back to created.
+    Refused (conflict) once a task after it recorded a request: the money moved on from there.
+    """
+
+    async def run() -> Reply:
+        workflow = await _load(store, workflow_id)
+        if not workflow_machine().may(workflow.state, WorkflowTrigger.REOPEN):
+            raise CommandError("illegal_transition", f"only a failed workflow is re-opened at a"
+                               f" task; this one is {workflow.state}", state=workflow.state)
+        task = _task_named(workflow, from_task)
+        if not task_machine(task.kind).may(task.state, TaskTrigger.REOPEN):
+            raise CommandError("illegal_transition", f"task {task.name} is {task.state}: only a"
+                               " failed or done task is re-opened", state=task.state)
+        later = [t for t in workflow.tasks if t.index > task.index]
+        for moved in later:
+            if moved.request_params is not None or moved.state not in (
+                    TaskState.CREATED, TaskState.FAILED):
+                raise CommandError(
+                    "conflict",
+                    f"task {moved.name} already recorded a request ({moved.state}): the money"
+                    f" of {task.name} moved on from there; re-open at {moved.name} or later",
+                    task=moved.name, state=moved.state)
+        why = reason or f"re-opened by {actor}"
+        events: list[WorkflowStateChanged | TaskStateChanged] = [_task_move(
+            task, TaskTrigger.REOPEN,
+            error={"code": "reopened", "message": f"{why}: resolve it with what happened"
+                   " (resolve --outcome done --result ..., resend or failed)", "actor": actor}
+            if task.state == TaskState.DONE else None)]
+        events += [_task_move(t, TaskTrigger.REOPEN) for t in later if t.state == TaskState.FAILED]
+        events.append(WorkflowStateChanged(
+            trigger=WorkflowTrigger.REOPEN, source=workflow.state,
+            dest=workflow_machine().next_state(workflow.state, WorkflowTrigger.REOPEN),
+            reason=f"{why}, from task {task.name}"))
+        await store.append(workflow.stream_id, events, workflow.version,
+                           metadata=command_metadata(command_id, workflow_id, actor))
+        return {"ok": True, "workflow_id": workflow_id, "state": events[-1].dest,
+                "task": task.name, "task_state": events[0].dest}
+
+    body = {"workflow_id": workflow_id, "reason": reason, "from_task": from_task}
+    return await _idempotent(store, command_id, "retry", body, workflow_id, run)
+
+
 async def resolve_task(
     store: EventStore,
     command_id: str,
@@ -204,19 +260,38 @@ async def resolve_task(
     note: str,
     *,
     actor: str = "operator",
+    result: Mapping[str, str] | None = None,
+    exchanges: Exchanges | None = None,
 ) -> Reply:
     """An operator's decision on a task in needs_attention: resend it, or declare it done or
-    failed. The workflow goes back to running on the worker's next pass."""
+    failed. The workflow goes back to running on the worker's next pass.
+
+    With `result` (done only), the stated fields are recorded where the task's kind records
+    them (rebalancer/settling.py); with `exchanges`, the operation they name is looked up first
+    and must agree, and its own record fills the fields left out. Like the pre-flight of a
+    start, the look-up happens before the command id is bound: a refusal leaves it free."""
+    given: dict[str, str] = {}
+    found: Found | None = None
+    if result:
+        if outcome != "done":
+            raise CommandError("invalid_request", f"a result is stated only with outcome done,"
+                                                  f" not {outcome}", field="result")
+        workflow = await _load(store, workflow_id)
+        task = _task_named(workflow, task_name)
+        try:
+            given = parse_result(task.kind, result)
+            if exchanges is not None and not await store.events_of_command(command_id):
+                found = await look_up(exchanges, task, given)
+        except SettlingError as e:
+            raise CommandError("invalid_request", str(e), field=f"result.{e.field}") from None
+        except RetryableError as e:
+            raise CommandError("internal", f"could not ask the exchange about the result ({e});"
+                               " repeat the request", retryable=True,
+                               cause="exchange_unavailable") from None
 
     async def run() -> Reply:
         workflow = await _load(store, workflow_id)
-        task = next((t for t in workflow.tasks if t.name == task_name.lower()), None)
-        if task is None:
-            raise CommandError(
-                "not_found",
-                f"workflow {workflow_id} has no task {task_name!r}",
-                tasks=[t.name for t in workflow.tasks],
-            )
+        task = _task_named(workflow, task_name)
         trigger = RESOLUTIONS[outcome]
         if not task_machine(task.kind).may(task.state, trigger):
             raise CommandError(
@@ -228,8 +303,9 @@ async def resolve_task(
             "error": {"code": f"resolved_{outcome}", "message": note, "actor": actor}
         }
         if trigger == TaskTrigger.RESOLVE_DONE:
-            # What later tasks reference stays as last recorded; the note says who decided.
-            carried["refresh_result"] = {**(task.refresh_result or {}), "resolution": note}
+            # What later tasks reference: as last recorded, then the exchange's record, then
+            # what the operator stated; the note says who decided.
+            carried.update(settled_fields(task, given, found, note))
         event = _task_move(task, trigger, **carried)
         await store.append(
             workflow.stream_id,
@@ -239,8 +315,22 @@ async def resolve_task(
         )
         return {"ok": True, "workflow_id": workflow_id, "task": task.name, "state": event.dest}
 
-    body = {"workflow_id": workflow_id, "task": task_name, "outcome": outcome, "note": note}
+    body: dict[str, Any] = {"workflow_id": workflow_id, "task": task_name, "outcome": outcome,
+                            "note": note}
+    if result:
+        body["result"] = dict(result)  # bound too: the same id with other facts is a conflict
     return await _idempotent(store, command_id, "resolve", body, workflow_id, run)
+
+
+def _task_named(workflow: Workflow, name: str) -> TaskRecord:
+    task = next((t for t in workflow.tasks if t.name == name.lower()), None)
+    if task is None:
+        raise CommandError(
+            "not_found",
+            f"workflow {workflow.workflow_id} has no task {name!r}",
+            tasks=[t.name for t in workflow.tasks],
+        )
+    return task
 
 
 def _task_move(task: TaskRecord, trigger: TaskTrigger, **carried: Any) -> TaskStateChanged:
@@ -345,4 +435,5 @@ def _reply_from(events: list[RecordedEvent]) -> Reply:
     return reply
 
 
-__all__ = ["CommandError", "control_workflow", "resolve_task", "start_workflow"]
+__all__ = ["CommandError", "control_workflow", "reopen_workflow", "resolve_task",
+           "start_workflow"]

@@ -181,6 +181,7 @@ class Engine:
             claimed=lambda kind, since: self.store.claimed_exchange_ids(
                 kind, since, workflow.stream_id
             ),
+            claims=lambda kind, since: self.store.claims(kind, since, workflow.stream_id),
             deadlines=self.deadlines,
         )
         await PROCESSORS[task.kind].step(ctx)

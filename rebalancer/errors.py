@@ -31,6 +31,15 @@ class UnknownOutcomeError(RebalancerError):
     """Sent, but no answer: reconcile by client id before anything else."""
 
 
+class AmbiguousOutcomeError(UnknownOutcomeError):
+    """Several operations in the history could be ours: `candidates` lists each one the port
+    saw ({id, txid, amount, at}), so an operator can be told which to check."""
+
+    def __init__(self, message: str, candidates: list[dict[str, str | None]]) -> None:
+        super().__init__(message)
+        self.candidates = candidates
+
+
 class DuplicateClientIdError(UnknownOutcomeError):
     """The client id was used before: the request may already have landed, so reconcile by
     client id instead of sending it again."""

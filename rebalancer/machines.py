@@ -12,6 +12,7 @@ from typing import Final, Generic, TypedDict, TypeVar
 import transitions
 
 from events.vocabulary import (
+    REOPENING_TRIGGERS,
     TASK_TERMINAL,
     WORKFLOW_TERMINAL,
     TaskKind,
@@ -50,6 +51,14 @@ _RESOLUTION: Final[list[TransitionRow]] = [
     {"trigger": T.RESOLVE_FAILED, "source": S.NEEDS_ATTENTION, "dest": S.FAILED},  # it did not
 ]
 
+# `retry --from` (an operator re-opening a failed workflow at a task): the only moves out of a
+# terminal state. A failed task is sent again; a done one goes back to needs_attention, to be
+# resolved with the facts it never recorded. commands.py refuses it once a later task moved on.
+_REOPENING: Final[list[TransitionRow]] = [
+    {"trigger": T.REOPEN, "source": S.FAILED, "dest": S.CREATED},
+    {"trigger": T.REOPEN, "source": S.DONE, "dest": S.NEEDS_ATTENTION},
+]
+
 # Kinds that send one request to an exchange: trade, withdraw, transfer, master_transfer.
 _SUBMITTING: Final[list[TransitionRow]] = [
     {"trigger": T.SUBMIT, "source": S.CREATED, "dest": S.SUBMITTING},  # stored before the call
@@ -65,6 +74,7 @@ _SUBMITTING: Final[list[TransitionRow]] = [
         "dest": S.NEEDS_ATTENTION,
     },
     *_RESOLUTION,
+    *_REOPENING,
 ]
 
 # The ways out of `processing`, for every kind that has it.
@@ -117,6 +127,7 @@ DEPOSIT: Final[list[TransitionRow]] = [
     {"trigger": T.ESCALATE, "source": [S.CREATED, S.REQUESTED], "dest": S.NEEDS_ATTENTION},
     *_PROCESSING_EXITS,
     *_RESOLUTION,
+    *_REOPENING,
 ]
 
 TASK_TABLES: Final[Mapping[TaskKind, list[TransitionRow]]] = MappingProxyType(
@@ -144,6 +155,7 @@ WORKFLOW: Final[list[TransitionRow]] = [
     {"trigger": WT.RESUME, "source": W.PAUSED, "dest": W.RUNNING},
     {"trigger": WT.ESCALATE, "source": W.RUNNING, "dest": W.NEEDS_ATTENTION},  # a task is stuck
     {"trigger": WT.RETRY, "source": W.NEEDS_ATTENTION, "dest": W.RUNNING},  # operator resolved it
+    {"trigger": WT.REOPEN, "source": W.FAILED, "dest": W.RUNNING},  # retry --from: money in transit
 ]
 
 
@@ -243,7 +255,8 @@ class StateMachine(Generic[State]):
                         both = f"{str(seen)!r} and {dest!r}"
                         raise ValueError(f"{name}: {trigger!r} from {source!r} goes to both {both}")
         final = frozenset(vocabulary(state) for state in terminal if state in ordered)
-        if leaving := sorted(f"{s} --{t}-->" for (s, t) in moves if s in final):
+        if leaving := sorted(f"{s} --{t}-->" for (s, t) in moves
+                             if s in final and t not in REOPENING_TRIGGERS):
             raise ValueError(f"{name}: terminal states have moves: {leaving}")
         return cls(
             name=name,

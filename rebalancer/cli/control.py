@@ -155,16 +155,21 @@ def workflow_control(args: argparse.Namespace, settings: Settings) -> int:
     body = {"command_id": args.command_id or f"cli-{uuid.uuid4()}",
             "workflow_id": resolve_workflow_id(settings, args.workflow_id),
             "reason": args.reason}
+    if getattr(args, "from_task", None):
+        body["from_task"] = args.from_task
     reply = request(settings, args.command, body)
     print(json.dumps(reply) if args.json else f"{reply['workflow_id']}: {reply['state']}")
     return EXIT_OK
 
 
 def task_resolve(args: argparse.Namespace, settings: Settings) -> int:
-    body = {"command_id": args.command_id or f"cli-{uuid.uuid4()}",
-            "workflow_id": resolve_workflow_id(settings, args.workflow_id), "task": args.task,
+    body: dict[str, Any] = {
+        "command_id": args.command_id or f"cli-{uuid.uuid4()}",
+        "workflow_id": resolve_workflow_id(settings, args.workflow_id), "task": args.task,
             "outcome": args.outcome,
             "note": args.note}
+    if args.result:
+        body["result"] = parse_params(args.result, option="--result")
     reply = request(settings, "resolve", body)
     print(json.dumps(reply) if args.json
           else f"{reply['workflow_id']} {reply['task']}: {reply['state']}")
@@ -247,13 +252,13 @@ def _follow(settings: Settings, workflow_id: str, quiet: bool,
     return final[0] if final else None
 
 
-def parse_params(pairs: list[str]) -> dict[str, str]:
+def parse_params(pairs: list[str], option: str = "--param") -> dict[str, str]:
     params: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise UsageError(f"--param {pair!r}: expected NAME=VALUE")
+            raise UsageError(f"{option} {pair!r}: expected NAME=VALUE")
         if key in params:
-            raise UsageError(f"--param {key} given twice")
+            raise UsageError(f"{option} {key} given twice")
         params[key] = value
     return params

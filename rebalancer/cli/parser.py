@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
         control = commands.add_parser(name, help=text)
         control.add_argument("workflow_id", metavar="WORKFLOW_ID", help=ID_HELP)
         control.add_argument("--reason", help="why, for the record (in the event)")
+        if name == "retry":
+            control.add_argument("--from", dest="from_task", metavar="TASK",
+                                 help="re-open a failed workflow at TASK (money in transit):"
+                                      " a failed TASK is sent again, a done one goes back to"
+                                      " needs_attention to be resolved with --result")
         control.add_argument("--command-id", help=COMMAND_ID_HELP)
         control.add_argument("--json", action="store_true", help=JSON_HELP)
         control.set_defaults(handler=workflow_control)
@@ -180,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     resolve.add_argument("--outcome", required=True, choices=list(RESOLUTIONS),
                          help="what happened on the exchange, as checked there")
     resolve.add_argument("--note", required=True, help="what was checked, for the record")
+    resolve.add_argument("--result", action="append", default=[], metavar="KEY=VALUE",
+                         help="with --outcome done: a fact later tasks reference, e.g. id=...,"
+                              " txid=..., amount=...; checked against the exchange (repeatable)")
     resolve.add_argument("--command-id", help=COMMAND_ID_HELP)
     resolve.add_argument("--json", action="store_true", help=JSON_HELP)
     resolve.set_defaults(handler=task_resolve)

@@ -197,6 +197,25 @@ def _print_view(view: WorkflowView, note: str | None) -> None:
 
     for line in view_money_lines(view):
         print(line)
+    for task in view.tasks:
+        print(attention_text(task), end="")
+
+
+def attention_text(task: TaskView) -> str:
+    """Under a task that needs attention: the candidates its error lists and the commands that
+    would settle it (rebalancer/tasks/base.py `attention`); empty for any other task."""
+    error = task.error or {}
+    if task.state != "needs_attention" or not (error.get("candidates") or error.get("commands")):
+        return ""
+    lines = [f"attention {task.name}: candidates"]
+    for c in error.get("candidates") or []:
+        claimed = c.get("claimed_by_workflow")
+        lines.append(f"  id {c.get('id')}  txid {c.get('txid')}  amount {c.get('amount')}"
+                     f"  at {c.get('at')}  "
+                     + (f"claimed by workflow {claimed}" if claimed else "unclaimed"))
+    lines.append("  settle with one of:")
+    lines.extend(f"    {command}" for command in error.get("commands") or [])
+    return "\n".join(lines) + "\n"
 
 
 def _task_row(task: TaskView) -> tuple[object, ...]:

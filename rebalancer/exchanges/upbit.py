@@ -10,7 +10,11 @@ from typing import Any, ClassVar
 import ccxt
 import ccxt.async_support as ccxt_async
 
-from rebalancer.errors import RejectedError, RetryableError, UnknownOutcomeError
+from rebalancer.errors import (
+    AmbiguousOutcomeError,
+    RejectedError,
+    RetryableError,
+)
 from rebalancer.exchanges.base import (
     Deposit,
     HistoryMatch,
@@ -282,9 +286,12 @@ class UpbitExchange(CcxtExchange):
             return None
         if len(candidates) > 1:
             listed = ", ".join(f"{raw.get('uuid')} (txid {raw.get('txid')})" for raw in candidates)
-            raise UnknownOutcomeError(
+            raise AmbiguousOutcomeError(
                 f"upbit {self.account}: {len(candidates)} withdrawals of {match.amount} "
-                f"{match.currency} since {match.since.isoformat()} match: {listed}")
+                f"{match.currency} since {match.since.isoformat()} match: {listed}",
+                [{"id": str(raw.get("uuid")), "txid": raw.get("txid"),
+                  "amount": str(raw.get("amount")), "at": str(raw.get("created_at"))}
+                 for raw in candidates])
         return self._withdrawal(candidates[0], client_id, match.address, None)
 
     @staticmethod

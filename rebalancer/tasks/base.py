@@ -13,6 +13,7 @@ from events.catalogue import TaskStateChanged
 from events.vocabulary import TaskKind, TaskState, TaskTrigger
 from rebalancer.accounts import Accounts
 from rebalancer.errors import (
+    AmbiguousOutcomeError,
     RejectedError,
     SpecError,
     UnknownOutcomeError,
@@ -52,6 +53,8 @@ class TaskContext:
     resolve: Callable[[Workflow, int], Any]
     # Exchange ids other workflows' tasks of a kind recorded since a time (see history_match).
     claimed: Callable[[str, datetime], Awaitable[frozenset[str]]] | None = None
+    # The same claims in full ({id, workflow_id, amount, txid, at}), for an operator's attention.
+    claims: Callable[[str, datetime], Awaitable[list[dict[str, Any]]]] | None = None
     deadlines: dict[TaskKind, float] = field(default_factory=lambda: dict(DEFAULT_DEADLINES))
     # A step that waits for a time it knows (a TWAP's next slice) says so: the worker looks
     # again then rather than at its next poll.
@@ -176,12 +179,42 @@ async def reconcile_lookup(ctx: TaskContext, lookup: Callable[[], Awaitable[T | 
     and None. Ambiguous (UnknownOutcomeError): `escalate` to an operator and None."""
     try:
         found = await lookup()
+    except AmbiguousOutcomeError as e:
+        await ctx.move(TaskTrigger.ESCALATE, error=error(
+            "unknown_outcome", str(e), **await attention(ctx, e.candidates)))
+        return None
     except UnknownOutcomeError as e:
         await ctx.move(TaskTrigger.ESCALATE, error=error("unknown_outcome", str(e)))
         return None
     if found is None:
         await ctx.move(TaskTrigger.RESET)
     return found
+
+
+async def attention(ctx: TaskContext, seen: list[dict[str, str | None]]) -> dict[str, Any]:
+    """What an operator needs to settle an ambiguous match: every candidate (those the exchange
+    showed, and the identical ones other workflows recorded as theirs, with who claimed them)
+    and the exact commands that would settle it, one per unclaimed candidate."""
+    params = ctx.task.request_params or {}
+    candidates = [{**c, "claimed_by_workflow": None} for c in seen]
+    if ctx.claims is not None and params.get("amount") is not None:
+        since = (ctx.task.intent_at or ctx.now) - HISTORY_SLACK
+        for claim in await ctx.claims(ctx.task.kind.value, since):
+            if claim["currency"] == params.get("currency") and claim["amount"] is not None and (
+                    Decimal(claim["amount"]) == Decimal(params["amount"])):
+                candidates.append({"id": claim["id"], "txid": claim["txid"],
+                                   "amount": claim["amount"], "at": claim["at"],
+                                   "claimed_by_workflow": claim["workflow_id"]})
+    where = f"{ctx.workflow.workflow_id} {ctx.task.name}"
+    commands = []
+    for c in candidates:
+        if c["claimed_by_workflow"] is None:
+            txid = f" --result txid={c['txid']}" if c.get("txid") else ""
+            commands.append(f"rebalancer resolve {where} --outcome done --result id={c['id']}"
+                            f"{txid} --note 'checked: {c['id']} is ours'")
+    commands.append(f"rebalancer resolve {where} --outcome failed"
+                    " --note 'checked: none of them is ours, nothing was sent'")
+    return {"candidates": candidates, "commands": commands}
 
 
 def deadline_error(task: TaskRecord) -> dict[str, Any]:

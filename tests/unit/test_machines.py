@@ -41,6 +41,9 @@ _SUBMITTING_SKELETON: Moves = {
     **_rows("resolve_resend", "needs_attention", "created"),
     **_rows("resolve_done", "needs_attention", "done"),
     **_rows("resolve_failed", "needs_attention", "failed"),
+    # retry --from: the only moves out of terminal states
+    **_rows("reopen", "failed", "created"),
+    **_rows("reopen", "done", "needs_attention"),
 }
 
 _PROCESSING_EXITS: Moves = {
@@ -88,6 +91,8 @@ EXPECTED: dict[str, Moves] = {
         **_rows("resolve_resend", "needs_attention", "created"),
         **_rows("resolve_done", "needs_attention", "done"),
         **_rows("resolve_failed", "needs_attention", "failed"),
+        **_rows("reopen", "failed", "created"),
+        **_rows("reopen", "done", "needs_attention"),
     },
     "workflow": {
         **_rows("start", "created", "running"),
@@ -98,6 +103,7 @@ EXPECTED: dict[str, Moves] = {
         **_rows("resume", "paused", "running"),
         **_rows("escalate", "running", "needs_attention"),
         **_rows("retry", "needs_attention", "running"),
+        **_rows("reopen", "failed", "running"),
     },
 }
 
@@ -246,11 +252,12 @@ def test_next_state_refuses_a_state_the_machine_does_not_have() -> None:
 
 
 @pytest.mark.parametrize("name", MACHINE_NAMES)
-def test_terminal_states_have_no_outgoing_moves(name: str) -> None:
+def test_terminal_states_have_no_outgoing_moves_but_an_operators_reopen(name: str) -> None:
     machine = _machine(name)
     for state in machine.terminal:
-        assert machine.allowed(state) == ()
-        assert machine.machine.get_triggers(state) == []
+        assert set(machine.allowed(state)) <= {"reopen"}
+        assert set(machine.machine.get_triggers(state)) <= {"reopen"}
+    assert machine.allowed("canceled") == ()
 
 
 @pytest.mark.parametrize("name", MACHINE_NAMES)

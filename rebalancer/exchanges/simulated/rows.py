@@ -8,7 +8,7 @@ from typing import Any
 
 from psycopg.rows import DictRow
 
-from rebalancer.errors import UnknownOutcomeError
+from rebalancer.errors import AmbiguousOutcomeError
 from rebalancer.exchanges.base import (
     Deposit,
     HistoryMatch,
@@ -26,9 +26,11 @@ from rebalancer.exchanges.simulated.spec import raw_status
 
 def single_match(rows: list[DictRow], what: str, match: HistoryMatch) -> DictRow:
     if len(rows) > 1:
-        raise UnknownOutcomeError(
+        raise AmbiguousOutcomeError(
             f"{len(rows)} {what}s of {match.amount.normalize():f} {match.currency} since"
-            f" {match.since.isoformat()} match: cannot tell which one is ours")
+            f" {match.since.isoformat()} match: cannot tell which one is ours",
+            [{"id": str(row["id"]), "txid": row.get("txid"), "amount": str(row["amount"]),
+              "at": row["created_at"].isoformat()} for row in rows])
     return rows[0]
 
 
