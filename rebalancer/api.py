@@ -175,9 +175,16 @@ class Api:
     async def handle(self, subject: str, data: bytes) -> Reply:
         """The reply to one request; never raises for bad input. Each operator command is
         one INFO line: its kind, the workflow (and task), and how it came out."""
-        reply = await self._reply(subject, data)
+        parsed = self._parse(subject, data)
+        request: _Body | None = None
+        if isinstance(parsed, _Body):
+            request, reply = parsed, await self._run(subject, parsed)
+        else:
+            reply = parsed
         if subject in ROUTES and subject.startswith(f"{COMMANDS}."):
-            workflow_id, task = _named(reply, data)
+            # The ids of a well-formed body; a refused body's text is never logged.
+            workflow_id = reply.get("workflow_id") or getattr(request, "workflow_id", None)
+            task = reply.get("task") or getattr(request, "task", None)
             if not reply.get("ok"):
                 outcome = f"refused: {reply['error']['code']}"
             elif reply.get("state"):
@@ -189,7 +196,8 @@ class Api:
                      outcome, extra={"workflow_id": workflow_id, "task": task})
         return reply
 
-    async def _reply(self, subject: str, data: bytes) -> Reply:
+    def _parse(self, subject: str, data: bytes) -> _Body | Reply:
+        """The validated request, or the refusal of a body that does not fit its subject."""
         if len(data) > MAX_BODY:
             return error("invalid_request", f"body of {len(data)} bytes exceeds {MAX_BODY}")
         if _deeper_than(data, MAX_DEPTH):
@@ -208,13 +216,15 @@ class Api:
         if route is None:
             return error("invalid_request", f"no such subject {subject!r}",
                          subjects=sorted(ROUTES))
-        model, action = route
         try:
-            request = model.model_validate_json(data)
+            return route[0].model_validate_json(data)
         except ValidationError as e:
             problems = [{"field": ".".join(_shown(p) for p in item["loc"]) or "(body)",
                          "problem": item["msg"]} for item in e.errors()]
             return error("invalid_request", "the body does not fit the command", problems=problems)
+
+    async def _run(self, subject: str, request: _Body) -> Reply:
+        action = ROUTES[subject][1]
         # Not cancelled when it takes too long: a cancel could land between an append and its
         # reply; left to finish, its outcome is what a repeat of the command_id returns.
         work = asyncio.ensure_future(action(self, request))
@@ -304,22 +314,6 @@ ROUTES: dict[str, tuple[type[_Body], Callable[[Api, Any], Any]]] = {
     f"{QUERIES}.workflow": (QueryWorkflow, lambda api, r: api.query_workflow(r)),
     f"{QUERIES}.workflows": (QueryWorkflows, lambda api, r: api.query_workflows(r)),
 }
-
-
-def _named(reply: Reply, data: bytes) -> tuple[str | None, str | None]:
-    """The workflow id and task a command concerns, for its log line: from the reply, else
-    from the body where it is well formed (a refused body's text is never logged)."""
-    workflow_id, task = reply.get("workflow_id"), reply.get("task")
-    if workflow_id is None:
-        try:
-            body = (json.loads(data) if len(data) <= MAX_BODY
-                    and not _deeper_than(data, MAX_DEPTH) else None)
-        except (ValueError, RecursionError):
-            body = None
-        found = body.get("workflow_id") if isinstance(body, dict) else None
-        if isinstance(found, str) and _CANONICAL_UUID.fullmatch(found):
-            workflow_id = found
-    return workflow_id, task if isinstance(task, str) else None
 
 
 def _deeper_than(data: bytes, limit: int) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -64,11 +63,6 @@ def database_url(settings: Settings) -> str:
     return settings.database_url or embedded.ensure_urls(settings)[0]
 
 
-def migrate_url(settings: Settings) -> str:
-    """Where migrations (and preview's throwaway databases) run: as the schema's owner."""
-    return embedded.migrate_url(settings)
-
-
 def nats_url(settings: Settings) -> str:
     return settings.nats_url or embedded.ensure_urls(settings)[1]
 
@@ -120,13 +114,6 @@ def request(settings: Settings, command: str, body: dict[str, Any]) -> dict[str,
             lines = []
         raise UsageError(f"{problem.get('code', 'error')}: {message}", lines)
     return reply
-
-
-def parse_workflow_id(text: str) -> str:
-    try:
-        return str(uuid.UUID(text))
-    except ValueError:
-        raise UsageError(f"{text!r} is not a workflow id (a UUID)") from None
 
 
 def stream_id_of(workflow_id: str) -> str:

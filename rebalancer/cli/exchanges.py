@@ -9,9 +9,10 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
+from rebalancer import embedded
 from rebalancer.accounts import Accounts, load_accounts
 from rebalancer.balances import Holding, Unreadable, read_balances
-from rebalancer.cli.common import EXIT_CHECK_FAILED, EXIT_OK, database_url, migrate_url
+from rebalancer.cli.common import EXIT_CHECK_FAILED, EXIT_OK, database_url
 from rebalancer.cli.format import money, table, to_json
 from rebalancer.exchanges.base import Exchanges
 from rebalancer.settings import Settings
@@ -31,7 +32,7 @@ async def opened_exchanges(settings: Settings, accounts: Accounts) -> AsyncItera
             from events.migrations import migrate
 
             url = database_url(settings)
-            await migrate(migrate_url(settings), connect_timeout=settings.connect_timeout)
+            await migrate(embedded.migrate_url(settings), connect_timeout=settings.connect_timeout)
         yield await open_exchanges(settings, url, accounts, stack)
 
 
@@ -84,7 +85,7 @@ async def preview_report(settings: Settings, accounts: Accounts, spec: WorkflowS
             world = await world_from_live(exchanges, accounts, spec, params)
     source = SIMULATED if mode == "simulated" else LIVE
     # The throwaway database is made (and migrated) by the owner role: the service may not.
-    return await run_preview(migrate_url(settings), world, spec, params, accounts,
+    return await run_preview(embedded.migrate_url(settings), world, spec, params, accounts,
                              source=source)
 
 

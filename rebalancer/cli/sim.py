@@ -8,8 +8,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from rebalancer import embedded
 from rebalancer.accounts import Accounts
-from rebalancer.cli.common import EXIT_CHECK_FAILED, EXIT_OK, database_url, migrate_url
+from rebalancer.cli.common import EXIT_CHECK_FAILED, EXIT_OK, database_url
 from rebalancer.cli.format import money, table, to_json
 from rebalancer.exchanges.simulated import SimulatedWorld
 from rebalancer.settings import Settings
@@ -20,7 +21,7 @@ def sim_seed(args: argparse.Namespace, settings: Settings) -> int:
     from rebalancer.accounts import load_accounts
 
     url = database_url(settings)
-    asyncio.run(migrate(migrate_url(settings), connect_timeout=settings.connect_timeout))
+    asyncio.run(migrate(embedded.migrate_url(settings), connect_timeout=settings.connect_timeout))
     accounts = load_accounts(settings.config)
     result = asyncio.run(seed(url, args.world, reset=args.reset, accounts=accounts))
     print(to_json(result) if args.json else format_seed(result))
