@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from events.migrations import migrate
 from events.store import EventStore
 from rebalancer.accounts import load_accounts
@@ -16,27 +14,7 @@ from rebalancer.metrics import Metrics, MetricsSampler
 from rebalancer.service import serve
 from rebalancer.settings import Settings
 from tests.support import Worker, event_count, eventually, load, to_futures, write_world
-
-Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def scraped(metrics: Metrics) -> Series:
-    """Every sample of the exposition, by name and labels (parsed as Prometheus would)."""
-    body, content_type = metrics.exposition()
-    assert content_type.startswith("text/plain; version=")
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(body.decode())
-            for s in family.samples}
-
-
-def value(series: Series, name: str, **labels: str) -> float:
-    return series.get((name, frozenset(labels.items())), 0.0)
-
-
-def total(series: Series, name: str, **labels: str) -> float:
-    """The sum over every series of `name` whose labels include `labels`."""
-    return sum(v for (n, ls), v in series.items()
-               if n == name and set(labels.items()) <= ls)
+from tests.support.scraping import scraped, total, value
 
 
 async def test_counters_move_with_a_workflow_on_the_simulated_world(
