@@ -27,7 +27,7 @@ from rebalancer.engine import Engine
 from rebalancer.errors import ComponentFailedError
 from rebalancer.exchanges.base import Exchanges
 from rebalancer.exchanges.live import LiveExchanges, exchange_mode
-from rebalancer.metrics import Metrics, MetricsSampler
+from rebalancer.metrics import MeteredExchanges, Metrics, MetricsSampler
 from rebalancer.settings import Settings, chain_key_path
 from rebalancer.sinks import webhook_targets
 from rebalancer.specs.loading import SpecCatalogue, available_specs
@@ -217,8 +217,9 @@ async def _nats_side(settings: Settings, rt: Runtime, nats_url: str, relay: Rela
         log.warning("NATS at %s reached after %d attempts; the API serves", where(nats_url),
                     attempts + 1)
     stack.push_async_callback(nc.drain)
+    # The engine's buckets; its calls counted in the same metrics as the worker's.
     api = Api(rt.store, rt.accounts, WarnedSpecs(settings, rt.accounts),
-              exchanges=BudgetedExchanges(rt.exchanges, rt.budgets))  # the engine's buckets
+              exchanges=BudgetedExchanges(MeteredExchanges(rt.exchanges, metrics), rt.budgets))
     await serve_api(api, nc)
     # Makes its stream on its first round.
     publisher = AlertPublisher(rt.store, nc.jetstream(), metrics)

@@ -82,7 +82,8 @@ def slack_body(alert: dict[str, Any]) -> bytes:
     blocks.append({"type": "context", "elements": [{
         "type": "mrkdwn",
         "text": _escape(f"since {alert['since'].isoformat()} · key {alert['key']}")}]})
-    return json.dumps({"text": f"[{kind}] {where}: {message}", "blocks": blocks}).encode()
+    return json.dumps({"text": _escape(f"[{kind}] {where}: {message}"),
+                       "blocks": blocks}).encode()
 
 
 def _escape(text: str) -> str:
@@ -114,8 +115,14 @@ class WebhookDispatcher:
                 kinds = None if target.sink.kinds == "all" else list(target.sink.kinds)
                 await conn.execute(_ENQUEUE, (target.name, target.name, kinds, kinds))
         self._registered = True
-        done = await asyncio.gather(*(self._round(t) for t in self.targets))
-        return sum(done)
+        # Every sink's round ends before the next round begins, even when one of them raised
+        # (the database away): never two rounds of one sink at once.
+        done = await asyncio.gather(*(self._round(t) for t in self.targets),
+                                    return_exceptions=True)
+        for outcome in done:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return sum(n for n in done if isinstance(n, int))
 
     async def _round(self, target: WebhookTarget) -> int:
         delivered = 0

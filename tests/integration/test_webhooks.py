@@ -269,7 +269,8 @@ def test_slack_text_is_escaped() -> None:
     body = json.loads(slack_body({
         "kind": "relay_lag", "workflow_id": None, "task": None, "message": "<!channel> & co",
         "since": datetime(2026, 1, 1, tzinfo=UTC), "key": "relay_lag:x"}))
-    assert body["text"] == "[relay_lag] the service: <!channel> & co"
+    # No `<!channel>` pinging everyone: what the alert quotes stays text.
+    assert body["text"] == "[relay_lag] the service: &lt;!channel&gt; &amp; co"
     assert body["blocks"][0]["text"]["text"] == "*relay_lag* the service\n&lt;!channel&gt; &amp; co"
 
 
