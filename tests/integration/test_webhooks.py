@@ -283,6 +283,15 @@ def test_an_inline_url_is_refused_without_quoting_it(tmp_path: Path) -> None:
     assert TOKEN not in str(refused.value)
 
 
+async def test_serve_does_not_start_with_an_inline_url(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"name": "ops", "url": f"https://hooks.example/{TOKEN}"})
+    # Refused before any server is reached: this database does not exist.
+    with pytest.raises(SpecError, match=r"url: a webhook URL carries its token") as refused:
+        await serve(Settings(config=config), "postgresql://nobody@127.0.0.1:1/none", None,
+                    stop=asyncio.Event())
+    assert TOKEN not in str(refused.value)
+
+
 def test_where_the_url_comes_from_is_checked(tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TEST_OPS_HOOK", raising=False)
