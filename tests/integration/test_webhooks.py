@@ -44,6 +44,7 @@ class Receiver:
     """An HTTP server on 127.0.0.1 that answers 503 to its first `failures` requests."""
 
     failures: int = 0
+    hang: float = 0.0  # seconds before it answers
     requests: list[dict[str, Any]] = field(default_factory=list)
     url: str = ""
 
@@ -52,8 +53,9 @@ class Receiver:
             return web.Response(status=404)
         body = await request.json()
         ok = len(self.requests) >= self.failures
-        self.requests.append({"body": body, "ok": ok,
+        self.requests.append({"body": body, "ok": ok and not self.hang,
                               "key": request.headers.get("X-Rebalancer-Alert-Key")})
+        await asyncio.sleep(self.hang)
         return web.Response(status=200 if ok else 503, text="ok" if ok else "try later")
 
     def delivered(self) -> list[str | None]:
@@ -198,6 +200,50 @@ async def test_one_delivery_per_occurrence_retried_and_none_after_a_restart(
         await second.close()
     assert len(receiver.requests) == 6 and len(set(receiver.delivered())) == 3
     await nothing_holds_the_token(database_url, caplog)
+
+
+async def test_a_receiver_that_never_answers_costs_its_timeout_then_is_given_up(
+    database_url: str, store: EventStore, receiver: Receiver, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("TEST_OPS_HOOK", receiver.url)
+    config = write_config(tmp_path, hook(timeout_seconds=0.3, max_attempts=2))
+    metrics = Metrics()
+    dispatcher = WebhookDispatcher(store, webhook_targets(config), metrics)
+    await dispatcher.deliver_pending()
+    await workflow_with(store, fail=True)
+    receiver.hang = 5.0
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await dispatcher.deliver_pending()
+    # One attempt, bounded by its timeout: the round never waits on the receiver's 5 s.
+    assert loop.time() - started < 2.0
+    [row] = await outbox(database_url)
+    assert (row["attempts"], row["last_error"], row["delivered"]) == (
+        1, "no answer within 0.3 s", False)
+
+    async def retried() -> bool:
+        await dispatcher.deliver_pending()
+        return await _given_up(database_url)
+
+    await eventually(retried, timeout=10, interval=0.05, what="the alert given up")
+    for _ in range(3):
+        await dispatcher.deliver_pending()
+    await dispatcher.close()
+    assert len(receiver.requests) == 2  # max_attempts, then no more
+    series = scraped(metrics)
+    assert value(series, "rebalancer_webhook_deliveries_total", sink="ops", outcome="failed") == 1
+    assert value(series, "rebalancer_webhook_deliveries_total", sink="ops",
+                 outcome="gave_up") == 1
+    assert any("gave up on alert workflow_failed:" in r.getMessage() for r in caplog.records)
+    await nothing_holds_the_token(database_url, caplog)
+
+
+async def _given_up(database_url: str) -> bool:
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cur = await conn.execute("select gave_up_at is not null from webhook_deliveries")
+        row = await cur.fetchone()
+    return bool(row and row[0])
 
 
 async def test_serve_delivers_once_and_not_again_after_a_restart(
