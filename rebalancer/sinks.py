@@ -9,7 +9,7 @@ from __future__ import annotations
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -19,6 +19,7 @@ from rebalancer.errors import SpecError
 from rebalancer.settings import environment_variable
 
 AlertKind = Literal["workflow_failed", "task_stuck", "needs_attention", "relay_lag"]
+ALERT_KINDS: tuple[str, ...] = get_args(AlertKind)
 # Keys that would put the URL itself into the file.
 _INLINE = ("url", "webhook_url", "uri", "endpoint", "token")
 
@@ -58,8 +59,9 @@ class WebhookSink(BaseModel):
             raise ValueError("give exactly one of url_env and url_file")
         return self
 
-    def takes(self, kind: str) -> bool:
-        return self.kinds == "all" or kind in self.kinds
+    def taken(self) -> tuple[str, ...]:
+        """The alert kinds this sink takes."""
+        return ALERT_KINDS if self.kinds == "all" else tuple(self.kinds)
 
 
 @dataclass(frozen=True)

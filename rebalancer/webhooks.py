@@ -37,11 +37,14 @@ _ALERTS = ("(select key, kind, workflow_id, task, message, since, details from a
            " union all select key, kind, workflow_id, task, message, since, details"
            " from service_alerts)")
 
-_REGISTER = "insert into webhook_sinks (name) values (%s) on conflict (name) do nothing"
+# A sink takes a kind from the moment it is first started with it; a kind it no longer takes
+# is forgotten, so taking it again later starts afresh.
+_REGISTER = ("insert into webhook_sinks (name, kind) select %s, unnest(%s::text[])"
+             " on conflict (name, kind) do nothing")
+_FORGET = "delete from webhook_sinks where name = %s and kind <> all(%s::text[])"
 _ENQUEUE = (
-    f"insert into webhook_deliveries (alert_key, sink) select a.key, %s from {_ALERTS} a"
-    " where a.since >= (select registered_at from webhook_sinks where name = %s)"
-    " and (%s::text[] is null or a.kind = any(%s::text[]))"
+    f"insert into webhook_deliveries (alert_key, sink) select a.key, s.name from {_ALERTS} a"
+    " join webhook_sinks s on s.name = %s and s.kind = a.kind and a.since >= s.registered_at"
     " on conflict (alert_key, sink) do nothing"
 )
 _CLAIM = (
@@ -111,9 +114,10 @@ class WebhookDispatcher:
         async with self.store.connection() as conn:
             for target in self.targets:
                 if not self._registered:
-                    await conn.execute(_REGISTER, (target.name,))
-                kinds = None if target.sink.kinds == "all" else list(target.sink.kinds)
-                await conn.execute(_ENQUEUE, (target.name, target.name, kinds, kinds))
+                    kinds = list(target.sink.taken())
+                    await conn.execute(_FORGET, (target.name, kinds))
+                    await conn.execute(_REGISTER, (target.name, kinds))
+                await conn.execute(_ENQUEUE, (target.name,))
         self._registered = True
         # Every sink's round ends before the next round begins, even when one of them raised
         # (the database away): never two rounds of one sink at once.

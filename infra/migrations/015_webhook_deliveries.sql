@@ -3,11 +3,14 @@
 -- alert_deliveries it is kept apart from the `alerts` read model: a rebuild keeps the same
 -- keys, finds their rows here and sends nothing twice.
 
--- When each sink was first started: it gets the alerts whose condition began after that, not
--- the whole history before it was configured.
+-- When each sink began taking each kind: it gets the alerts of that kind whose condition began
+-- after that, not the history from before it was configured (nor a flood of old ones when a
+-- kind is added to it later).
 create table if not exists webhook_sinks (
-    name           text primary key,
-    registered_at  timestamptz not null default now()
+    name           text not null,
+    kind           text not null,
+    registered_at  timestamptz not null default now(),
+    primary key (name, kind)
 );
 
 create table if not exists webhook_deliveries (
