@@ -51,9 +51,9 @@ class Fill:
         return {
             "amount_unit": self.unit,
             "amount_currency": self.currency,
-            "planned_amount": str(self.planned),
-            "filled_amount": str(self.filled),
-            "unfilled_amount": str(self.unfilled),
+            "planned_amount": plain(self.planned),
+            "filled_amount": plain(self.filled),
+            "unfilled_amount": plain(self.unfilled),
             "filled_fraction": str(self.fraction),
         }
 
@@ -102,7 +102,7 @@ def remainder(fill: Fill, config: TradeConfig, extra: dict[str, Any],
     if amount <= 0:
         return None
     left: dict[str, Any] = {"account": config.account, "currency": currency,
-                            "amount": str(amount), "reason": REASON}
+                            "amount": plain(amount), "reason": REASON}
     if estimated:
         left["estimated"] = True
     return left
@@ -147,7 +147,7 @@ async def finish(ctx: TaskContext, unit: str, planned: Decimal, refresh: dict[st
                        error=error(REASON, f"{text}; on_partial: fail", **{REASON: extra[REASON]}))
     else:
         await ctx.move(TaskTrigger.ESCALATE, refresh_result=refresh,
-                       error=error(REASON, f"{text}; {settle_text(config, extra, fill)}",
+                       error=error(REASON, f"{text}. {settle_text(config, extra, fill)}",
                                    commands=commands(ctx), **{REASON: extra[REASON]}))
 
 
@@ -155,9 +155,9 @@ def message(task: str, fill: Fill, extra: dict[str, Any]) -> str:
     """Planned vs filled vs unfilled, and what stays unspent."""
     record = extra[REASON]
     percent = (fill.fraction * 100).normalize()
-    text = (f"{task} filled {fill.filled} of {fill.planned} {fill.currency} planned"
-            f" ({percent:f}%, {record['slices_filled']} of {record['slices']} orders);"
-            f" {fill.unfilled} {fill.currency} unfilled, below the"
+    text = (f"{task} filled {plain(fill.filled)} of {plain(fill.planned)} {fill.currency}"
+            f" planned ({percent:f}%, {record['slices_filled']} of {record['slices']} orders);"
+            f" {plain(fill.unfilled)} {fill.currency} unfilled, below the"
             f" {(Decimal(record['min_filled_fraction']) * 100).normalize():f}% required")
     for left in extra.get("remainders") or []:
         about = "about " if left.get("estimated") else ""
@@ -166,13 +166,18 @@ def message(task: str, fill: Fill, extra: dict[str, Any]) -> str:
 
 
 def settle_text(config: TradeConfig, extra: dict[str, Any], fill: Fill) -> str:
-    bought = f"{extra['cumulative_amount']} {config.base_currency}"
-    got = bought if config.side == "buy" else (
-        f"{extra.get('cumulative_quote_received')} {config.quote_currency}")
-    return (f"resolve --outcome done carries on with the {got} the orders got;"
-            f" --outcome resend sends the unfilled {fill.unfilled} {fill.currency} as one more"
-            f" order; --outcome failed (or cancel) ends the workflow here, leaving {got} and the"
-            f" unspent amount on {config.account}")
+    """What each way of settling it does, in the terms of this trade."""
+    got = (f"{plain(Decimal(extra['cumulative_amount_excluding_fee']))} {config.base_currency}"
+           " bought" if config.side == "buy" else
+           f"{extra.get('cumulative_quote_received')} {config.quote_currency} received")
+    return (f"resolve it: done carries on with the {got}, resend sends the unfilled"
+            f" {plain(fill.unfilled)} {fill.currency} as one more order, failed (or cancel)"
+            f" ends the workflow with both left on {config.account}")
+
+
+def plain(amount: Decimal) -> str:
+    """An amount without trailing zeros or exponent ("249999.96437", "1000000")."""
+    return format(amount.normalize(), "f") if amount else "0"
 
 
 def commands(ctx: TaskContext) -> list[str]:
