@@ -25,7 +25,7 @@ from events.store import EventStore
 from projections.alerts import pending_alerts
 from projections.runner import ProjectionRunner, default_projections
 from rebalancer.accounts import Accounts, load_accounts
-from rebalancer.alerts import body_of
+from rebalancer.alerts import AlertPublisher, body_of
 from rebalancer.api import Api, serve_api
 from rebalancer.commands import start_workflow
 from rebalancer.specs.builders import twap_trade, workflow
@@ -212,8 +212,28 @@ async def test_the_seed_twap_with_money_for_one_slice_needs_attention_then_carri
         assert ok, totals
 
 
+async def received_alerts(nats_url: str, subject: str, workflow_id: str) -> list[dict[str, Any]]:
+    """The alert bodies JetStream holds on `subject` for one workflow."""
+    nc = await nats.connect(nats_url)
+    try:
+        sub = await nc.jetstream().subscribe(subject, ordered_consumer=True)
+        found = []
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1.0)
+            except nats.errors.TimeoutError:
+                break
+            body = json.loads(msg.data)
+            if body["workflow_id"] == workflow_id:
+                found.append(body)
+        await sub.unsubscribe()
+        return found
+    finally:
+        await nc.drain()
+
+
 async def test_on_partial_continue_ends_done_with_the_remainder_and_a_warning(
-    store: EventStore, database_url: str, tmp_path: Path
+    store: EventStore, database_url: str, nats_url: str, tmp_path: Path
 ) -> None:
     world = write_world(tmp_path, balances={ACCOUNT: {"KRW": ONE_SLICE}})
     async with Worker(database_url, world=world, time_scale=SCALE) as worker:
@@ -233,6 +253,14 @@ async def test_on_partial_continue_ends_done_with_the_remainder_and_a_warning(
         assert body["level"] == "warning"
         assert body["remainders"] == extra["remainders"]
         assert body["partial_fill"]["filled_amount"] == extra["filled_amount"]
+        # Published on its own subject, once.
+        nc = await nats.connect(nats_url)
+        try:
+            assert await AlertPublisher(store, nc.jetstream()).publish_pending() >= 1
+        finally:
+            await nc.drain()
+        assert await received_alerts(nats_url, "rebalancer.alerts.partial_fill",
+                                     workflow_id) == [body]
         ok, totals = await worker.world.check()
         assert ok, totals
 
