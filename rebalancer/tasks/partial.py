@@ -190,4 +190,5 @@ def commands(ctx: TaskContext) -> list[str]:
     ]
 
 
-__all__ = ["REASON", "Fill", "Outcome", "decide", "finish", "measure", "record", "remainder"]
+__all__ = ["REASON", "Fill", "Outcome", "commands", "decide", "finish", "measure", "policy_of",
+           "record", "remainder"]

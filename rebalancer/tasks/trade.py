@@ -129,12 +129,14 @@ class TradeProcessor(Processor):
         exchange, or when nothing is left to send."""
         slices = _slices(ctx)
         fill = partial.measure(plan.unit, plan.total, ctx.task.request_params or {}, slices)
-        if any(s["status"] == "open" for s in slices) or fill.unfilled <= 0:
+        # Filled as the spec counts it (a market order's step dust included): nothing to send.
+        filled = partial.decide(fill, "needs_attention", partial.policy_of(ctx)[1]) == "filled"
+        if filled or any(s["status"] == "open" for s in slices):
             await ctx.move(TaskTrigger.ESCALATE, error=error(
                 "nothing_to_resend",
                 f"{ctx.task.name}: every order of the plan was sent and"
-                + (" one may still be open on the exchange: cancel it there, then resolve"
-                   " done or failed" if fill.unfilled > 0 else " it filled; resolve done"),
+                + (" it filled; resolve done" if filled else " one may still be open on the"
+                   " exchange: cancel it there, then resolve done or failed"),
                 commands=partial.commands(ctx)[::2]))
             return None
         return replace(plan, amounts=[*plan.amounts, fill.unfilled], planned=plan.total)

@@ -27,8 +27,8 @@ from projections.runner import ProjectionRunner, default_projections
 from rebalancer.accounts import Accounts, load_accounts
 from rebalancer.alerts import AlertPublisher, body_of
 from rebalancer.api import Api, serve_api
-from rebalancer.commands import start_workflow
-from rebalancer.specs.builders import twap_trade, workflow
+from rebalancer.commands import reopen_workflow, resolve_task, start_workflow
+from rebalancer.specs.builders import task, twap_trade, workflow
 from rebalancer.specs.loading import builtin_specs
 from rebalancer.specs.models import WorkflowSpec
 from tests.conftest import ROOT
@@ -340,5 +340,45 @@ async def test_resend_from_the_attention_sends_the_unfilled_part_as_one_more_ord
         assert D(extra["filled_fraction"]) >= D("0.99")
         assert "partial_fill" not in extra and "remainders" not in extra
         assert len(await operations(database_url, "order")) == 2
+        ok, totals = await worker.world.check()
+        assert ok, totals
+
+
+async def test_a_resend_of_a_trade_that_filled_sends_nothing_and_hands_it_back(
+    store: EventStore, database_url: str, tmp_path: Path
+) -> None:
+    # The trade fills in full; the withdrawal after it fails (no address on that network). An
+    # operator re-opens the workflow at the trade and resends it: buying again would spend the
+    # money twice, so the trade is handed back with the commands that settle it.
+    world = write_world(tmp_path, balances={ACCOUNT: {"KRW": "5000000"}})
+    async with Worker(database_url, world=world, time_scale=SCALE) as worker:
+        spec = workflow(
+            "buy_then_withdraw", {"budget": "amount"},
+            [twap_trade("buy_eth", slices=2, interval_seconds=0, account=ACCOUNT, side="buy",
+                        order_type="market", base_currency="ETH", quote_currency="KRW",
+                        quote_amount="{budget}"),
+             task("withdraw_eth", "withdraw", from_account=ACCOUNT,
+                  to_account="binance-personal", currency="ETH", network="NOPE",
+                  amount="{$.buy_eth.refresh_result.extra.cumulative_amount_excluding_fee}")],
+            accounts=worker.accounts)
+        workflow_id, _ = await start_workflow(store, spec, {"budget": BUDGET}, worker.accounts)
+        failed = await worker.drive(workflow_id)
+        assert failed.state == "failed"
+        assert (failed.tasks[1].error or {})["code"] == "no_deposit_address"
+        reopened = await reopen_workflow(store, "reopen-1", workflow_id, "buy_eth")
+        assert reopened["ok"], reopened
+        resent = await resolve_task(store, "resend-1", workflow_id, "buy_eth", "resend",
+                                    "buy again?")
+        assert resent["ok"], resent
+        again = await worker.drive(workflow_id, until=("needs_attention",))
+        trade = again.tasks[0]
+        assert trade.state == "needs_attention"
+        error = trade.error or {}
+        assert error["code"] == "nothing_to_resend" and "it filled; resolve done" in (
+            error["message"])
+        assert [c.split(" --note")[0] for c in error["commands"]] == [
+            f"rebalancer resolve {workflow_id} buy_eth --outcome done",
+            f"rebalancer resolve {workflow_id} buy_eth --outcome failed"]
+        assert len(await operations(database_url, "order")) == 2  # the two slices, no more
         ok, totals = await worker.world.check()
         assert ok, totals
