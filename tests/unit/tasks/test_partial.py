@@ -4,7 +4,9 @@ policy applied only below it, and what stays unspent."""
 from decimal import Decimal
 
 import pytest
+import yaml
 
+from rebalancer.specs.loading import spec_from_data
 from rebalancer.specs.models import (
     DEFAULT_MIN_FILLED_FRACTION,
     PartialPolicy,
@@ -115,3 +117,20 @@ def test_on_partial_and_the_fraction_belong_to_trades_and_have_bounds() -> None:
     dumped = trade.model_dump(mode="json")
     assert dumped["min_filled_fraction"] == "0.5"
     assert TaskSpec.model_validate(dumped) == trade
+
+
+def test_a_yaml_spec_sets_them_next_to_twap() -> None:
+    data = yaml.safe_load("""
+name: partial_yaml
+params: {budget: {type: amount}}
+tasks:
+  - name: buy
+    kind: trade
+    twap: {slices: 4, interval_seconds: 2}
+    on_partial: continue
+    min_filled_fraction: 0.9
+    config: {account: upbit-personal, side: buy, base_currency: ETH, quote_currency: KRW,
+             quote_amount: "{budget}"}
+""")
+    [buy] = spec_from_data(data).tasks
+    assert (buy.on_partial, buy.min_filled_fraction) == ("continue", D("0.9"))
