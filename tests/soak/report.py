@@ -51,7 +51,8 @@ def text(report: dict[str, Any]) -> str:
         f" {len(report['serve_exited_on_its_own'])}, last one stopped with status"
         f" {report['serve_final_exit_status']}",
         f"workflows started: {report['workflows_started']} over the command API"
-        f" ({report['start_requests_repeated']} requests repeated,"
+        f" (requests repeated with the same command id: {report['start_repeats_no_reply']}"
+        f" unanswered, {report['start_repeats_retryable']} retryable refusals;"
         f" {report['starts_answered_already_created']} answered 'already created')",
         "terminal states: " + ", ".join(f"{s} {n}" for s, n in out["states"].items())
         + (f"; never ended: {len(report['still_running'])}" if report["still_running"] else ""),

@@ -74,7 +74,10 @@ class Starts:
     """The workflows started so far over the API, and how often a start had to be repeated."""
 
     ids: list[str] = field(default_factory=list)
-    repeats: int = 0  # requests sent again with the same command id (no reply, or retryable)
+    # Requests sent again with the same command id: no reply (serve down or killed before it
+    # answered), or a retryable refusal (the pre-flight's reads rate-limited or timed out).
+    no_reply: int = 0
+    retryable: int = 0
     already: int = 0  # replies "created": false: an earlier request of it had gone through
     refused: list[dict[str, Any]] = field(default_factory=list)
 
@@ -101,7 +104,10 @@ async def start_one(nats_url: str, body: dict[str, Any], starts: Starts, until: 
         if reply is not None and not (error.get("details") or {}).get("retryable"):
             starts.refused.append({"command_id": body["command_id"], "error": error})
             return
-        starts.repeats += 1
+        if reply is None:
+            starts.no_reply += 1
+        else:
+            starts.retryable += 1
         await asyncio.sleep(0.2)
 
 
@@ -217,7 +223,8 @@ async def soak(knobs: Knobs, database_url: str, nats_url: str, key_file: Path,
         "serve_exited_on_its_own": serve.died_on_its_own,
         "serve_final_exit_status": exit_status,
         "workflows_started": len(set(starts.ids)),
-        "start_requests_repeated": starts.repeats,
+        "start_repeats_no_reply": starts.no_reply,
+        "start_repeats_retryable": starts.retryable,
         "starts_answered_already_created": starts.already,
         "starts_refused": starts.refused,
         "still_running": stuck,
