@@ -148,6 +148,18 @@ async def relay_caught_up(database_url: str, nats_url: str) -> bool:
     return row is not None and info.state.messages >= int(row[0])
 
 
+def kills_lived_through(streams: dict[str, list[RecordedEvent]],
+                        killed_at: list[float]) -> dict[str, Any]:
+    """How many kills fell between each workflow's first and last event: min, median, max."""
+    counts = sorted(
+        sum(events[0].recorded_at.timestamp() < k < events[-1].recorded_at.timestamp()
+            for k in killed_at)
+        for events in streams.values() if events)
+    if not counts:
+        return {"min": 0, "median": 0, "max": 0}
+    return {"min": counts[0], "median": counts[len(counts) // 2], "max": counts[-1]}
+
+
 def cli_check(env: dict[str, str], *args: str) -> dict[str, Any]:
     """`rebalancer ARGS --json` as a user runs it: its exit status and its JSON."""
     done = subprocess.run([sys.executable, "-m", "rebalancer", *args, "--json"], env=env,

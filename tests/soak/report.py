@@ -32,8 +32,8 @@ def problems(report: dict[str, Any]) -> list[str]:
         found.append(f"the last serve stopped with status {report['serve_final_exit_status']}")
     unexplained = [w for w in report["outcomes"]["not_done"] if not w["uncertain_outcome"]]
     if unexplained:
-        found.append(f"{len(unexplained)} workflow(s) ended neither done nor needs_attention"
-                     " for an uncertain outcome")
+        found.append(f"{len(unexplained)} workflow(s) not done with no uncertain outcome to"
+                     " explain it")
     return found
 
 
@@ -56,15 +56,17 @@ def text(report: dict[str, Any]) -> str:
         f" {report['starts_answered_already_created']} answered 'already created')",
         "terminal states: " + ", ".join(f"{s} {n}" for s, n in out["states"].items())
         + (f"; never ended: {len(report['still_running'])}" if report["still_running"] else ""),
+        f"kills each workflow lived through: min {report['kills_per_workflow']['min']},"
+        f" median {report['kills_per_workflow']['median']},"
+        f" max {report['kills_per_workflow']['max']}",
         f"intents: {out['intents']}, resets after a restart or fault: {out['resets']},"
         f" escalations: {out['escalations']}",
         f"duplicate operations: {len(ops['duplicates'])} (of {ops['operations']} executed;"
         f" without an intent: {len(ops['strays'])})",
         f"lost events: {ev['lost']} (table {ev['table']}, JetStream copy {ev['copy']};"
         f" copied twice: {ev['copied_twice']}, in the copy only: {ev['not_in_table']})",
-        f"sim check: {'ok' if report['sim_check']['ok'] else 'FAILED'}"
-        f" ({len(sim_rows)} currencies, totals unchanged)"
-        if report["sim_check"]["ok"] else "sim check: FAILED",
+        f"sim check: ok ({len(sim_rows)} currencies, every total unchanged)"
+        if report["sim_check"]["ok"] else f"sim check: FAILED ({sim_rows})",
         f"audit: {'ok' if report['audit']['ok'] else 'FAILED'} ({audit.get('streams')} streams,"
         f" {audit.get('events')} events, {len(audit.get('findings') or [])} findings;"
         f" {audit.get('jetstream')})",

@@ -27,6 +27,7 @@ class Serve:
     incarnations: int = 0
     log_offset: int = 0  # where the current incarnation's lines begin
     lifetimes: list[float] = field(default_factory=list)  # seconds each killed one had run
+    killed_at: list[float] = field(default_factory=list)  # time.time() of each kill
     died_on_its_own: list[int] = field(default_factory=list)  # exit statuses
 
     def start(self) -> None:
@@ -66,6 +67,7 @@ class Serve:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait()
             self.lifetimes.append(time.monotonic() - self.started_at)
+            self.killed_at.append(time.time())
         else:
             self.died_on_its_own.append(code)
         self.process = None
