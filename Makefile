@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 BENCH_VENV := .venv-bench-dbos
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: install lint test bench demo clean infra-down
+.PHONY: install lint test bench soak demo clean infra-down
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q python3-venv; }
@@ -44,6 +44,11 @@ bench: install $(BENCH_STAMP)
 	$(BIN)/python -m tests.bench.bench_replay
 	$(BIN)/python -m tests.bench.bench_engine
 
+# 50 workflows on a faulted simulated world while `serve` is SIGKILLed 200 times (README "Soak"):
+# its own servers under .rebalancer-soak; SOAK_WORKFLOWS / SOAK_KILLS for other sizes.
+soak: install
+	PYTHONPATH=$(CURDIR) $(BIN)/python -m tests.soak.run
+
 # Embedded PostgreSQL + NATS under .rebalancer, the simulated world, the seed path end to end.
 demo: install
 	$(BIN)/rebalancer demo
@@ -52,4 +57,4 @@ infra-down: install
 	$(BIN)/rebalancer infra down
 
 clean: infra-down
-	rm -rf $(VENV) $(BENCH_VENV) .rebalancer .rebalancer-test .rebalancer-bench .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) .rebalancer .rebalancer-test .rebalancer-bench .rebalancer-soak .mypy_cache .ruff_cache
