@@ -126,7 +126,8 @@ async def serve(settings: Settings, database_url: str, nats_url: str | None, *,
         ]
         if nats_url is not None:
             key = load_key(chain_key_path(settings), create=True)
-            relay = Relay(rt.store, nats_url, chain_key=key)
+            relay = Relay(rt.store, nats_url, chain_key=key,
+                          replicas=settings.nats_stream_replicas)
             stack.push_async_callback(relay.close)
             components += [
                 ("relay", lambda: relay.run(stop)),
@@ -197,7 +198,8 @@ async def _nats_side(settings: Settings, rt: Runtime, nats_url: str, relay: Rela
     api = Api(rt.store, rt.accounts, WarnedSpecs(settings, rt.accounts),
               exchanges=BudgetedExchanges(rt.exchanges, rt.budgets))  # the engine's buckets
     await serve_api(api, nc)
-    publisher = AlertPublisher(rt.store, nc.jetstream())  # makes its stream on its first round
+    # It makes its stream on its first round.
+    publisher = AlertPublisher(rt.store, nc.jetstream(), replicas=settings.nats_stream_replicas)
     watch = RelayLagWatch(rt.store, relay, threshold=timedelta(seconds=settings.relay_lag_seconds))
     await asyncio.gather(publisher.run(stop), watch.run(stop))
 
