@@ -474,19 +474,35 @@ async def follow(url: str, workflow_id: str, on_event: Callable[[Any], bool],
     import nats.js.errors
 
     from events.relay import Subscriber
+    from events.relay.subscriber import FAILOVER_ERRORS
 
     nc = await _connect_once(url, 5.0)
     asked = False
+    # Where an earlier entry stopped: a failover that ends one (a cluster electing a stream
+    # leader while it enters) resumes at the same sequence, nothing shown twice or skipped.
+    resume: int | None = None
+    seen: dict[str, int] = {}
     try:
         subject = f"rebalancer.events.{workflow_id}.>" if workflow_id else "rebalancer.events.>"
         while True:
+            reading = False
             try:
-                async with Subscriber(nc, subject, from_now=not from_start) as events:
+                async with Subscriber(nc, subject, from_now=not from_start, seen=seen,
+                                      from_sequence=resume) as events:
+                    resume = events.next_sequence
                     if ready is not None and await ready():
                         return
                     while True:
-                        if on_event(await events.next(timeout=timeout)):
+                        reading = True
+                        event = await events.next(timeout=timeout)
+                        reading = False
+                        resume, seen = events.next_sequence, events.last_versions
+                        if on_event(event):
                             return
+            except FAILOVER_ERRORS:
+                if reading and timeout is not None:
+                    raise  # `timeout` passed with no event (next() rides out failovers)
+                await asyncio.sleep(0.5)
             except nats.js.errors.NotFoundError:
                 # No stream yet: a `serve` that has never relayed creates it on its first pass.
                 if ready is not None and not asked:
