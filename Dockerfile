@@ -26,8 +26,9 @@ RUN pip install . \
 
 # Not root. Its home keeps the chain key (chain.key, created by the first `serve`): a volume,
 # so a new container keeps signing with the same key.
-RUN useradd --system --uid 10001 --user-group --create-home --home-dir /var/lib/rebalancer \
-      rebalancer
+RUN groupadd --system --gid 10001 rebalancer \
+ && useradd --system --uid 10001 --gid rebalancer --create-home \
+      --home-dir /var/lib/rebalancer rebalancer
 USER 10001:10001
 WORKDIR /var/lib/rebalancer
 ENV REBALANCER_HOME=/var/lib/rebalancer
