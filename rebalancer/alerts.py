@@ -35,11 +35,12 @@ SUBJECTS = "rebalancer.alerts.>"
 MAX_BACKOFF = 30.0  # seconds between rounds after failures in a row
 
 
-def alert_stream() -> StreamConfig:
+def alert_stream(replicas: int = 1) -> StreamConfig:
+    """REBALANCER_ALERTS, with `replicas` copies on a cluster (Settings.nats_stream_replicas)."""
     return StreamConfig(
         name=STREAM, subjects=[SUBJECTS], storage=StorageType.FILE,
         retention=RetentionPolicy.LIMITS, duplicate_window=600.0,
-        max_age=90 * 24 * 3600.0,
+        max_age=90 * 24 * 3600.0, num_replicas=replicas,
     )
 
 
@@ -57,17 +58,19 @@ class AlertPublisher:
     """Sends undelivered alerts; `publish_pending` is one round, `run` loops until stopped."""
 
     def __init__(self, store: EventStore, js: JetStreamContext,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, *, replicas: int = 1) -> None:
         self.store = store
         self.js = js
         self.metrics = metrics
+        self.replicas = replicas
         self._stream_ready = False
 
     async def ensure_stream(self) -> None:
+        config = alert_stream(self.replicas)
         try:
-            await self.js.add_stream(alert_stream())
+            await self.js.add_stream(config)
         except Exception:
-            await self.js.update_stream(alert_stream())
+            await self.js.update_stream(config)
         self._stream_ready = True
 
     async def publish_pending(self) -> int:

@@ -147,7 +147,8 @@ async def serve(settings: Settings, database_url: str, nats_url: str | None, *,
             components.append(("webhooks", lambda: webhooks.run(stop)))
         if nats_url is not None:
             key = load_key(chain_key_path(settings), create=True)
-            relay = Relay(rt.store, nats_url, chain_key=key, name=RELAY_NAME)
+            relay = Relay(rt.store, nats_url, chain_key=key, name=RELAY_NAME,
+                          replicas=settings.nats_stream_replicas)
             stack.push_async_callback(relay.close)
             components += [
                 ("relay", lambda: relay.run(stop)),
@@ -222,7 +223,8 @@ async def _nats_side(settings: Settings, rt: Runtime, nats_url: str, relay: Rela
               exchanges=BudgetedExchanges(MeteredExchanges(rt.exchanges, metrics), rt.budgets))
     await serve_api(api, nc)
     # Makes its stream on its first round.
-    publisher = AlertPublisher(rt.store, nc.jetstream(), metrics)
+    publisher = AlertPublisher(rt.store, nc.jetstream(), metrics,
+                               replicas=settings.nats_stream_replicas)
     watch = RelayLagWatch(rt.store, relay, threshold=timedelta(seconds=settings.relay_lag_seconds))
     await asyncio.gather(publisher.run(stop), watch.run(stop))
 
