@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 BENCH_VENV := .venv-bench-dbos
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: install lint test bench soak demo clean infra-down
+.PHONY: install test-tools lint test bench soak demo clean infra-down
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q python3-venv; }
@@ -33,7 +33,13 @@ lint: install
 
 # The test fixtures start (and afterwards stop) PostgreSQL and NATS themselves:
 # testcontainers when a Docker engine answers, the embedded servers otherwise.
-test: lint
+# What the suite drives besides Python, installed where missing (CI runs as root, apt reachable):
+# a compose that parses infra/docker-compose.yml (`config` needs no Docker engine).
+test-tools:
+	@docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || \
+	  { apt-get update -q && apt-get install -y -q docker-compose; }
+
+test: lint test-tools
 	$(BIN)/pytest -q -p no:cacheprovider; status=$$?; \
 	  REBALANCER_HOME=.rebalancer-test $(BIN)/rebalancer infra down >/dev/null 2>&1; \
 	  exit $$status

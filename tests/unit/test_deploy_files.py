@@ -3,8 +3,8 @@ Dockerfile must say (no secret in them, migrate before serve, the service not as
 
 `docker compose config` only parses and interpolates: it needs no Docker engine. Where the
 compose plugin is missing, the Debian `docker-compose` (v1.29) parses the file instead, less
-its top-level `name:` (which v1 predates); with neither, those tests skip and the structural
-ones below still run."""
+its top-level `name:` (which v1 predates). `make test` installs the Debian one where neither is
+there; a bare pytest without either skips those tests, and the structural ones below still run."""
 
 from __future__ import annotations
 
