@@ -2,8 +2,8 @@
 `resume` from the command line against a real API over NATS and PostgreSQL, a worker driving
 the workflow on the stateful simulated world, and `rebalancer sim check` at the end.
 
-- cancel between TWAP slices: no further slice, the workflow `canceled`, the unspent KRW a
-  remainder;
+- cancel between TWAP slices (of a paused workflow): no further slice, the workflow
+  `canceled`, the unspent KRW a remainder;
 - cancel with a resting limit order: the order is canceled on the exchange, what filled is
   settled, nothing stays reserved;
 - a paused workflow's resting order is still followed to done, and no next task starts;
@@ -15,6 +15,7 @@ the workflow on the stateful simulated world, and `rebalancer sim check` at the 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -129,8 +130,10 @@ def remainders(flow: Workflow) -> list[dict[str, Any]]:
 
 
 async def test_cancel_between_twap_slices_sends_no_further_slice(
-    database_url: str, store: EventStore, env: dict[str, str], tmp_path: Path
+    database_url: str, store: EventStore, env: dict[str, str], tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO)
     async with Worker(database_url, world=world(tmp_path, 10), time_scale=SCALE) as worker:
         # Four market slices an hour apart: after the first, the trade waits for the next.
         spec = workflow("twap_buy", {}, [twap_trade(
@@ -142,15 +145,27 @@ async def test_cancel_between_twap_slices_sends_no_further_slice(
                            "the first slice filled")
         assert await worker.step(workflow_id) == "idle"  # waiting for the next slice
 
+        # Paused first (no next slice would go out either), then canceled.
+        code, out, err = await cli(env, "pause", workflow_id[:8])
+        assert code == 0, err
         code, out, err = await cli(env, "cancel", workflow_id[:8], "--reason", "market moved")
         assert code == 0, err
-        assert out.strip() == f"{workflow_id}: running (task buy: canceling)"
+        assert out.strip() == f"{workflow_id}: paused (task buy: canceling)"
 
         flow = await until(worker, workflow_id, lambda f: f.state == "canceled", "canceled")
         trade = flow.tasks[0]
         assert trade.state == "canceled"
         assert trade.error is not None and trade.error["code"] == "canceled"
         assert trade.error["message"] == "market moved"
+        moves = [(e.data.get("task_name", "_workflow"), e.data["source"], e.data["dest"])
+                 for e in (await store.read_stream(f"workflow-{workflow_id}"))[-3:]]
+        assert moves == [("buy", "requested", "canceling"), ("buy", "canceling", "canceled"),
+                         ("_workflow", "paused", "canceled")]
+        # The operator's command and each move are one log line each.
+        short = workflow_id[:8]
+        assert f"command cancel {short} buy: ok, paused, task canceling" in caplog.text
+        assert f"workflow {short} buy: canceling -> canceled" in caplog.text
+        assert f"workflow {short} _workflow: paused -> canceled" in caplog.text
         # One slice went out; none after the cancel.
         orders = await operations(database_url, "order")
         assert len(orders) == 1
