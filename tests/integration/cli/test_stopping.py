@@ -15,6 +15,7 @@ the workflow on the stateful simulated world, and `rebalancer sim check` at the 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -29,6 +30,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from events.store import EventStore
+from projections.runner import ProjectionRunner, default_projections
 from rebalancer.accounts import Accounts, load_accounts
 from rebalancer.api import Api, serve_api
 from rebalancer.commands import start_workflow
@@ -222,6 +224,15 @@ async def test_cancel_with_a_resting_limit_order_cancels_it_and_settles_what_fil
         held = (await worker.world.balances())[ACCOUNT]
         assert held["ETH"] == D("0.05") - D(after["fee"])
         await nothing_open_or_reserved(database_url)
+        # `status --json` shows the remainder left on the account.
+        await ProjectionRunner(store, default_projections()).catch_up()
+        code, out, err = await cli(env, "status", workflow_id, "--json")
+        assert code == 0, err
+        shown = json.loads(out)
+        assert shown["state"] == "canceled"
+        assert [(r["account"], r["currency"], r["amount"], r["reason"], r["task"])
+                for r in shown["remainders"]] == [
+            (ACCOUNT, "KRW", str(D("0.05") * D(RESTING_PRICE)), "canceled", "buy")]
     await sim_check_holds(env)
 
 
