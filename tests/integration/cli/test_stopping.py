@@ -330,3 +330,31 @@ async def test_a_cancel_interrupted_by_a_crash_or_a_lost_answer_is_finished_afte
                                      "amount": str(D("0.1") * D(RESTING_PRICE))}]
         await nothing_open_or_reserved(database_url)
     await sim_check_holds(env)
+
+
+async def test_a_paused_twap_sends_no_next_slice_until_resumed(
+    database_url: str, store: EventStore, env: dict[str, str], tmp_path: Path
+) -> None:
+    async with Worker(database_url, world=world(tmp_path, 10), time_scale=SCALE) as worker:
+        # No interval: unpaused, each slice would go at the very next step.
+        spec = workflow("twap_now", {}, [twap_trade(
+            "buy", slices=3, interval_seconds=0, account=ACCOUNT, side="buy",
+            order_type="market", base_currency="ETH", quote_currency="KRW",
+            quote_amount="300000")], accounts=worker.accounts)
+        workflow_id = await started(store, spec, worker.accounts)
+        await until(worker, workflow_id, lambda f: f.tasks[0].state == "requested",
+                    "the first slice filled")
+        code, _, err = await cli(env, "pause", workflow_id)
+        assert code == 0, err
+        for _ in range(5):
+            await worker.engine.run_pass()
+        flow = await load(store, workflow_id)
+        assert (flow.state, flow.tasks[0].state) == ("paused", "requested")
+        assert len(await operations(database_url, "order")) == 1
+
+        code, _, err = await cli(env, "resume", workflow_id)
+        assert code == 0, err
+        flow = await worker.drive(workflow_id)
+        assert flow.state == "done"
+        assert len(await operations(database_url, "order")) == 3
+    await sim_check_holds(env)
