@@ -34,6 +34,7 @@ from rebalancer.settling import Found, SettlingError, look_up, parse_result, set
 from rebalancer.specs.models import WorkflowSpec
 from rebalancer.specs.resolution import dump_params, resolve_params
 from rebalancer.specs.validation import validate_spec
+from rebalancer.tasks import partial
 from rebalancer.workflow import TaskRecord, Workflow, fold
 
 # Workflow ids are derived from command ids, so a repeated start command finds its workflow
@@ -238,13 +239,28 @@ def _cancel_moves(workflow: Workflow, why: str, actor: str) -> tuple[list[TaskSt
 
 
 def _may_have_moved(task: TaskRecord) -> bool:
-    """Whether a task in needs_attention may have moved money. Nothing can have moved only
-    where no intent was ever stored: every exchange call that moves money is preceded by its
-    stored intent (request_params, counted in `intents`), so a task without one never reached
-    the exchange (one parked by the worker's bulkhead before it sent anything, say). A deposit
-    sends nothing itself but waits for money an earlier task or someone else sent: that money
-    has moved, and only an operator can say where it is."""
-    return task.kind == TaskKind.DEPOSIT or task.intents > 0 or task.request_params is not None
+    """Whether a task in needs_attention may have moved money its record does not account for.
+
+    Nothing can have moved where no intent was ever stored: every exchange call that moves
+    money is preceded by its stored intent (request_params, counted in `intents`), so a task
+    without one never reached the exchange (one parked by the worker's bulkhead before it sent
+    anything, say). A trade parked for a partial fill has every order ended and recorded, its
+    remainder too: what moved is known, and canceling leaves it as recorded. Anything else sent
+    may have moved in ways only an operator can settle; a deposit sends nothing itself but
+    waits for money an earlier task or someone else sent, and only an operator can say where
+    that money is."""
+    if task.kind == TaskKind.DEPOSIT:
+        return True
+    if task.intents == 0 and task.request_params is None:
+        return False
+    return not _partial_fill_settled(task)
+
+
+def _partial_fill_settled(task: TaskRecord) -> bool:
+    slices = ((task.refresh_result or {}).get("extra") or {}).get("slices") or []
+    return (task.kind == TaskKind.TRADE and (task.error or {}).get("code") == partial.REASON
+            and bool(slices) and all(s.get("status") in ("closed", "canceled", "rejected")
+                                     for s in slices))
 
 
 def _settle_first(workflow: Workflow, task: TaskRecord) -> CommandError:

@@ -27,10 +27,16 @@ from rebalancer.engine import Engine
 from rebalancer.errors import ComponentFailedError
 from rebalancer.exchanges.base import Exchanges
 from rebalancer.exchanges.live import LiveExchanges, exchange_mode
+from rebalancer.metrics import MeteredExchanges, Metrics, MetricsSampler
 from rebalancer.settings import Settings, chain_key_path
+from rebalancer.sinks import webhook_targets
 from rebalancer.specs.loading import SpecCatalogue, available_specs
+from rebalancer.webhooks import WebhookDispatcher
 
 log = logging.getLogger(__name__)
+
+# The relay's checkpoint row (relay_checkpoints.name); its lag is a metric from the start.
+RELAY_NAME = "jetstream"
 
 
 @dataclass
@@ -45,14 +51,15 @@ class Runtime:
     # Poll intervals are shrunk by this for a simulated world whose clock runs faster.
     poll_scale: float = 1.0
 
-    def engine(self, owner: str | None = None, *, follow_projections: bool = False) -> Engine:
+    def engine(self, owner: str | None = None, *, follow_projections: bool = False,
+               metrics: Metrics | None = None) -> Engine:
         """The worker for these exchanges and accounts, as the settings size it."""
         return Engine(
             self.store, self.exchanges, self.accounts, owner=owner,
             follow_projections=follow_projections, poll_scale=self.poll_scale,
             concurrency=self.settings.worker_concurrency,
             lease_seconds=self.settings.claim_seconds, max_failures=self.settings.max_failures,
-            budgets=self.budgets,
+            budgets=self.budgets, metrics=metrics,
         )
 
 
@@ -104,12 +111,20 @@ Component = tuple[str, Callable[[], Awaitable[None]]]
 
 
 async def serve(settings: Settings, database_url: str, nats_url: str | None, *,
-                tick: float = 0.5, stop: asyncio.Event | None = None) -> None:
+                tick: float = 0.5, stop: asyncio.Event | None = None,
+                metrics: Metrics | None = None) -> None:
     """Run everything until SIGTERM/SIGINT (or `stop`); steps in flight finish, NATS is drained.
 
-    Without `nats_url` only the worker and the projections run (nothing is relayed). Raises
-    ComponentFailedError, after stopping the others, when one component ends unexpectedly.
+    Without `nats_url` only the worker, the projections, the metrics sampler and the alert
+    webhooks run (nothing is relayed). `metrics`: the process's (the HTTP side serves its
+    `exposition()`); made here when not given. Raises SpecError for a bad `alerts:` section
+    before anything starts, and ComponentFailedError, after stopping the others, when one
+    component ends unexpectedly.
     """
+    metrics = metrics or Metrics()
+    # Read before anything runs: a webhook whose URL is missing is a configuration error now,
+    # not a WARNING an hour later when the first alert cannot go out.
+    targets = webhook_targets(settings.config)
     if stop is None:
         stop = asyncio.Event()
         stop_on_signals(stop)
@@ -117,20 +132,27 @@ async def serve(settings: Settings, database_url: str, nats_url: str | None, *,
     # API's among them, end with it), then the relay, then the exchanges and the store.
     async with contextlib.AsyncExitStack() as stack:
         rt = await stack.enter_async_context(runtime(settings, database_url))
-        engine = rt.engine()
+        engine = rt.engine(metrics=metrics)
         runner = ProjectionRunner(rt.store, default_projections())
+        sampler = MetricsSampler(rt.store, metrics,
+                                 relays=(RELAY_NAME,) if nats_url is not None else ())
         log.info("serving as %s", engine.owner)
         components: list[Component] = [
             ("worker", lambda: engine.run(stop, tick=tick)),
             ("projections", lambda: runner.run(stop)),
+            ("metrics", lambda: sampler.run(stop)),
         ]
+        if targets:
+            webhooks = WebhookDispatcher(rt.store, targets, metrics)
+            components.append(("webhooks", lambda: webhooks.run(stop)))
         if nats_url is not None:
             key = load_key(chain_key_path(settings), create=True)
-            relay = Relay(rt.store, nats_url, chain_key=key)
+            relay = Relay(rt.store, nats_url, chain_key=key, name=RELAY_NAME)
             stack.push_async_callback(relay.close)
             components += [
                 ("relay", lambda: relay.run(stop)),
-                ("nats", lambda: _nats_side(settings, rt, nats_url, relay, stop, stack)),
+                ("nats", lambda: _nats_side(settings, rt, nats_url, relay, stop, stack,
+                                            metrics)),
             ]
         await run_components(components, stop)
     log.info("stopped")
@@ -164,7 +186,8 @@ async def _supervised(name: str, run: Callable[[], Awaitable[None]], stop: async
 
 
 async def _nats_side(settings: Settings, rt: Runtime, nats_url: str, relay: Relay,
-                     stop: asyncio.Event, stack: contextlib.AsyncExitStack) -> None:
+                     stop: asyncio.Event, stack: contextlib.AsyncExitStack,
+                     metrics: Metrics) -> None:
     """The command API, alerts and the relay-lag watch, once NATS can be reached."""
     nc = None
     attempts = 0
@@ -194,10 +217,12 @@ async def _nats_side(settings: Settings, rt: Runtime, nats_url: str, relay: Rela
         log.warning("NATS at %s reached after %d attempts; the API serves", where(nats_url),
                     attempts + 1)
     stack.push_async_callback(nc.drain)
+    # The engine's buckets; its calls counted in the same metrics as the worker's.
     api = Api(rt.store, rt.accounts, WarnedSpecs(settings, rt.accounts),
-              exchanges=BudgetedExchanges(rt.exchanges, rt.budgets))  # the engine's buckets
+              exchanges=BudgetedExchanges(MeteredExchanges(rt.exchanges, metrics), rt.budgets))
     await serve_api(api, nc)
-    publisher = AlertPublisher(rt.store, nc.jetstream())  # makes its stream on its first round
+    # Makes its stream on its first round.
+    publisher = AlertPublisher(rt.store, nc.jetstream(), metrics)
     watch = RelayLagWatch(rt.store, relay, threshold=timedelta(seconds=settings.relay_lag_seconds))
     await asyncio.gather(publisher.run(stop), watch.run(stop))
 

@@ -146,6 +146,30 @@ async def test_cancel_from_needs_attention_is_refused_once_an_intent_was_stored(
     assert await event_count(store) == before
 
 
+async def test_cancel_from_a_partial_fills_attention_proceeds_its_orders_all_ended(
+    store: EventStore,
+) -> None:
+    workflow_id = await started(store)
+    stream = f"workflow-{workflow_id}"
+    await move_to(store, workflow_id, ("wf", "start", "created", "running"),
+                  ("task", "submit", "created", "submitting"))
+    refresh = {"extra": {"slices": [{"slice": 0, "status": "closed", "filled": "0.01"}],
+                         "remainders": [{"account": "upbit-personal", "currency": "KRW",
+                                         "amount": "960000", "reason": "partial_fill"}]}}
+    await store.append(stream, [TaskStateChanged(
+        task_index=0, task_name="buy_in_source_spot", kind="trade", trigger="escalate",
+        source="submitting", dest="needs_attention", refresh_result=refresh,
+        error={"code": "partial_fill", "message": "filled 4%"})],
+        await store.stream_version(stream))
+    await move_to(store, workflow_id, ("wf", "escalate", "running", "needs_attention"))
+    # Every order ended and is recorded, the remainder too: nothing is hidden by canceling.
+    reply = await control_workflow(store, "cancel", "c1", workflow_id)
+    assert reply == {"ok": True, "workflow_id": workflow_id, "state": "canceled"}
+    task = fold(await store.read_stream(stream)).tasks[0]
+    assert task.state == "canceled"
+    assert (task.refresh_result or {})["extra"]["remainders"][0]["amount"] == "960000"
+
+
 async def test_cancel_from_needs_attention_proceeds_where_nothing_was_ever_sent(
     store: EventStore,
 ) -> None:

@@ -174,11 +174,14 @@ async def test_cancel_between_twap_slices_sends_no_further_slice(
         extra = (trade.refresh_result or {})["extra"]
         assert [s["status"] for s in extra["slices"]] == ["closed"]
         assert extra["slices_planned"] == 4
-        # What the three slices never sent stays on the account as a remainder.
-        planned = sum(D(a) for a in (trade.request_params or {})["plan"]["amounts"])
-        assert remainders(flow) == [{"account": ACCOUNT, "currency": "KRW", "reason": "canceled",
-                                     "amount": str(planned - D(extra["cumulative_cost"]))}]
-        assert D(remainders(flow)[0]["amount"]) > D(290000)
+        # What the three slices never sent stays on the account as a remainder: the KRW the
+        # spec gave less what the one slice took (its fee included).
+        [left] = remainders(flow)
+        assert (left["account"], left["currency"], left["reason"]) == (ACCOUNT, "KRW", "canceled")
+        assert D(left["amount"]) == D(400000) - D(extra["cumulative_quote_spent"]) > D(290000)
+        assert D(extra["filled_amount"]) == D(extra["cumulative_cost"])  # planned in KRW
+        held = (await worker.world.balances())[ACCOUNT]
+        assert held["KRW"] == D("10000000000") - D(extra["cumulative_quote_spent"])
         assert await worker.step(workflow_id) == "idle"
         assert len(await operations(database_url, "order")) == 1
         await nothing_open_or_reserved(database_url)
@@ -219,8 +222,13 @@ async def test_cancel_with_a_resting_limit_order_cancels_it_and_settles_what_fil
         assert D(result["cost"]) == D("0.05") * D(RESTING_PRICE)
         [slice_] = (trade.refresh_result or {})["extra"]["slices"]
         assert slice_["status"] == "canceled"
-        assert remainders(flow) == [{"account": ACCOUNT, "currency": "KRW", "reason": "canceled",
-                                     "amount": str(D("0.05") * D(RESTING_PRICE))}]
+        [left] = remainders(flow)
+        # A buy given in ETH: the KRW its unbought half would have cost at the limit.
+        assert left == {"account": ACCOUNT, "currency": "KRW", "reason": "canceled",
+                        "amount": left["amount"], "estimated": True}
+        assert D(left["amount"]) == D("0.05") * D(RESTING_PRICE)
+        extra = (trade.refresh_result or {})["extra"]
+        assert (D(extra["planned_amount"]), D(extra["unfilled_amount"])) == (D("0.1"), D("0.05"))
         held = (await worker.world.balances())[ACCOUNT]
         assert held["ETH"] == D("0.05") - D(after["fee"])
         await nothing_open_or_reserved(database_url)
@@ -230,9 +238,9 @@ async def test_cancel_with_a_resting_limit_order_cancels_it_and_settles_what_fil
         assert code == 0, err
         shown = json.loads(out)
         assert shown["state"] == "canceled"
-        assert [(r["account"], r["currency"], r["amount"], r["reason"], r["task"])
+        assert [(r["account"], r["currency"], D(r["amount"]), r["reason"], r["task"])
                 for r in shown["remainders"]] == [
-            (ACCOUNT, "KRW", str(D("0.05") * D(RESTING_PRICE)), "canceled", "buy")]
+            (ACCOUNT, "KRW", D("0.05") * D(RESTING_PRICE), "canceled", "buy")]
     await sim_check_holds(env)
 
 
@@ -326,8 +334,8 @@ async def test_a_cancel_interrupted_by_a_crash_or_a_lost_answer_is_finished_afte
         trade = flow.tasks[0]
         assert trade.state == "canceled"
         assert (trade.refresh_result or {})["extra"]["slices"][0]["status"] == "canceled"
-        assert remainders(flow) == [{"account": ACCOUNT, "currency": "KRW", "reason": "canceled",
-                                     "amount": str(D("0.1") * D(RESTING_PRICE))}]
+        [left] = remainders(flow)
+        assert (left["currency"], D(left["amount"])) == ("KRW", D("0.1") * D(RESTING_PRICE))
         await nothing_open_or_reserved(database_url)
     await sim_check_holds(env)
 
