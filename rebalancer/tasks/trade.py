@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import logging
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
@@ -23,6 +23,8 @@ from rebalancer.exchanges.base import (
 from rebalancer.specs.models import TradeConfig
 from rebalancer.tasks import partial
 from rebalancer.tasks.base import Processor, TaskContext, error, reconcile_lookup
+
+log = logging.getLogger(__name__)
 
 FINISHED = (OrderStatus.CLOSED, OrderStatus.CANCELED, OrderStatus.REJECTED)
 CANCELED = "canceled"  # the reason of a canceled trade's remainder
@@ -375,10 +377,14 @@ class TradeProcessor(Processor):
         order = await self._lookup(ctx)
         if order is not None and order.status not in FINISHED:
             exchange = ctx.exchange(params["account"])
-            with contextlib.suppress(RejectedError):
-                # Refused: it ended meanwhile (filled, or canceled by an earlier try whose
-                # answer was lost); the read below says which.
+            try:
                 await exchange.cancel_order(params["client_id"], params["symbol"])
+            except RejectedError as e:
+                # It ended meanwhile (filled, or canceled by an earlier try whose answer was
+                # lost): the read below says which.
+                log.info("workflow %s %s: cancel of order %s refused (%s); reading it back",
+                         ctx.workflow.workflow_id[:8], ctx.task.name, params["client_id"], e,
+                         extra={"workflow_id": ctx.workflow.workflow_id, "task": ctx.task.name})
             order = await self._lookup(ctx)
         if order is None:
             if _canceled_from(ctx) in (TaskState.CREATED, TaskState.SUBMITTING):
