@@ -23,6 +23,9 @@ class TaskState(StrEnum):
     FAILED = "failed"
     CANCELED = "canceled"
     NEEDS_ATTENTION = "needs_attention"
+    # A trade an operator canceled while its order may rest on the exchange: stored before the
+    # exchange is asked to cancel it, so a restarted worker carries the cancel on.
+    CANCELING = "canceling"
 
 
 class WorkflowState(StrEnum):
@@ -69,6 +72,9 @@ class TaskTrigger(StrEnum):
     # An operator's `retry --from`: a failed task goes back to be sent, a done one (whose facts
     # were never recorded) back to needs_attention to be resolved with them.
     REOPEN = "reopen"
+    # An operator's `cancel` of a trade in flight: the worker cancels its order, settles the
+    # fills and ends it `canceled`.
+    REQUEST_CANCEL = "request_cancel"
 
 
 class WorkflowTrigger(StrEnum):
@@ -92,9 +98,9 @@ WORKFLOW_TERMINAL: Final = frozenset(
 # Workflows the worker still drives or an operator still has to act on.
 WORKFLOW_ACTIVE: Final = frozenset(WorkflowState) - WORKFLOW_TERMINAL
 
-# The workflows the worker steps: a paused one waits for resume; one needing attention is stepped
-# so that it runs again once every task needing attention was resolved.
-WORKFLOW_DRIVEN: Final = WORKFLOW_ACTIVE - {WorkflowState.PAUSED}
+# The workflows the worker steps: one needing attention so that it runs again once every task
+# needing attention was resolved; a paused one while what it sent settles (it starts nothing).
+WORKFLOW_DRIVEN: Final = WORKFLOW_ACTIVE
 
 # Triggers that store a new intent, and so number the next client id.
 INTENT_TRIGGERS: Final = frozenset({TaskTrigger.SUBMIT, TaskTrigger.NEXT_SLICE})

@@ -189,6 +189,8 @@ class Api:
                 outcome = f"refused: {reply['error']['code']}"
             elif reply.get("state"):
                 outcome = f"ok, {reply['state']}"
+                if reply.get("task_state"):  # a cancel the worker carries out: `canceling`
+                    outcome += f", task {reply['task_state']}"
             else:
                 outcome = "ok, started" if reply.get("created") else "ok, already started"
             log.info("command %s %s%s: %s", subject.removeprefix(f"{COMMANDS}."),

@@ -216,6 +216,7 @@ COSTS: Mapping[str, Mapping[str, Charges]] = {
         "ticker_price": (("quotation", 1),),
         "create_order": (("order", 1), ("default", 1)),  # then GET /v1/order to settle it
         "fetch_order": _DEFAULT, "withdrawal_rules": _DEFAULT, "withdraw": _DEFAULT,
+        "cancel_order": _DEFAULT,  # DELETE /v1/order: the default group, not `order`
         "fetch_withdrawal": _DEFAULT, "fetch_deposits": _DEFAULT,
         "balance": _DEFAULT, "balances": _DEFAULT,
         "transfer": _NONE, "fetch_transfer": _NONE,
@@ -226,6 +227,7 @@ COSTS: Mapping[str, Mapping[str, Charges]] = {
         "ticker_price": (("weight", 2),),  # GET /api/v3/ticker/24hr, one symbol
         "create_order": (("orders", 1), ("weight", 1)),  # POST /api/v3/order
         "fetch_order": (("weight", 9),),  # GET /api/v3/order 4, then its myTrades 5
+        "cancel_order": (("weight", 1),),  # DELETE /api/v3/order
         # GET /api/v3/account 20; the futures wallet (/fapi) counted here too, to be safe.
         "balance": (("weight", 20),), "balances": (("weight", 20),),
         "withdrawal_rules": _WALLET, "withdraw": _WALLET, "fetch_withdrawal": _WALLET,

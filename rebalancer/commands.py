@@ -18,7 +18,14 @@ from typing import Any
 from events.catalogue import TaskStateChanged, WorkflowCreated, WorkflowStateChanged
 from events.errors import ConcurrencyError
 from events.store import EventStore, RecordedEvent
-from events.vocabulary import RESOLUTIONS, Outcome, TaskState, TaskTrigger, WorkflowTrigger
+from events.vocabulary import (
+    RESOLUTIONS,
+    Outcome,
+    TaskKind,
+    TaskState,
+    TaskTrigger,
+    WorkflowTrigger,
+)
 from rebalancer.accounts import Accounts
 from rebalancer.errors import IllegalTransitionError, RebalancerError, RetryableError
 from rebalancer.exchanges.base import Exchanges
@@ -27,6 +34,7 @@ from rebalancer.settling import Found, SettlingError, look_up, parse_result, set
 from rebalancer.specs.models import WorkflowSpec
 from rebalancer.specs.resolution import dump_params, resolve_params
 from rebalancer.specs.validation import validate_spec
+from rebalancer.tasks import partial
 from rebalancer.workflow import TaskRecord, Workflow, fold
 
 # Workflow ids are derived from command ids, so a repeated start command finds its workflow
@@ -159,24 +167,18 @@ async def control_workflow(
                     tasks=waiting,
                 )
         if trigger == WorkflowTrigger.CANCEL:
-            task = workflow.current
-            if task is not None and task.state in IN_FLIGHT:
-                # Money may be moving: canceling the workflow would not stop it, only hide it.
-                raise CommandError(
-                    "conflict",
-                    f"task {task.name} is in flight ({task.state}); pause the workflow"
-                    " and let it settle, or resolve the task, before canceling",
-                    task=task.name,
-                    state=task.state,
-                )
-            if task is not None and task_machine(task.kind).may(task.state, TaskTrigger.CANCEL):
-                events.append(
-                    _task_move(
-                        task,
-                        TaskTrigger.CANCEL,
-                        error={"code": "canceled", "message": reason or kind},
-                    )
-                )
+            moves, ends = _cancel_moves(workflow, reason or kind, actor)
+            events.extend(moves)
+            if not ends:
+                # The worker carries the cancel out (a resting order is canceled on the
+                # exchange first); the workflow ends `canceled` once the task has.
+                task = workflow.current
+                assert task is not None
+                if moves:
+                    await store.append(workflow.stream_id, events, workflow.version,
+                                       metadata=command_metadata(command_id, workflow_id, actor))
+                return {"ok": True, "workflow_id": workflow_id, "state": workflow.state,
+                        "task": task.name, "task_state": TaskState.CANCELING}
         events.append(
             WorkflowStateChanged(
                 trigger=trigger,
@@ -195,6 +197,88 @@ async def control_workflow(
 
     body = {"workflow_id": workflow_id, "reason": reason}
     return await _idempotent(store, command_id, kind, body, workflow_id, run)
+
+
+def _cancel_moves(workflow: Workflow, why: str, actor: str) -> tuple[list[TaskStateChanged], bool]:
+    """The task moves a cancel appends, and whether the workflow ends `canceled` with them
+    (False: the worker stops the task first). Raises CommandError `conflict` where canceling
+    would only hide money that may be moving or may have moved."""
+    task = workflow.current
+    if task is None:
+        return [], True
+    machine = task_machine(task.kind)
+    if task.state == TaskState.CANCELING:
+        return [], False  # asked for before: the worker is carrying it out
+    if task.state == TaskState.NEEDS_ATTENTION:
+        if _may_have_moved(task):
+            raise _settle_first(workflow, task)
+        return [_task_move(task, TaskTrigger.CANCEL, error={"code": "canceled", "message": why,
+                                                            "actor": actor})], True
+    # A trade that sent an order (or slices of a TWAP): the worker cancels what rests on the
+    # exchange and settles the fills. From `created` only once a slice was sent (a refused
+    # slice sends a TWAP back there); a trade that never sent anything is simply canceled.
+    if task.kind == TaskKind.TRADE and machine.may(task.state, TaskTrigger.REQUEST_CANCEL) and (
+            task.state != TaskState.CREATED or task.request_params is not None):
+        return [_task_move(task, TaskTrigger.REQUEST_CANCEL, error={
+            "code": "cancel_requested", "message": why, "actor": actor,
+            "from_state": task.state})], False
+    if task.state in IN_FLIGHT:
+        # Money has left (a withdrawal or transfer cannot be called back): canceling the
+        # workflow would not stop it, only hide it. Paused, the task still settles.
+        raise CommandError(
+            "conflict",
+            f"task {task.name} is in flight ({task.state}); pause the workflow"
+            " and let it settle, or resolve the task, before canceling",
+            task=task.name,
+            state=task.state,
+        )
+    if machine.may(task.state, TaskTrigger.CANCEL):
+        return [_task_move(task, TaskTrigger.CANCEL, error={"code": "canceled", "message": why})
+                ], True
+    return [], True
+
+
+def _may_have_moved(task: TaskRecord) -> bool:
+    """Whether a task in needs_attention may have moved money its record does not account for.
+
+    Nothing can have moved where no intent was ever stored: every exchange call that moves
+    money is preceded by its stored intent (request_params, counted in `intents`), so a task
+    without one never reached the exchange (one parked by the worker's bulkhead before it sent
+    anything, say). A trade parked for a partial fill has every order ended and recorded, its
+    remainder too: what moved is known, and canceling leaves it as recorded. Anything else sent
+    may have moved in ways only an operator can settle; a deposit sends nothing itself but
+    waits for money an earlier task or someone else sent, and only an operator can say where
+    that money is."""
+    if task.kind == TaskKind.DEPOSIT:
+        return True
+    if task.intents == 0 and task.request_params is None:
+        return False
+    return not _partial_fill_settled(task)
+
+
+def _partial_fill_settled(task: TaskRecord) -> bool:
+    slices = ((task.refresh_result or {}).get("extra") or {}).get("slices") or []
+    return (task.kind == TaskKind.TRADE and (task.error or {}).get("code") == partial.REASON
+            and bool(slices) and all(s.get("status") in ("closed", "canceled", "rejected")
+                                     for s in slices))
+
+
+def _settle_first(workflow: Workflow, task: TaskRecord) -> CommandError:
+    """The refusal of a cancel from needs_attention, naming the commands that settle it."""
+    where = f"{workflow.workflow_id} {task.name}"
+    error = task.error or {}
+    commands = [str(c) for c in error.get("commands") or []] or [
+        f"rebalancer resolve {where} --outcome done --note 'checked: it went through'",
+        f"rebalancer resolve {where} --outcome failed --note 'checked: nothing moved'",
+    ]
+    why = error.get("message") or "needs attention"
+    return CommandError(
+        "conflict",
+        f"task {task.name} needs attention and its money may have moved ({why}); canceling"
+        " would only hide it. Settle it first with what the exchange shows: "
+        + "; or ".join(commands),
+        task=task.name, state=task.state, commands=commands,
+    )
 
 
 async def reopen_workflow(

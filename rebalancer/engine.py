@@ -293,7 +293,8 @@ class Engine:
                 # stored): worth an operator's eye, unlike a status poll that timed out.
                 current = workflow.current
                 loud = isinstance(e, UnknownOutcomeError) or (
-                    current is not None and current.state == TaskState.SUBMITTING)
+                    current is not None and current.state in (TaskState.SUBMITTING,
+                                                              TaskState.CANCELING))
                 log.log(logging.WARNING if loud else logging.INFO,
                         "workflow %s: %s; retrying in %.1f s", workflow_id, e, delay,
                         extra={"workflow_id": workflow_id,

@@ -85,6 +85,21 @@ _PROCESSING_EXITS: Final[list[TransitionRow]] = [
     {"trigger": T.ESCALATE, "source": S.PROCESSING, "dest": S.NEEDS_ATTENTION},
 ]
 
+# An operator's cancel of a trade that may have an order on the exchange (commands.py): stored
+# before any exchange call; the worker then cancels the resting order, reads what filled and
+# ends it `canceled` (a TWAP between slices sends no further slice). From `created` only once a
+# slice was sent (a TWAP whose last slice was refused): its fills are settled the same way.
+_CANCELING: Final[list[TransitionRow]] = [
+    {
+        "trigger": T.REQUEST_CANCEL,
+        "source": [S.CREATED, S.SUBMITTING, S.REQUESTED, S.OPEN],
+        "dest": S.CANCELING,
+    },
+    {"trigger": T.CANCEL, "source": S.CANCELING, "dest": S.CANCELED},
+    # the exchange cannot say what became of the order, or the cancel passed its deadline
+    {"trigger": T.ESCALATE, "source": S.CANCELING, "dest": S.NEEDS_ATTENTION},
+]
+
 TRADE: Final[list[TransitionRow]] = [
     *_SUBMITTING,
     {"trigger": T.OPEN, "source": S.REQUESTED, "dest": S.OPEN},
@@ -97,6 +112,7 @@ TRADE: Final[list[TransitionRow]] = [
     {"trigger": T.FAIL, "source": S.OPEN, "dest": S.FAILED},
     {"trigger": T.CANCEL, "source": S.OPEN, "dest": S.CANCELED},
     {"trigger": T.ESCALATE, "source": S.OPEN, "dest": S.NEEDS_ATTENTION},
+    *_CANCELING,
 ]
 
 WITHDRAW: Final[list[TransitionRow]] = [

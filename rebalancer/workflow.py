@@ -267,8 +267,10 @@ def decide(workflow: Workflow) -> Action:
         if not any(t.state == TaskState.NEEDS_ATTENTION for t in workflow.tasks):
             return MoveWorkflow(WorkflowTrigger.RETRY, "every task needing attention was resolved")
         return None
+    if state == WorkflowState.PAUSED:
+        return _while_paused(workflow)
     if state != WorkflowState.RUNNING:
-        return None  # paused or finished
+        return None  # finished
     task = workflow.current
     if task is None:
         return MoveWorkflow(WorkflowTrigger.COMPLETE, "every task is done")
@@ -281,3 +283,34 @@ def decide(workflow: Workflow) -> Action:
         message = (task.error or {}).get("message", "needs attention")
         return MoveWorkflow(WorkflowTrigger.ESCALATE, f"task {task.name}: {message}")
     return StepTask(task)
+
+
+# What a paused workflow's current task may still be stepped in: what was sent settles (a
+# resting order fills, a withdrawal confirms, a deposit arrives), a cancel is carried out.
+SETTLING = frozenset({TaskState.SUBMITTING, TaskState.REQUESTED, TaskState.OPEN,
+                      TaskState.PROCESSING, TaskState.CANCELING})
+
+
+def _while_paused(workflow: Workflow) -> Action:
+    """A paused workflow starts nothing new (no task, no intent, no TWAP slice); it is stepped
+    only while its current task has something in flight to follow, and ends `canceled` once a
+    cancel asked for meanwhile is carried out."""
+    task = workflow.current
+    if task is None:
+        return None
+    if task.state == TaskState.CANCELED:
+        return MoveWorkflow(WorkflowTrigger.CANCEL, f"task {task.name} was canceled")
+    if task.state not in SETTLING or _between_slices(task):
+        return None
+    return StepTask(task)
+
+
+def _between_slices(task: TaskRecord) -> bool:
+    """A TWAP whose last sent slice is recorded as ended: nothing of it is in flight, and the
+    next slice waits for resume (`canceling` is stepped all the same: it has to end)."""
+    if task.kind != TaskKind.TRADE or task.state in (TaskState.SUBMITTING, TaskState.CANCELING):
+        return False
+    index = (task.request_params or {}).get("slice")
+    slices = ((task.refresh_result or {}).get("extra") or {}).get("slices") or []
+    return any(s.get("slice") == index and s.get("status") in ("closed", "canceled", "rejected")
+               for s in slices)

@@ -158,7 +158,9 @@ def workflow_control(args: argparse.Namespace, settings: Settings) -> int:
     if getattr(args, "from_task", None):
         body["from_task"] = args.from_task
     reply = request(settings, args.command, body)
-    print(json.dumps(reply) if args.json else f"{reply['workflow_id']}: {reply['state']}")
+    # A cancel the worker still carries out (a resting order) names its task: `canceling`.
+    task = f" (task {reply['task']}: {reply['task_state']})" if reply.get("task_state") else ""
+    print(json.dumps(reply) if args.json else f"{reply['workflow_id']}: {reply['state']}{task}")
     return EXIT_OK
 
 

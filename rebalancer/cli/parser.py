@@ -162,8 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--json", action="store_true", help=JSON_HELP)
     preview.set_defaults(handler=spec_preview)
 
-    for name, text in (("cancel", "cancel a workflow (refused while money is in flight)"),
-                       ("pause", "pause a running workflow"),
+    for name, text in (("cancel", "cancel a workflow: a trade's resting order is canceled on the"
+                                  " exchange first (refused while a withdrawal or transfer is in"
+                                  " flight)"),
+                       ("pause", "pause a running workflow: what was sent settles, nothing new"
+                                 " starts"),
                        ("resume", "resume a paused workflow"),
                        ("retry", "put a workflow that needed attention back to running")):
         control = commands.add_parser(name, help=text)

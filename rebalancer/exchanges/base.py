@@ -265,6 +265,16 @@ class Exchange(Protocol):
         """The order sent with `client_id`, or None when the exchange has no such order."""
         ...
 
+    async def cancel_order(self, client_id: str, symbol: str) -> None:
+        """Ask the exchange to cancel the open order sent with `client_id`.
+
+        Answers nothing about the order: fetch it to learn how it ended (the cancel may still
+        be pending, or a fill may have come first). RejectedError when the exchange refuses
+        (the order already ended, or it has none such); UnknownOutcomeError when the answer was
+        lost (the order may or may not be canceled: fetch it, never repeat blind).
+        """
+        ...
+
     async def withdrawal_rules(self, currency: str, network: str) -> WithdrawalRules: ...
 
     async def withdraw(self, request: WithdrawRequest) -> Withdrawal: ...

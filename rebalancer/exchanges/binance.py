@@ -218,6 +218,14 @@ class BinanceExchange(CcxtExchange):
             fee, fee_currency = _fee_of([t["info"] for t in trades], rules.quote)
         return self._order(info, symbol, fee, fee_currency)
 
+    async def cancel_order(self, client_id: str, symbol: str) -> None:
+        # DELETE /api/v3/order by origClientOrderId. Its answer carries no commission: the
+        # caller reads the order back (fetch_order) for what filled. An order that already
+        # ended is -2011 "Unknown order sent." (OrderNotFound): a refusal.
+        await self.market_of(symbol)
+        await self.send(f"cancel order {client_id}", lambda: self.client.cancel_order(
+            None, symbol, {"origClientOrderId": client_id}))
+
     def _order(self, info: Mapping[str, Any], symbol: str, fee: Decimal,
                fee_currency: str) -> Order:
         raw_status = str(info.get("status"))

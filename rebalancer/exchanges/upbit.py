@@ -203,6 +203,13 @@ class UpbitExchange(CcxtExchange):
         raw = await self.read(f"order {client_id}", by_identifier)
         return None if raw is None else self._order(self.client.parse_order(raw), client_id)
 
+    async def cancel_order(self, client_id: str, symbol: str) -> None:
+        # DELETE /v1/order by our identifier (ccxt's cancel_order sends only a uuid). The answer
+        # is the order before the cancel took effect (`wait`): the caller reads it back.
+        await self.markets()
+        await self.send(f"cancel order {client_id}", lambda: (
+            self.client.private_delete_order({"identifier": client_id})))
+
     def _order(self, parsed: Mapping[str, Any], client_id: str) -> Order:
         info: dict[str, Any] = dict(parsed.get("info") or {})
         filled = dec(info.get("executed_volume"))

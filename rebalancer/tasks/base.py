@@ -10,7 +10,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 from events.catalogue import TaskStateChanged
-from events.vocabulary import TaskKind, TaskState, TaskTrigger
+from events.vocabulary import TaskKind, TaskState, TaskTrigger, WorkflowState
 from rebalancer.accounts import Accounts
 from rebalancer.errors import (
     AmbiguousOutcomeError,
@@ -107,11 +107,21 @@ class TaskContext:
         )
 
     @property
+    def holding(self) -> bool:
+        """Whether this step may only settle what is in flight, never store a new intent: the
+        workflow is paused, or an operator asked for the task to be canceled."""
+        return (self.workflow.state != WorkflowState.RUNNING
+                or self.task.state == TaskState.CANCELING)
+
+    @property
     def deadline_passed(self) -> bool:
         limit = self.deadlines.get(self.task.kind)
         spec_limit = self.workflow.spec.tasks[self.task.index].deadline_seconds
         limit = spec_limit if spec_limit is not None else limit
-        started = self.task.started_at
+        # A cancel gets the kind's whole deadline from when it was asked for: a long TWAP
+        # canceled late is not handed to an operator before its order was even canceled.
+        started = (self.task.entered_at if self.task.state == TaskState.CANCELING
+                   else self.task.started_at)
         return bool(limit and started and (self.now - started).total_seconds() > limit)
 
 
@@ -130,6 +140,8 @@ class Processor(ABC):
                 await self.request(ctx)
             elif state == TaskState.SUBMITTING:
                 await self.reconcile(ctx)
+            elif state == TaskState.CANCELING:
+                await self.cancel(ctx)
             else:
                 await self.refresh(ctx)
         except SpecError as e:
@@ -155,6 +167,10 @@ class Processor(ABC):
     @abstractmethod
     async def refresh(self, ctx: TaskContext) -> None:
         """After the exchange acknowledged: follow it until done."""
+
+    async def cancel(self, ctx: TaskContext) -> None:
+        """From `canceling`: stop what rests on the exchange, settle what filled, end canceled."""
+        raise NotImplementedError(f"{self.kind} is never canceled in flight")
 
 
 async def send(

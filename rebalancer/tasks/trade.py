@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
@@ -23,7 +24,10 @@ from rebalancer.specs.models import TradeConfig
 from rebalancer.tasks import partial
 from rebalancer.tasks.base import Processor, TaskContext, error, reconcile_lookup
 
+log = logging.getLogger(__name__)
+
 FINISHED = (OrderStatus.CLOSED, OrderStatus.CANCELED, OrderStatus.REJECTED)
+CANCELED = "canceled"  # the reason of a canceled trade's remainder
 
 
 @dataclass(frozen=True)
@@ -350,11 +354,91 @@ class TradeProcessor(Processor):
         if changed and state == TaskState.OPEN:
             await ctx.move(TaskTrigger.FILL, refresh_result=refresh)
             return
+        if ctx.holding:
+            return  # paused, or being canceled: what was sent settles, no next slice is sent
         if self._waiting(ctx, plan):
             return
         config = ctx.config(TradeConfig)
         exchange = ctx.exchange(config.account)
         await self._send_slice(ctx, config, exchange, plan, TaskTrigger.NEXT_SLICE)
+
+    async def cancel(self, ctx: TaskContext) -> None:
+        """`canceling`: cancel the current slice's order if it rests on the exchange, read it
+        back, and end `canceled` with what filled and the unspent part as a remainder.
+
+        The cancel request is already stored (request_cancel), so a restarted worker comes
+        back here: it reads the order first and asks for a cancel only while the exchange
+        shows it open; a lost answer to the cancel is settled by that read, never by a guess.
+        """
+        params = ctx.task.request_params
+        if params is None or _slice_ended(ctx):
+            await _end_canceled(ctx, None)  # between slices: nothing rests on the exchange
+            return
+        order = await self._lookup(ctx)
+        if order is not None and order.status not in FINISHED:
+            exchange = ctx.exchange(params["account"])
+            try:
+                await exchange.cancel_order(params["client_id"], params["symbol"])
+            except RejectedError as e:
+                # It ended meanwhile (filled, or canceled by an earlier try whose answer was
+                # lost): the read below says which.
+                log.info("workflow %s %s: cancel of order %s refused (%s); reading it back",
+                         ctx.workflow.workflow_id[:8], ctx.task.name, params["client_id"], e,
+                         extra={"workflow_id": ctx.workflow.workflow_id, "task": ctx.task.name})
+            order = await self._lookup(ctx)
+        if order is None:
+            if _canceled_from(ctx) in (TaskState.CREATED, TaskState.SUBMITTING):
+                # Never acknowledged and the exchange has no such order: it never landed.
+                await _end_canceled(ctx, None)
+            else:
+                await ctx.move(TaskTrigger.ESCALATE, error=error(
+                    "unknown_outcome", f"order {params['client_id']} was acknowledged but the"
+                    " exchange no longer knows it: check what filled by hand"))
+            return
+        if order.status in FINISHED:
+            await _end_canceled(ctx, order)
+        # Still open (the exchange has a cancel pending): the next poll reads it again.
+
+
+# -- canceling (kept apart from completion: the policies of a partial fill live there) --------
+
+
+def _slice_ended(ctx: TaskContext) -> bool:
+    """Whether the current slice's order is recorded as ended: nothing of it rests."""
+    index = (ctx.task.request_params or {}).get("slice")
+    return any(s["slice"] == index and s["status"] in FINISHED for s in _slices(ctx))
+
+
+def _canceled_from(ctx: TaskContext) -> str | None:
+    """The state the task was in when the cancel was asked for (commands.py records it)."""
+    return (ctx.task.error or {}).get("from_state")
+
+
+async def _end_canceled(ctx: TaskContext, order: Order | None) -> None:
+    """`canceling -> canceled`, recording `order` (the current slice as it ended) with the
+    earlier slices, the planned/filled/unfilled figures every finished trade records, and what
+    the trade did not spend as a remainder (reason `canceled`)."""
+    params = ctx.task.request_params or {}
+    slices = _slices(ctx)
+    if order is not None:
+        index = params.get("slice", len(slices))
+        slices = [s for s in slices if s["slice"] != index] + [_slice_record(index, order)]
+    refresh = _refresh(slices, ctx)
+    plan = _stored_plan(ctx)
+    if plan is not None:
+        extra = refresh["extra"]
+        fill = partial.record(plan.unit, plan.total, params, refresh)
+        average = refresh["result"].get("average_price")
+        price = plan.price or (Decimal(average) if average else None)
+        if price is None and params.get("side") == "buy" and plan.unit == "base":
+            # A market buy given in base that filled nothing: the quote it would have cost.
+            price = await ctx.exchange(params["account"]).ticker_price(params["symbol"])
+        left = partial.remainder(fill, ctx.config(TradeConfig), extra, price)
+        extra["remainders"] = [{**left, "reason": CANCELED}] if left else []
+        extra["slices_planned"] = len(plan.amounts)
+    asked = ctx.task.error or {}
+    await ctx.move(TaskTrigger.CANCEL, refresh_result=refresh, error=error(
+        "canceled", asked.get("message") or "canceled", actor=asked.get("actor")))
 
 
 def _stored_plan(ctx: TaskContext) -> Plan | None:

@@ -165,6 +165,11 @@ class MemoryExchange:
         found = self.book.orders.get((self.account, client_id))
         return None if found is None else self._order_now(*found, now)
 
+    async def cancel_order(self, client_id: str, symbol: str) -> None:
+        await self._call()
+        # Market orders only: nothing ever rests here to be canceled.
+        raise RejectedError(f"the memory double has no open order {client_id}")
+
     @staticmethod
     def _order_now(order: Order, due: float, now: float) -> Order:
         if now >= due:

@@ -84,15 +84,105 @@ async def test_a_repeated_command_id_returns_the_first_reply_and_appends_nothing
     assert await control_workflow(store, "retry", "refused-id", workflow_id) == refused
 
 
-async def test_canceling_while_money_is_in_flight_is_a_conflict(store: EventStore) -> None:
+async def test_canceling_a_trade_in_flight_is_recorded_for_the_worker_to_carry_out(
+    store: EventStore,
+) -> None:
     workflow_id = await started(store)
     await move_to(store, workflow_id, ("wf", "start", "created", "running"),
                   ("task", "submit", "created", "submitting"))
     before = await event_count(store)
+    reply = await control_workflow(store, "cancel", "c1", workflow_id, "wrong amount")
+    # Only the request is stored: the worker cancels the order on the exchange, then ends it.
+    assert reply == {"ok": True, "workflow_id": workflow_id, "state": "running",
+                     "task": "buy_in_source_spot", "task_state": "canceling"}
+    assert await event_count(store) == before + 1
+    workflow = fold(await store.read_stream(f"workflow-{workflow_id}"))
+    task = workflow.tasks[0]
+    assert (workflow.state, task.state) == ("running", "canceling")
+    assert task.error == {"code": "cancel_requested", "message": "wrong amount",
+                          "actor": "operator", "from_state": "submitting"}
+    # A second cancel (another id) while it is carried out appends nothing.
+    again = await control_workflow(store, "cancel", "c2", workflow_id)
+    assert again["ok"] is True and again["task_state"] == "canceling"
+    assert await event_count(store) == before + 1
+
+
+async def test_canceling_while_a_withdrawal_is_in_flight_is_a_conflict(store: EventStore) -> None:
+    workflow_id = await started(store)
+    stream = f"workflow-{workflow_id}"
+    await move_to(store, workflow_id, ("wf", "start", "created", "running"))
+    moves = [(0, "buy_in_source_spot", "trade", "submit", "created", "submitting"),
+             (0, "buy_in_source_spot", "trade", "complete", "submitting", "done"),
+             (1, "withdraw_to_interim", "withdraw", "submit", "created", "submitting")]
+    for index, name, kind, trigger, source, dest in moves:
+        await store.append(stream, [TaskStateChanged(
+            task_index=index, task_name=name, kind=kind, trigger=trigger, source=source,
+            dest=dest, request_params={"client_id": "x"} if trigger == "submit" else None)],
+            await store.stream_version(stream))
+    before = await event_count(store)
     reply = await control_workflow(store, "cancel", "c1", workflow_id)
     assert reply["error"]["code"] == "conflict"
     assert "in flight" in reply["error"]["message"]
+    assert "pause the workflow and let it settle" in reply["error"]["message"]
     assert await event_count(store) == before
+
+
+async def test_cancel_from_needs_attention_is_refused_once_an_intent_was_stored(
+    store: EventStore,
+) -> None:
+    workflow_id = await started(store)
+    await move_to(store, workflow_id, ("wf", "start", "created", "running"),
+                  ("task", "submit", "created", "submitting"),
+                  ("task", "escalate", "submitting", "needs_attention"),
+                  ("wf", "escalate", "running", "needs_attention"))
+    before = await event_count(store)
+    reply = await control_workflow(store, "cancel", "c1", workflow_id)
+    assert reply["error"]["code"] == "conflict"
+    where = f"rebalancer resolve {workflow_id} buy_in_source_spot"
+    assert f"{where} --outcome done" in reply["error"]["message"]
+    assert reply["error"]["details"]["commands"] == [
+        f"{where} --outcome done --note 'checked: it went through'",
+        f"{where} --outcome failed --note 'checked: nothing moved'"]
+    assert await event_count(store) == before
+
+
+async def test_cancel_from_a_partial_fills_attention_proceeds_its_orders_all_ended(
+    store: EventStore,
+) -> None:
+    workflow_id = await started(store)
+    stream = f"workflow-{workflow_id}"
+    await move_to(store, workflow_id, ("wf", "start", "created", "running"),
+                  ("task", "submit", "created", "submitting"))
+    refresh = {"extra": {"slices": [{"slice": 0, "status": "closed", "filled": "0.01"}],
+                         "remainders": [{"account": "upbit-personal", "currency": "KRW",
+                                         "amount": "960000", "reason": "partial_fill"}]}}
+    await store.append(stream, [TaskStateChanged(
+        task_index=0, task_name="buy_in_source_spot", kind="trade", trigger="escalate",
+        source="submitting", dest="needs_attention", refresh_result=refresh,
+        error={"code": "partial_fill", "message": "filled 4%"})],
+        await store.stream_version(stream))
+    await move_to(store, workflow_id, ("wf", "escalate", "running", "needs_attention"))
+    # Every order ended and is recorded, the remainder too: nothing is hidden by canceling.
+    reply = await control_workflow(store, "cancel", "c1", workflow_id)
+    assert reply == {"ok": True, "workflow_id": workflow_id, "state": "canceled"}
+    task = fold(await store.read_stream(stream)).tasks[0]
+    assert task.state == "canceled"
+    assert (task.refresh_result or {})["extra"]["remainders"][0]["amount"] == "960000"
+
+
+async def test_cancel_from_needs_attention_proceeds_where_nothing_was_ever_sent(
+    store: EventStore,
+) -> None:
+    workflow_id = await started(store)
+    # Parked before any intent (the bulkhead escalates a task still in created): no exchange
+    # call was ever made for it.
+    await move_to(store, workflow_id, ("wf", "start", "created", "running"),
+                  ("task", "escalate", "created", "needs_attention"),
+                  ("wf", "escalate", "running", "needs_attention"))
+    reply = await control_workflow(store, "cancel", "c1", workflow_id)
+    assert reply == {"ok": True, "workflow_id": workflow_id, "state": "canceled"}
+    workflow = fold(await store.read_stream(f"workflow-{workflow_id}"))
+    assert workflow.tasks[0].state == "canceled"
 
 
 @pytest.mark.parametrize(("outcome", "task_state"),

@@ -63,6 +63,10 @@ EXPECTED: dict[str, Moves] = {
         **_rows("fail", "open", "failed"),
         **_rows("cancel", "open", "canceled"),
         **_rows("escalate", "open", "needs_attention"),
+        # an operator's cancel of a trade that sent an order: the worker stops it on the exchange
+        **_rows("request_cancel", "created submitting requested open", "canceling"),
+        **_rows("cancel", "canceling", "canceled"),
+        **_rows("escalate", "canceling", "needs_attention"),
     },
     "withdraw": {
         **_SUBMITTING_SKELETON,
@@ -109,7 +113,7 @@ EXPECTED: dict[str, Moves] = {
 
 _TASK_STATES = "created submitting requested done failed canceled needs_attention"
 EXPECTED_STATES: dict[str, frozenset[str]] = {
-    "trade": frozenset(f"{_TASK_STATES} open".split()),
+    "trade": frozenset(f"{_TASK_STATES} open canceling".split()),
     "withdraw": frozenset(f"{_TASK_STATES} processing".split()),
     "transfer": frozenset(f"{_TASK_STATES} processing".split()),
     "master_transfer": frozenset(f"{_TASK_STATES} processing".split()),

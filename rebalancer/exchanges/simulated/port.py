@@ -211,6 +211,34 @@ class SimulatedExchange:
             return order_of(row) if row is not None else None
         return await self._read("fetch_order", run)
 
+    async def cancel_order(self, client_id: str, symbol: str) -> None:
+        """Cancel a resting order: what it still reserved is freed; its fills stay. Refused
+        (RejectedError) for an order that is not open or that this account never sent."""
+        async def run(conn: Conn) -> None:
+            row = await fetch_one(conn, """
+                select * from sim.operations where exchange = %s and account = %s
+                and kind = 'order' and client_id = %s and symbol = %s for update""",
+                (self.exchange, self.account, client_id, symbol))
+            if row is None:
+                raise RejectedError(f"{self.exchange}: no order {client_id} on {symbol}")
+            if row["status"] != "open":
+                raise RejectedError(f"{self.exchange}: order {client_id} is {row['status']}:"
+                                    " nothing to cancel")
+            base, quote = symbol.split("/")
+            unfilled = row["requested_amount"] - row["amount"]
+            book = Book()
+            # Fills took their part of the reservation (book_fill, reserved): the rest is freed.
+            if row["side"] == Side.BUY:
+                book.add(self.account, quote, ZERO, -(unfilled * row["price"]))
+            else:
+                book.add(self.account, base, ZERO, -unfilled)
+            await conn.execute(
+                "update sim.operations set status = 'canceled', raw_status = %s,"
+                " next_fill_at = null, updated_at = now() where id = %s",
+                (raw_status(self.exchange, "order_canceled"), row["id"]))
+            await apply_book(conn, book)
+        await self._move(f"cancel order {client_id}", run)
+
     # -- withdrawals and deposits ------------------------------------------------------------
 
     async def withdrawal_rules(self, currency: str, network: str) -> WithdrawalRules:

@@ -22,12 +22,13 @@ RAW_STATUSES: dict[str, dict[str, str]] = {
     "upbit": {
         "order_open": "wait", "order_partial": "wait", "order_closed": "done",
         "order_refunded": "cancel",  # a market buy whose KRW leftover was refunded
+        "order_canceled": "cancel",
         "withdraw_pending": "PROCESSING", "withdraw_ok": "DONE",
         "deposit_pending": "PROCESSING", "deposit_ok": "ACCEPTED", "transfer_ok": "DONE",
     },
     "binance": {
         "order_open": "NEW", "order_partial": "PARTIALLY_FILLED", "order_closed": "FILLED",
-        "order_refunded": "FILLED",
+        "order_refunded": "FILLED", "order_canceled": "CANCELED",
         "withdraw_pending": "4", "withdraw_ok": "6",
         "deposit_pending": "0", "deposit_ok": "1", "transfer_ok": "CONFIRMED",
     },

@@ -213,6 +213,32 @@ async def test_limit_order_rests_open_then_fills_in_two_halves(
         await assert_totals_unchanged(world)
 
 
+async def test_a_resting_order_is_canceled_its_reservation_freed_and_a_second_cancel_refused(
+    database_url: str, world_file: Path,
+) -> None:
+    # Slow enough that the half fill comes long after: the order rests untouched.
+    async with await _open(database_url, world_file, time_scale=0.01) as world:
+        upbit = world.for_account("upbit-personal")
+        await upbit.create_order(OrderRequest(
+            client_id="rest-1", symbol="ETH/KRW", side=Side.SELL, type=OrderType.LIMIT,
+            amount=D("0.5"), price=D(4100000)))
+        assert await upbit.balance("ETH") == D("1.5")  # 0.5 reserved while it rests
+        assert await upbit.cancel_order("rest-1", "ETH/KRW") is None
+        found = await upbit.fetch_order("rest-1", "ETH/KRW")
+        assert found is not None
+        assert (found.status, found.raw_status, found.filled) == (
+            OrderStatus.CANCELED, "cancel", 0)
+        assert await upbit.balance("ETH") == D(2)
+        # It is over: a second cancel is refused and changes nothing; so is one for an order
+        # this account never sent.
+        with pytest.raises(RejectedError, match="nothing to cancel"):
+            await upbit.cancel_order("rest-1", "ETH/KRW")
+        with pytest.raises(RejectedError, match="no order"):
+            await upbit.cancel_order("never-sent", "ETH/KRW")
+        assert await upbit.balance("ETH") == D(2)
+        await assert_totals_unchanged(world)
+
+
 async def test_limit_order_through_the_touch_fills_at_once_at_the_book_price(
     world: SimulatedWorld,
 ) -> None:

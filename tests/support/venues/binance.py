@@ -340,6 +340,24 @@ class FakeBinance:
                 return Response(200, dict(order))
         return error(-2013, "Order does not exist.")
 
+    def cancel_order(self, holder: Holder, p: dict[str, Any]) -> Response:
+        """DELETE /api/v3/order: an open order's reservation is released; any other is -2011."""
+        market = next((m for m in self.markets.values() if m.id == p.get("symbol")), None)
+        for order in reversed(holder.orders):
+            if market is not None and order["symbol"] == market.id and (
+                    order["clientOrderId"] == p.get("origClientOrderId")
+                    or str(order["orderId"]) == str(p.get("orderId"))):
+                if order["status"] not in ("NEW", "PARTIALLY_FILLED"):
+                    break
+                left = Decimal(order["origQty"]) - Decimal(order["executedQty"])
+                pay, amount = ((market.quote, left * Decimal(order["price"]))
+                               if order["side"] == "BUY" else (market.base, left))
+                holder.held(pay)[0] += amount
+                holder.held(pay)[1] -= amount
+                order.update(status="CANCELED", updateTime=self.now())
+                return Response(200, {**order, "origClientOrderId": order["clientOrderId"]})
+        return error(-2011, "Unknown order sent.")
+
     def my_trades(self, holder: Holder, p: dict[str, Any]) -> Response:
         return Response(200, [t for t in holder.trades if t["symbol"] == p.get("symbol") and (
             "orderId" not in p or str(t["orderId"]) == str(p["orderId"]))])
@@ -488,6 +506,7 @@ ROUTES: dict[tuple[str, str], tuple[Any, bool]] = {
     ("GET", "/fapi/v3/account"): (FakeBinance.futures_account, True),
     ("POST", "/api/v3/order"): (FakeBinance.new_order, True),
     ("GET", "/api/v3/order"): (FakeBinance.get_order, True),
+    ("DELETE", "/api/v3/order"): (FakeBinance.cancel_order, True),
     ("GET", "/api/v3/myTrades"): (FakeBinance.my_trades, True),
     ("POST", "/sapi/v1/capital/withdraw/apply"): (FakeBinance.withdraw, True),
     ("GET", "/sapi/v1/capital/withdraw/history"): (FakeBinance.withdraw_history, True),

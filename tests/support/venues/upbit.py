@@ -170,6 +170,7 @@ class UpbitVenue:
             ("GET", "/v1/orders/chance"): self._order_chance,
             ("POST", "/v1/orders"): self._create_order,
             ("GET", "/v1/order"): self._get_order,
+            ("DELETE", "/v1/order"): self._cancel_order,
             ("GET", "/v1/withdraws/chance"): self._withdraw_chance,
             ("POST", "/v1/withdraws/coin"): self._withdraw,
             ("GET", "/v1/withdraws"): self._withdraw_history,
@@ -364,6 +365,21 @@ class UpbitVenue:
         if found is None:
             raise UpbitError(404, "order_not_found", "주문을 찾지 못했습니다.")
         return found
+
+    def _cancel_order(self, account: UpbitAccount, params: dict[str, Any]) -> dict[str, Any]:
+        """DELETE /v1/order: answers with the order as it was (`wait`), then cancels it and
+        frees what it held; an order that is not waiting is not found, as at Upbit."""
+        order = self._get_order(account, params)
+        if order["state"] != "wait":
+            raise UpbitError(404, "order_not_found", "주문을 찾지 못했습니다.")
+        answer = {k: v for k, v in order.items() if k != "trades"}
+        base, quote_currency = str(order["market"]).split("-")[1], "KRW"
+        locked = Decimal(order["locked"])
+        wallet = account.held(quote_currency if order["side"] == "bid" else base)
+        wallet[0] += locked
+        wallet[1] -= locked
+        order.update(state="cancel", locked="0.0")
+        return answer
 
     # -- withdrawals and deposits ------------------------------------------------------------
 

@@ -130,6 +130,28 @@ async def test_a_limit_order_rests_and_is_found_by_orig_client_order_id(make: Po
     assert await port.fetch_order("c-none", "ETH/USDT") is None
 
 
+async def test_a_resting_order_is_canceled_by_orig_client_order_id_and_read_back(
+    make: PortMaker, fake: FakeBinance,
+) -> None:
+    port, wire = make()
+    before = fake.free("binance-personal", "USDT")
+    await port.create_order(OrderRequest(
+        "c-cancel", "ETH/USDT", Side.BUY, OrderType.LIMIT, amount=Decimal("0.01"),
+        price=Decimal("1500.00")))
+    assert fake.free("binance-personal", "USDT") == before - Decimal(15)
+    assert await port.cancel_order("c-cancel", "ETH/USDT") is None
+    assert signed(wire.last("DELETE", "/api/v3/order").params) == {
+        "symbol": "ETHUSDT", "origClientOrderId": "c-cancel"}
+    found = await port.fetch_order("c-cancel", "ETH/USDT")
+    assert found is not None
+    assert (found.status, found.raw_status, found.filled) == (
+        OrderStatus.CANCELED, "CANCELED", Decimal(0))
+    assert fake.free("binance-personal", "USDT") == before
+    # An order that already ended is -2011: a refusal, and the caller reads the order back.
+    with pytest.raises(RejectedError):
+        await port.cancel_order("c-cancel", "ETH/USDT")
+
+
 async def test_off_tick_prices_and_off_step_amounts_are_refused_before_sending(
     make: PortMaker,
 ) -> None:

@@ -163,6 +163,22 @@ async def test_a_limit_buy_on_the_tick_rests_and_one_off_the_tick_is_never_sent(
     assert setup.upbit.locked(ME, "KRW") == Decimal("38880") * Decimal("1.0005")
 
 
+async def test_a_resting_order_is_canceled_by_identifier_and_read_back(setup: Setup) -> None:
+    await setup.port.create_order(OrderRequest(
+        "u-cancel", "ETH/KRW", Side.BUY, OrderType.LIMIT, amount=Decimal("0.01"),
+        price=Decimal("3888000")))
+    assert await setup.port.cancel_order("u-cancel", "ETH/KRW") is None
+    # Not ccxt's cancel_order, which would send only a uuid.
+    assert setup.wire.last("DELETE", "/v1/order").params == {"identifier": "u-cancel"}
+    found = await setup.port.fetch_order("u-cancel", "ETH/KRW")
+    assert found is not None
+    assert (found.status, found.raw_status, found.filled) == (OrderStatus.CANCELED, "cancel", 0)
+    assert setup.upbit.locked(ME, "KRW") == 0
+    # Canceling it again is refused: the caller reads the order back to know how it ended.
+    with pytest.raises(RejectedError):
+        await setup.port.cancel_order("u-cancel", "ETH/KRW")
+
+
 async def test_an_order_under_the_krw_minimum_is_refused_before_sending(setup: Setup) -> None:
     with pytest.raises(RejectedError, match="below the minimum"):
         await setup.port.create_order(buy("u-small", "4999"))
