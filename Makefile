@@ -44,7 +44,7 @@ bench: install $(BENCH_STAMP)
 	$(BIN)/python -m tests.bench.bench_replay
 	$(BIN)/python -m tests.bench.bench_engine
 
-# Embedded PostgreSQL + NATS under .rebalancer, the simulated world, the seed path end to end.
+# Embedded PostgreSQL + NATS under .rebalancer, the simulated world, the built-in path end to end.
 demo: install
 	$(BIN)/rebalancer demo
 

@@ -40,6 +40,7 @@ from tests.integration.docs.commands import (
 )
 
 DOCS: Final = ROOT / "docs"
+README: Final = ROOT / "README.md"
 # The order a reader meets them: set up, serve, write a spec, settle, alerts, then the rest.
 ORDER: Final = ("configuration.md", "serve.md", "specs.md", "needs-attention.md", "alerts.md",
                 "contracts.md", "exchanges.md", "security.md")
@@ -53,8 +54,14 @@ def doc_files() -> list[Path]:
     return [DOCS / name for name in ORDER]
 
 
+def run_files() -> list[Path]:
+    """What is run: the docs, then the README's console blocks (its command synopsis, with
+    placeholders in capitals, is not a command to run and is not checked for stray mentions)."""
+    return [*doc_files(), README]
+
+
 def all_commands() -> list[DocCommand]:
-    return [command for path in doc_files() for command in parse(path)]
+    return [command for path in run_files() for command in parse(path)]
 
 
 def test_every_doc_is_read_and_shows_commands_only_where_they_are_run() -> None:
@@ -66,12 +73,12 @@ def test_every_doc_is_read_and_shows_commands_only_where_they_are_run() -> None:
     run = {command_path(c.args, known) for c in commands}
     assert None not in run, [c.where for c in commands if command_path(c.args, known) is None]
     problems = []
-    for path in doc_files():
+    for path in run_files():
         parsed = {c.line for c in parse(path)}
         # Every `$ ... rebalancer` line is one the parser found (not in another kind of block).
         problems += [f"{path.name}:{n}: not in a console block"
                      for n in sorted(dollar_lines(path) - parsed)]
-        for number, what in stray_mentions(path, known):
+        for number, what in stray_mentions(path, known) if path != README else ():
             if what.startswith("outside"):
                 problems.append(f"{path.name}:{number}: a command {what}")
             elif what not in run:
@@ -291,6 +298,6 @@ def test_every_command_the_docs_show_runs_and_ends_as_shown(tmp_path: Path) -> N
                        cwd=ROOT, capture_output=True, timeout=60, check=False)
     ran = {(r.command.file, r.command.line) for r in runner.ran}
     ran |= {(c.file, c.line) for c in commands if c.background}
-    shown = {(path.name, n) for path in doc_files() for n in dollar_lines(path)}
+    shown = {(path.name, n) for path in run_files() for n in dollar_lines(path)}
     # Every command shown was run (and only those): nothing in a block was skipped.
     assert ran == shown
