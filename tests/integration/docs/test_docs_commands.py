@@ -2,10 +2,13 @@
 
 One stack for all of them, made by the docs' own commands: `rebalancer infra up` on a fresh
 REBALANCER_HOME (embedded PostgreSQL and NATS), `rebalancer serve` on the simulated world (the
-command configuration.md and serve.md show, run in the background), the configuration and spec
-directory in docs/examples/. The docs are read in the order a reader meets them; placeholders
+command serve.md shows, run in the background), the configuration and spec directory in
+docs/examples/. A command runs through the command line's own `main` in this process
+(the interpreter's start, about a second, times 80 commands would be most of the run), with its
+environment and the repository as its directory; `serve` runs as its own process. The docs are
+read in the order a reader meets them, the README's console blocks last; placeholders
 such as `<attention-id>` come from the command that `sets` them. Between commands the runner
-waits until every workflow seen so far has settled (it ended, is paused, or waits on an
+waits until every workflow in the store has settled (it ended, is paused, or waits on an
 operator) and the read model has caught up, so that a command reads what the one before it did.
 """
 
