@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Final
 
 import psycopg
+import pytest
 
 from rebalancer.cli.main import main
 from rebalancer.embedded.servers import load_info
@@ -75,6 +76,8 @@ def test_every_doc_is_read_and_shows_commands_only_where_they_are_run() -> None:
     known = subcommands()
     run = {command_path(c.args, known) for c in commands}
     assert None not in run, [c.where for c in commands if command_path(c.args, known) is None]
+    # A command shown failing shows what it says: the message a reader will meet.
+    assert not [c.where for c in commands if c.exit and not c.output]
     problems = []
     for path in run_files():
         parsed = {c.line for c in parse(path)}
@@ -87,6 +90,18 @@ def test_every_doc_is_read_and_shows_commands_only_where_they_are_run() -> None:
             elif what not in run:
                 problems.append(f"{path.name}:{number}: `{what}` is mentioned but never run")
     assert not problems, "\n".join(problems)
+
+
+def test_shown_output_is_matched_line_by_line_and_in_order() -> None:
+    command = DocCommand("x.md", 1, "rebalancer status", {}, ["status"],
+                         output=["state     <id> done", "fees  … ETH"])
+    values = {"<id>": "0a1b2c3d"}
+    matches(command, ["workflow x", "state 0a1b2c3d done", "fees 0.1 ETH"], values, "")
+    for printed in (["fees 0.1 ETH", "state 0a1b2c3d done"],  # out of order
+                    ["state 0a1b2c3d failed", "fees 0.1 ETH"],  # another state
+                    ["state <id> done", "fees 0.1 ETH"]):  # the placeholder, not its value
+        with pytest.raises(AssertionError, match="shown but not printed"):
+            matches(command, printed, values, "")
 
 
 # -- the run -----------------------------------------------------------------------------------
