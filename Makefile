@@ -55,7 +55,7 @@ bench: install $(BENCH_STAMP)
 soak: install
 	PYTHONPATH=$(CURDIR) $(BIN)/python -m tests.soak.run
 
-# Embedded PostgreSQL + NATS under .rebalancer, the simulated world, the seed path end to end.
+# Embedded PostgreSQL + NATS under .rebalancer, the simulated world, the built-in path end to end.
 demo: install
 	$(BIN)/rebalancer demo
 

@@ -1,4 +1,4 @@
-"""`rebalancer demo`: the seed path end to end on the simulated world, with a live view."""
+"""`rebalancer demo`: the built-in path end to end on the simulated world, with a live view."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ against the exchange where it can be asked, and turned into the fields later tas
 A `--result` key is a leaf name the task's kind records (specs/recorded.py): `id` of a withdraw
 lands at `request_result.id` and `refresh_result.result.id`, `txid` at `refresh_result.result.txid`.
 Looked up on the exchange, the operation's own record fills what the operator left out (a
-withdrawal's `received`, which the seed path's deposit references), exactly as a normal
+withdrawal's `received`, which the built-in path's deposit references), exactly as a normal
 completion would have recorded it; what the operator gave must agree with it.
 """
 

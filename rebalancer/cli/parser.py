@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--json", action="store_true", help="one JSON object per event")
     watch.set_defaults(handler=events_watch)
 
-    demo = commands.add_parser("demo", help="the seed path end to end on the simulated world")
+    demo = commands.add_parser("demo", help="the built-in path end to end on the simulated world")
     demo.add_argument("--amount", type=_amount, default=Decimal(1_000_000),
                       help="KRW to move (default 1,000,000)")
     demo.add_argument("--json", action="store_true", help=JSON_HELP)

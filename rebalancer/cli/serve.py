@@ -1,4 +1,4 @@
-"""`rebalancer serve` (the service) and `rebalancer demo` (the seed path on the simulated world)."""
+"""`rebalancer serve` (the service) and `rebalancer demo` (the built-in path, simulated)."""
 
 from __future__ import annotations
 

@@ -213,7 +213,7 @@ class _Checker:
         if self.accounts is not None:
             for key in sorted(model.account_fields):
                 account = config.get(key)
-                if isinstance(account, str) and not references(account) and account not in (
+                if isinstance(account, str) and _literal(account) and account not in (
                     self.accounts
                 ):
                     problems.append(f"{label}: {key}: unknown account {account!r}")
@@ -243,6 +243,15 @@ class _Checker:
             return _field_adapter(model, key).validate_python(raw), None
         except ValidationError as e:
             return UNKNOWN, _error_text(e) + shown + _unquoted_hint(raw)
+
+
+def _literal(value: str) -> bool:
+    """Whether `value` holds no template; a malformed one is not a literal (`templates` reports
+    it) and must not stop the other checks."""
+    try:
+        return not references(value)
+    except SpecError:
+        return False
 
 
 @functools.cache

@@ -6,7 +6,7 @@ when set, else the embedded servers under .rebalancer-bench (where it loads pg_s
 restarting that PostgreSQL once); each measurement gets a scratch database of its own.
 
 Sizes (defaults are the issue's; BENCH_QUICK=1 picks small ones, a run of about a minute):
-BENCH_SEQUENTIAL, BENCH_CONCURRENT (vs DBOS), BENCH_OVERLAP (seed-path workflows at once),
+BENCH_SEQUENTIAL, BENCH_CONCURRENT (vs DBOS), BENCH_OVERLAP (built-in-path workflows at once),
 BENCH_OVERLAP_TIMEOUT, BENCH_BUDGET_SECONDS (the default-budget window), BENCH_SQL_WORKFLOWS,
 BENCH_RSS_WORKFLOWS, BENCH_PROFILE_WORKFLOWS; BENCH_SECTIONS=dbos,overlap,sql,rss,profile;
 BENCH_WORKER_CONCURRENCY (the engine's driver slots, 256 as `serve` has them).
@@ -188,7 +188,7 @@ async def overlap(accounts: Accounts) -> list[bool]:
             states, done = await wait_settled(store, ids, timeout=OVERLAP_TIMEOUT, interval=0.5)
             wall = time.perf_counter() - start
             steps = await transition_count(store, ids)
-    note("overlap", f"seed path, 100 ms per exchange call: one workflow {one:.1f} s "
+    note("overlap", f"built-in path, 100 ms per exchange call: one workflow {one:.1f} s "
                     f"({steps_one} steps); {OVERLAP} at once: "
                     + (f"{wall:.1f} s" if done else
                        f"{sum(states.values())} settled after {wall:.0f} s (stopped)")
@@ -210,7 +210,7 @@ async def overlap(accounts: Accounts) -> list[bool]:
             steps = await transition_count(store) - before
             use = budget_use(kept, counters, window)
     busiest = max(use, key=use.__getitem__, default="none")
-    note("budget", f"{OVERLAP} seed-path workflows, the live default budgets, {window:.0f} s "
+    note("budget", f"{OVERLAP} built-in-path workflows, the live default budgets, {window:.0f} s "
                    f"window: {steps / window:.1f} steps/s; budget used: "
                    + ", ".join(f"{k} {v:.2f}" for k, v in sorted(use.items())))
     results.append(report("budget", f"busiest budget ({busiest}) used / its rate",

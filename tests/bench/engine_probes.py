@@ -99,14 +99,14 @@ XACTS = ("select xact_commit + xact_rollback from pg_stat_database"
 async def sql_per_step(accounts: Accounts, nats_url: str | None) -> list[bool]:
     """Statements per step on two loads: five transfers with nothing to wait for, and the seed
     path at 100 ms per exchange call (its waits cost statements that append nothing). The goal
-    is the seed path's: what a real load costs."""
+    is the built-in path's: what a real load costs."""
     await sql_load("five transfers, zero latency", five_transfers(accounts), {},
                    MemoryExchanges(accounts, balances=MEMORY_BALANCES), accounts, nats_url)
-    per_step = await sql_load("seed path, 100 ms per call", seed_spec(), SEED_PARAMS,
+    per_step = await sql_load("built-in path, 100 ms per call", seed_spec(), SEED_PARAMS,
                               seed_exchanges(accounts), accounts, nats_url)
     if per_step is None:
         return []
-    return [report("sql", "statements per step, seed path (pg_stat_statements)", per_step,
+    return [report("sql", "statements per step, built-in path (pg_stat_statements)", per_step,
                    GOALS["sql"], at_most=True, unit="")]
 
 

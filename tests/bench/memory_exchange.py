@@ -111,7 +111,7 @@ class MemoryExchange:
         market = self._spec.markets.get(symbol)
         if market is None:
             raise RejectedError(f"{self.exchange} has no market {symbol}")
-        # Upbit charges a buy's fee on top of what the order spends (EXCHANGES.md).
+        # Upbit charges a buy's fee on top of what the order spends (docs/exchanges.md).
         return replace(market.rules(symbol), buy_fee_on_top=self.exchange == "upbit")
 
     # -- markets and orders ------------------------------------------------------------------

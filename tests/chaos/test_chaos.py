@@ -1,6 +1,6 @@
 """Chaos: the worker as a subprocess, SIGKILLed at random moments over faulted exchanges.
 
-Workflows of the seed path run against the simulated world with lost responses, timeouts and
+Workflows of the built-in path run against the simulated world with lost responses, timeouts and
 rate limits, while the worker process (`rebalancer serve`) is killed with SIGKILL again and
 again and restarted each time. Afterwards every workflow must have ended `done` (or, where the
 world truly cannot tell, `needs_attention` after an `unknown_outcome` escalation), no intent may

@@ -1,6 +1,6 @@
-"""The seed article's five-task chain, step by step, and the built-in seed path end to end.
+"""A five-task chain, step by step, and the built-in path end to end.
 
-The seed's chain (buy, withdraw, await deposit, spot -> futures, master -> sub) has no legal
+The chain (buy, withdraw, await deposit, spot -> futures, master -> sub) has no legal
 order with our accounts; the closest one withdraws from Upbit straight to the corporate master
 (its address added to a copy of upbit-personal's allowlist), moves master -> sub, then the
 sub's spot -> futures. Every task result the next task needs is a `{$.task.path}` reference.

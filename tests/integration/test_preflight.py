@@ -1,4 +1,4 @@
-"""The pre-flight walk on the simulated world: the seed path passes, knowable failures are named
+"""The pre-flight walk on the simulated world: the built-in path passes, knowable failures are named
 per task, and no exchange operation is made."""
 
 from __future__ import annotations

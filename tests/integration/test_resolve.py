@@ -38,7 +38,7 @@ def world_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def withdraw_then_deposit(accounts: Any) -> WorkflowSpec:
-    """The seed path's hop: a withdrawal, then its deposit recognised by txid and amount."""
+    """The built-in path's hop: a withdrawal, then its deposit recognised by txid and amount."""
     return workflow(
         "withdraw_then_deposit", {"amount": "amount"},
         [

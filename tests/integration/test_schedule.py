@@ -49,7 +49,7 @@ POISON = "0.013"  # the amount of the one workflow whose processor blows up
 
 
 def ahead() -> datetime:
-    """A clock past the seed path's 2 s TWAP interval, so its slices go at once."""
+    """A clock past the built-in path's 2 s TWAP interval, so its slices go at once."""
     return datetime.now(UTC) + timedelta(seconds=2)
 
 

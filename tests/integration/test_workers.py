@@ -1,7 +1,7 @@
 """Several workers on one database, and a worker that lost an exchange's answer.
 
 Two engines (two owners, each with its own store and world connection, as two processes would
-have) drive twenty seed-path workflows at once: every one ends done, every stream is legal, and
+have) drive twenty built-in-path workflows at once: every one ends done, every stream is legal, and
 no intent was executed twice. Then a withdrawal's response is lost (or the call never lands):
 the task stays `submitting`, and the next step asks the exchange before sending anything again.
 """
@@ -43,7 +43,7 @@ WORKFLOWS = 20
 # 200,000 KRW buys about 0.05 ETH; 100,000 would leave 0.015 ETH after Upbit's 0.01 ETH fee,
 # below its 0.02 ETH withdrawal minimum (the workflow would rightly fail).
 AMOUNT = "200000"
-# The seed path's TWAP waits 2 s between slices; a clock that far ahead lets the slices go at
+# The built-in path's TWAP waits 2 s between slices; a clock that far ahead lets the slices go at
 # once here (test_chain checks the spacing with a true clock).
 TWAP_INTERVAL = timedelta(seconds=2)
 

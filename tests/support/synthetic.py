@@ -1,6 +1,6 @@
 """Synthetic, legal workflow histories (via the catalogue and the machines) for tests, benches.
 
-Each history follows the seed path and stops at a random point: done, failed at a task,
+Each history follows the built-in path and stops at a random point: done, failed at a task,
 parked in needs_attention, canceled, paused, or still running. The generator also says what
 money it left in transit, so read models can be checked against an independent account.
 """
@@ -65,7 +65,7 @@ class _Builder:
 
 
 def make_history(rng: random.Random, *, amount: Decimal | None = None) -> History:
-    """A random legal history of the seed path."""
+    """A random legal history of the built-in path."""
     stream_id = f"workflow-{uuid.UUID(int=rng.getrandbits(128), version=4)}"
     amount = amount or Decimal(rng.randrange(5_000, 5_000_000)) * 10
     history = History(stream_id)

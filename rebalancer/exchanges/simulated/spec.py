@@ -17,7 +17,7 @@ DEFAULT_WORLD = Path(__file__).resolve().parents[2] / "defaults" / "world.yaml"
 FUTURES_SUFFIX = ":futures"
 ZERO = Decimal(0)
 
-# What each exchange calls our unified states (connectors map these back; EXCHANGES.md).
+# What each exchange calls our unified states (connectors map these back; docs/exchanges.md).
 RAW_STATUSES: dict[str, dict[str, str]] = {
     "upbit": {
         "order_open": "wait", "order_partial": "wait", "order_closed": "done",

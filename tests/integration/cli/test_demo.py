@@ -1,4 +1,4 @@
-"""`rebalancer demo` as a user runs it: fresh embedded servers, the seed path, a JSON summary."""
+"""`rebalancer demo` as a user runs it: fresh embedded servers, the built-in path, JSON out."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """`rebalancer serve` as an operator runs it (issue 13, parts 6 and 7): its log has one INFO
 line per workflow move and per command, as JSON lines with --log-format json; `watch` follows
-from now, replays with --from-start, and ends with its workflow. The seed path on the
+from now, replays with --from-start, and ends with its workflow. The built-in path on the
 simulated world, through the command line only."""
 
 from __future__ import annotations

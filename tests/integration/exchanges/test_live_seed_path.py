@@ -1,4 +1,4 @@
-"""The seed path end to end on the live Upbit and Binance connectors (ccxt's own signing and
+"""The built-in path end to end on the live Upbit and Binance connectors (ccxt's own signing and
 parsing; only the HTTP layer replaced by stateful fakes), with lost answers on both
 withdrawals, and nothing secret in anything the run produced."""
 

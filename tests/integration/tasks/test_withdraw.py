@@ -1,4 +1,4 @@
-"""The seed article's withdraw-processor test, re-written for the event-sourced design.
+"""The withdraw processor, step by step, on the event-sourced store.
 
 A one-task workflow withdraws ETH; after every engine step the stored stream (never an
 engine's memory) must show the task's state and what it recorded: the intent

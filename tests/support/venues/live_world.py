@@ -1,4 +1,4 @@
-"""The seed path's four accounts as live accounts on a fake Upbit and a fake Binance joined by
+"""The built-in path's four accounts as live accounts on a fake Upbit and a fake Binance joined by
 one Chain: the live connectors, ccxt's signing and parsing, only the HTTP layer replaced."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The built-in seed spec, spec snapshots and loading of spec files."""
+"""The built-in spec, spec snapshots and loading of spec files."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ EXAMPLE_PARAMS = {
     "to_currency": "USDT",
     "from_amount": "1000000",
 }
-# What each task of the seed path records, as TaskStateChanged events store it (JSON strings).
+# What each task of the built-in path records, as TaskStateChanged events store it (JSON strings).
 EXAMPLE_RESULTS = {
     "buy_in_source_spot": {
         "refresh_result": {"extra": {"cumulative_amount_excluding_fee": "0.2174"}}
@@ -77,12 +77,12 @@ def accounts() -> Accounts:
 
 @pytest.fixture(scope="module")
 def seed() -> WorkflowSpec:
-    """The built-in seed spec, loaded once."""
+    """The built-in spec, loaded once."""
     return builtin_specs()[SEED]
 
 
 def seed_in_python() -> WorkflowSpec:
-    """The seed spec written with the builders; must equal the YAML file."""
+    """The built-in spec written with the builders; must equal the YAML file."""
     return workflow(
         SEED,
         description=(

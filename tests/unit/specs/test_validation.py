@@ -266,6 +266,21 @@ def test_literal_account_ids_are_checked_when_accounts_are_given() -> None:
     assert caught.value.problems == ("task 'send': to_account: unknown account 'binance-nobody'",)
 
 
+def test_a_malformed_account_template_is_one_problem_among_the_others() -> None:
+    # With accounts given, the literal-account check once raised on it and hid every other line.
+    data = base()
+    data["tasks"][1]["config"]["to_account"] = "{src.interim_account"
+    data["tasks"][1]["config"]["network"] = "{nowhere}"
+    with pytest.raises(InvalidSpecError) as caught:
+        spec_from_data(data, ACCOUNTS)
+    assert caught.value.problems == (
+        "task 'send': to_account: '{src.interim_account': unmatched '{' at position 0;"
+        " write {{ for a literal brace",
+        "task 'send': network: {nowhere}: unknown param 'nowhere' (declared: budget, coin, fiat,"
+        " memo, slices, src)",
+    )
+
+
 def test_validate_spec_checks_a_spec_built_without_validation() -> None:
     spec = WorkflowSpec(
         name="raw",
