@@ -47,7 +47,7 @@ DOCS: Final = ROOT / "docs"
 README: Final = ROOT / "README.md"
 # The order a reader meets them: set up, serve, write a spec, settle, alerts, then the rest.
 ORDER: Final = ("configuration.md", "serve.md", "specs.md", "needs-attention.md", "alerts.md",
-                "contracts.md", "exchanges.md", "security.md")
+                "contracts.md", "exchanges.md", "security.md", "operations.md")
 UUID: Final = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 SHORT_ID: Final = re.compile(r"\b[0-9a-f]{8}\b")
 TXID: Final = re.compile(r"txid[= ]([0-9a-f]{64})")
