@@ -164,8 +164,11 @@ class Api:
         *,
         reply_within: float = REPLY_WITHIN,
         exchanges: Exchanges | None = None,
+        actor: str = "nats",
     ) -> None:
         self.store = store
+        # Who the events' metadata names: "nats", or "web" for the dashboard's operator.
+        self.actor = actor
         # With exchanges, every start is walked by the pre-flight first (rebalancer/preflight.py).
         self.exchanges = exchanges
         self.accounts = accounts
@@ -271,7 +274,7 @@ class Api:
                              + "\n".join(problems), problems=problems)
         workflow_id, created = await start_workflow(
             self.store, spec, dict(request.params), self.accounts,
-            command_id=request.command_id, actor="nats")
+            command_id=request.command_id, actor=self.actor)
         return {"ok": True, "workflow_id": workflow_id, "created": created}
 
     async def control(self, kind: str, request: Control) -> Reply:
@@ -280,13 +283,13 @@ class Api:
                 return error("invalid_request", f"from_task is for retry, not {kind}",
                              problems=[{"field": "from_task", "problem": "retry only"}])
             return await reopen_workflow(self.store, request.command_id, request.workflow_id,
-                                         request.from_task, request.reason, actor="nats")
+                                         request.from_task, request.reason, actor=self.actor)
         return await control_workflow(self.store, kind, request.command_id,
-                                      request.workflow_id, request.reason, actor="nats")
+                                      request.workflow_id, request.reason, actor=self.actor)
 
     async def resolve(self, request: Resolve) -> Reply:
         return await resolve_task(self.store, request.command_id, request.workflow_id,
-                                  request.task, request.outcome, request.note, actor="nats",
+                                  request.task, request.outcome, request.note, actor=self.actor,
                                   result=request.result, exchanges=self.exchanges)
 
     async def query_workflow(self, request: QueryWorkflow) -> Reply:

@@ -29,6 +29,9 @@ from rebalancer.exchanges.base import Exchanges
 from rebalancer.exchanges.live import LiveExchanges, exchange_mode
 from rebalancer.settings import Settings, chain_key_path
 from rebalancer.specs.loading import SpecCatalogue, available_specs
+from rebalancer.web import Bind, Dashboard
+from rebalancer.web.app import Exposition
+from rebalancer.web.operator import operator_token
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +107,17 @@ Component = tuple[str, Callable[[], Awaitable[None]]]
 
 
 async def serve(settings: Settings, database_url: str, nats_url: str | None, *,
-                tick: float = 0.5, stop: asyncio.Event | None = None) -> None:
+                tick: float = 0.5, stop: asyncio.Event | None = None,
+                http: Bind | None = None, metrics: Exposition | None = None,
+                on_dashboard: Callable[[Dashboard], None] | None = None) -> None:
     """Run everything until SIGTERM/SIGINT (or `stop`); steps in flight finish, NATS is drained.
 
-    Without `nats_url` only the worker and the projections run (nothing is relayed). Raises
-    ComponentFailedError, after stopping the others, when one component ends unexpectedly.
+    Without `nats_url` only the worker and the projections run (nothing is relayed). With
+    `http`, the dashboard, /healthz and /readyz listen there (and /metrics when `metrics` is
+    given); `on_dashboard` is told of it once built. Raises SpecError for a bad operator token
+    and ComponentFailedError, after stopping the others, when one component ends unexpectedly.
     """
+    token = operator_token(settings) if http is not None else None
     if stop is None:
         stop = asyncio.Event()
         stop_on_signals(stop)
@@ -124,6 +132,7 @@ async def serve(settings: Settings, database_url: str, nats_url: str | None, *,
             ("worker", lambda: engine.run(stop, tick=tick)),
             ("projections", lambda: runner.run(stop)),
         ]
+        relay: Relay | None = None
         if nats_url is not None:
             key = load_key(chain_key_path(settings), create=True)
             relay = Relay(rt.store, nats_url, chain_key=key)
@@ -132,6 +141,12 @@ async def serve(settings: Settings, database_url: str, nats_url: str | None, *,
                 ("relay", lambda: relay.run(stop)),
                 ("nats", lambda: _nats_side(settings, rt, nats_url, relay, stop, stack)),
             ]
+        if http is not None:
+            dashboard = build_dashboard(settings, rt, http, token=token, relay=relay,
+                                        metrics=metrics)
+            if on_dashboard is not None:
+                on_dashboard(dashboard)
+            components.append(("http", lambda: dashboard.run(stop)))
         await run_components(components, stop)
     log.info("stopped")
 
@@ -200,6 +215,18 @@ async def _nats_side(settings: Settings, rt: Runtime, nats_url: str, relay: Rela
     publisher = AlertPublisher(rt.store, nc.jetstream())  # makes its stream on its first round
     watch = RelayLagWatch(rt.store, relay, threshold=timedelta(seconds=settings.relay_lag_seconds))
     await asyncio.gather(publisher.run(stop), watch.run(stop))
+
+
+def build_dashboard(settings: Settings, rt: Runtime, bind: Bind, *, token: str | None,
+                    relay: Relay | None, metrics: Exposition | None = None) -> Dashboard:
+    """The dashboard on this process's store, accounts and (budgeted) exchanges. NATS counts
+    as connected when the relay's connection is up: the relay is what must reach it."""
+    return Dashboard(
+        rt.store, rt.accounts, WarnedSpecs(settings, rt.accounts),
+        BudgetedExchanges(rt.exchanges, rt.budgets), bind, token=token, relay=relay,
+        nats_connected=(lambda: None) if relay is None else (lambda: relay.connected),
+        projection_lag_seconds=settings.projection_lag_seconds,
+        relay_lag_seconds=settings.relay_lag_seconds, metrics=metrics)
 
 
 def configured_specs(settings: Settings, accounts: Accounts) -> SpecCatalogue:

@@ -18,8 +18,15 @@ def worker_serve(args: argparse.Namespace, settings: Settings) -> int:
     from events.migrations import migrate
     from rebalancer.logs import configure
     from rebalancer.service import serve
+    from rebalancer.web import parse_bind
+    from rebalancer.web.operator import operator_token
 
     configure(args.log_format or settings.log_format)
+    # Refused before anything starts: a non-loopback bind without the opt-in, a bad token.
+    http = None if args.http is None else parse_bind(args.http,
+                                                     allow_remote=args.http_allow_remote)
+    if http is not None:
+        operator_token(settings)
     # The pool warns on every reconnect attempt; the store says an outage once (events/store.py).
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     if settings.database_url and not settings.nats_url:
@@ -32,7 +39,7 @@ def worker_serve(args: argparse.Namespace, settings: Settings) -> int:
     # As the owner role: the service's own may not change the schema.
     asyncio.run(migrate(embedded.migrate_url(settings), connect_timeout=settings.connect_timeout))
     try:
-        asyncio.run(serve(settings, database_url, nats_url, tick=args.tick))
+        asyncio.run(serve(settings, database_url, nats_url, tick=args.tick, http=http))
     except ComponentFailedError as e:
         # The log above has the traceback; the last line says why the service is down.
         print(f"rebalancer: serve: {e}", file=sys.stderr)

@@ -1,0 +1,131 @@
+"""The dashboard over plain HTTP: health, readiness, the pages, and the operator's actions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import aiohttp
+
+from events.store import EventStore
+from rebalancer.accounts import load_accounts
+from rebalancer.commands import start_workflow
+from rebalancer.specs.loading import builtin_specs
+from tests.integration.web.conftest import TOKEN, Served, serving, settings_for
+from tests.support import SEED_PARAMS, SEED_SPEC, eventually, load
+
+
+async def get(url: str, **headers: str) -> tuple[int, str, dict[str, str]]:
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as r:
+        return r.status, await r.text(), dict(r.headers)
+
+
+async def post(url: str, data: dict[str, str], **headers: str) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as session, session.post(
+            url, data=data, headers={"Accept": "application/json", **headers}) as r:
+        return r.status, await r.json()
+
+
+async def test_healthz_answers_and_readyz_says_each_check(served: Served) -> None:
+    status, text, _ = await get(served.url + "healthz")
+    assert (status, json.loads(text)) == (200, {"ok": True})
+
+    async def ready() -> tuple[int, dict]:
+        status, text, _ = await get(served.url + "readyz")
+        return status, json.loads(text)
+
+    status, body = await eventually(ready, lambda r: r[0] == 200, timeout=30,
+                                    what="ready once NATS is connected")
+    checks = body["checks"]
+    assert body["ready"] is True
+    assert set(checks) == {"database", "nats", "projections", "relay"}
+    assert set(checks["projections"]["projections"]) == {"workflows", "exposure", "alerts"}
+
+
+async def test_metrics_is_404_without_an_exposition_and_serves_the_one_given(
+        database_url: str, nats_url: str, tmp_path: Path) -> None:
+    async with serving(settings_for(tmp_path), database_url, None) as plain:
+        status, _, _ = await get(plain.url + "metrics")
+        assert status == 404
+        # Without NATS, readiness does not ask about it.
+        status, text, _ = await get(plain.url + "readyz")
+        assert "nats" not in json.loads(text)["checks"]
+    async with serving(settings_for(tmp_path), database_url, None,
+                       metrics=lambda: (b"rebalancer_up 1\n", "text/plain; version=0.0.4")
+                       ) as with_metrics:
+        status, text, headers = await get(with_metrics.url + "metrics")
+        assert (status, text) == (200, "rebalancer_up 1\n")
+        assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+
+
+async def test_a_foreign_host_header_is_refused(served: Served) -> None:
+    # A DNS-rebinding page names its own host: the loopback dashboard answers it nothing.
+    status, text, _ = await get(served.url, Host="evil.example:8080")
+    assert status == 421 and "workflow" not in text.lower()
+
+
+async def test_actions_are_refused_without_the_token_and_from_another_site(
+        served: Served, store: EventStore) -> None:
+    workflow_id, _ = await start_workflow(store, builtin_specs()[SEED_SPEC],
+                                          {**SEED_PARAMS, "from_amount": "200000"},
+                                          load_accounts())
+    form = {"command_id": "web-test-1", "workflow_id": workflow_id, "reason": "look"}
+    status, reply = await post(served.url + "actions/pause", form)
+    assert (status, reply["error"]["code"]) == (401, "unauthorized")
+    status, reply = await post(served.url + "actions/pause", form, **{
+        "X-Operator-Token": TOKEN[:-1] + "x"})
+    assert (status, reply["error"]["code"]) == (401, "unauthorized")
+    status, reply = await post(served.url + "actions/pause", form, **{
+        "X-Operator-Token": TOKEN, "Origin": "http://evil.example", "Sec-Fetch-Site":
+        "cross-site"})
+    assert (status, reply["error"]["code"]) == (403, "cross_site")
+    # None of them was applied (or bound the command id).
+    assert all(e.metadata.get("command_id") != "web-test-1"
+               for e in await store.read_stream(f"workflow-{workflow_id}"))
+    assert await store.recall_outcome("web-test-1") is None
+
+
+async def test_a_read_only_dashboard_refuses_every_action(
+        database_url: str, tmp_path: Path, store: EventStore) -> None:
+    async with serving(settings_for(tmp_path, token=None), database_url, None) as ro:
+        status, page, _ = await get(ro.url)
+        assert "read-only" in page and "operator-token" not in page
+        status, reply = await post(ro.url + "actions/cancel", {
+            "command_id": "x", "workflow_id": "0" * 8}, **{"X-Operator-Token": TOKEN})
+        assert (status, reply["error"]["code"]) == (403, "read_only")
+
+
+async def test_an_action_with_the_token_goes_through_the_command_handlers(
+        database_url: str, nats_url: str, tmp_path: Path, store: EventStore) -> None:
+    # At the world's own pace the workflow is still running when the pause comes.
+    async with serving(settings_for(tmp_path, time_scale=1.0), database_url, nats_url) as s:
+        await _pause_through_the_dashboard(s, store)
+
+
+async def _pause_through_the_dashboard(served: Served, store: EventStore) -> None:
+    workflow_id, _ = await start_workflow(store, builtin_specs()[SEED_SPEC],
+                                          {**SEED_PARAMS, "from_amount": "200000"},
+                                          load_accounts())
+    form = {"command_id": "web-test-2", "workflow_id": workflow_id, "reason": "checking"}
+    # Validation is the API's: a malformed workflow id is refused as NATS would refuse it.
+    status, reply = await post(served.url + "actions/pause", {**form, "workflow_id": "nope"},
+                               **{"X-Operator-Token": TOKEN})
+    assert (status, reply["error"]["code"]) == (400, "invalid_request")
+    status, reply = await post(served.url + "actions/pause", form,
+                               **{"X-Operator-Token": TOKEN})
+    assert (status, reply["ok"], reply["state"]) == (200, True, "paused"), reply
+    flow = await load(store, workflow_id)
+    assert flow.state == "paused"
+    # Idempotent by command id: the same form again is the same reply, nothing appended.
+    version = await store.stream_version(f"workflow-{workflow_id}")
+    again_status, again = await post(served.url + "actions/pause", form,
+                                     **{"X-Operator-Token": TOKEN})
+    assert (again_status, again) == (status, reply)
+    assert await store.stream_version(f"workflow-{workflow_id}") == version
+    events = await store.read_stream(f"workflow-{workflow_id}")
+    assert [e.metadata.get("actor") for e in events
+            if e.metadata.get("command_id") == "web-test-2"] == ["web"]
+    # The handler's own rules still hold: a paused workflow is not paused twice.
+    status, reply = await post(served.url + "actions/pause", {**form, "command_id": "web-3"},
+                               **{"X-Operator-Token": TOKEN})
+    assert (status, reply["error"]["code"]) == (409, "illegal_transition")
