@@ -13,6 +13,7 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from events.database import first_line
 from events.relay import Relay
@@ -208,13 +209,22 @@ async def _nats_side(settings: Settings, rt: Runtime, nats_url: str, relay: Rela
     if attempts:
         log.warning("NATS at %s reached after %d attempts; the API serves", where(nats_url),
                     attempts + 1)
-    stack.push_async_callback(nc.drain)
+    stack.push_async_callback(_drain, nc)
     api = Api(rt.store, rt.accounts, WarnedSpecs(settings, rt.accounts),
               exchanges=BudgetedExchanges(rt.exchanges, rt.budgets))  # the engine's buckets
     await serve_api(api, nc)
     publisher = AlertPublisher(rt.store, nc.jetstream())  # makes its stream on its first round
     watch = RelayLagWatch(rt.store, relay, threshold=timedelta(seconds=settings.relay_lag_seconds))
     await asyncio.gather(publisher.run(stop), watch.run(stop))
+
+
+async def _drain(nc: Any) -> None:
+    """Drain the connection; a stop while NATS is away cannot drain it, so it is closed."""
+    try:
+        await nc.drain()
+    except Exception as e:  # nats-py raises several unrelated types for "not connected"
+        log.info("NATS connection closed without draining: %s", type(e).__name__)
+        await nc.close()
 
 
 def build_dashboard(settings: Settings, rt: Runtime, bind: Bind, *, token: str | None,

@@ -16,15 +16,20 @@ from typing import Any
 from events.errors import EventStoreError
 from events.relay import Relay
 from events.store import EventStore
+from projections.runner import default_projections
 
 CHECK_WITHIN = 2.0  # seconds a check may take before it counts as failed
 
-# Per projection: how old its oldest unapplied event is (none: caught up).
+# Per projection: how old its oldest unapplied event is (none: caught up). A projection with
+# no checkpoint row yet (its runner never ran) is at the origin: behind by every event.
 _PROJECTION_LAG = (
-    "select c.name, c.error, (select min(e.recorded_at) from events e"
-    " where (e.transaction_id, e.position) > (c.transaction_id, c.position)) as oldest"
-    " from projection_checkpoints c order by c.name"
+    "select n.name, c.error, (select min(e.recorded_at) from events e"
+    " where (e.transaction_id, e.position) > (coalesce(c.transaction_id, '0'),"
+    " coalesce(c.position, 0))) as oldest"
+    " from unnest(%s::text[]) n(name) left join projection_checkpoints c on c.name = n.name"
+    " order by n.name"
 )
+PROJECTIONS = tuple(p.name for p in default_projections())
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,8 @@ class Readiness:
 
     async def _projections(self, now: datetime) -> dict[str, Any]:
         try:
-            rows = await asyncio.wait_for(self.store.fetch_dicts(_PROJECTION_LAG, ()),
+            rows = await asyncio.wait_for(self.store.fetch_dicts(_PROJECTION_LAG,
+                                                                  (list(PROJECTIONS),)),
                                           CHECK_WITHIN)
         except (TimeoutError, EventStoreError) as e:
             return {"ok": False, "error": str(e).splitlines()[0] if str(e) else "timed out"}

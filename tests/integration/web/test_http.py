@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -106,6 +107,8 @@ async def _pause_through_the_dashboard(served: Served, store: EventStore) -> Non
     workflow_id, _ = await start_workflow(store, builtin_specs()[SEED_SPEC],
                                           {**SEED_PARAMS, "from_amount": "200000"},
                                           load_accounts())
+    await eventually(lambda: load(store, workflow_id), lambda f: f.state == "running",
+                     timeout=30, what="the workflow running")
     form = {"command_id": "web-test-2", "workflow_id": workflow_id, "reason": "checking"}
     # Validation is the API's: a malformed workflow id is refused as NATS would refuse it.
     status, reply = await post(served.url + "actions/pause", {**form, "workflow_id": "nope"},
@@ -129,3 +132,35 @@ async def _pause_through_the_dashboard(served: Served, store: EventStore) -> Non
     status, reply = await post(served.url + "actions/pause", {**form, "command_id": "web-3"},
                                **{"X-Operator-Token": TOKEN})
     assert (status, reply["error"]["code"]) == (409, "illegal_transition")
+
+
+async def test_readiness_fails_when_the_projections_or_the_relay_fall_behind(
+        store: EventStore, nats_url: str) -> None:
+    from events.relay import Relay
+    from projections.runner import ProjectionRunner, default_projections
+    from rebalancer.web.health import Readiness
+
+    workflow_id, _ = await start_workflow(store, builtin_specs()[SEED_SPEC],
+                                          {**SEED_PARAMS, "from_amount": "200000"},
+                                          load_accounts())
+    relay = Relay(store, nats_url, name=f"readyz-{workflow_id[:8]}")
+    try:
+        # Nothing projected nor relayed yet: behind by how old the event is.
+        await asyncio.sleep(0.2)
+        tight = Readiness(store, relay, projection_lag_seconds=0.1, relay_lag_seconds=0.1)
+        ready, body = await tight.check()
+        assert ready is False
+        workflows = body["checks"]["projections"]["projections"]["workflows"]
+        assert workflows["ok"] is False and workflows["lag_seconds"] >= 0.1
+        assert body["checks"]["relay"]["ok"] is False
+        assert body["checks"]["relay"]["events_behind"] >= 1
+        # Lenient thresholds: the same lag is fine.
+        lenient = Readiness(store, relay, projection_lag_seconds=60, relay_lag_seconds=60)
+        assert (await lenient.check())[0] is True
+        # Caught up: ready even with the tight thresholds.
+        await ProjectionRunner(store, default_projections()).catch_up()
+        await relay.relay_once()
+        ready, body = await tight.check()
+        assert ready is True, body
+    finally:
+        await relay.close()
