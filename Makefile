@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 BENCH_VENV := .venv-bench-dbos
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: install lint test bench demo clean infra-down
+.PHONY: install lint test bench demo clean infra-down browser
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q python3-venv; }
@@ -31,9 +31,14 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# The dashboard's browser tests drive Debian's Chromium (no browser download): installed here
+# when missing (CI runs as root with apt reachable).
+browser:
+	@[ -x /usr/bin/chromium ] || { apt-get update -q && apt-get install -y -q chromium; }
+
 # The test fixtures start (and afterwards stop) PostgreSQL and NATS themselves:
 # testcontainers when a Docker engine answers, the embedded servers otherwise.
-test: lint
+test: lint browser
 	$(BIN)/pytest -q -p no:cacheprovider; status=$$?; \
 	  REBALANCER_HOME=.rebalancer-test $(BIN)/rebalancer infra down >/dev/null 2>&1; \
 	  exit $$status

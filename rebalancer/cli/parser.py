@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--amount", type=_amount, default=Decimal(1_000_000),
                       help="KRW to move (default 1,000,000)")
     demo.add_argument("--json", action="store_true", help=JSON_HELP)
+    demo.add_argument("--http", metavar="[HOST:]PORT", nargs="?", const="127.0.0.1:8080",
+                      default=None, help="run the dashboard beside it (default 127.0.0.1:8080)"
+                      " and keep it up after the workflow ends, until Ctrl-C")
     demo.set_defaults(handler=run_demo_command)
 
     balances = commands.add_parser(

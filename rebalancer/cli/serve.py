@@ -49,7 +49,9 @@ def worker_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_demo_command(args: argparse.Namespace, settings: Settings) -> int:
     from rebalancer.demo import run_demo
+    from rebalancer.web import parse_bind
 
+    http = None if args.http is None else parse_bind(args.http)
     database_url, nats_url = (
         (settings.database_url, settings.nats_url)
         if settings.database_url and settings.nats_url
@@ -57,4 +59,4 @@ def run_demo_command(args: argparse.Namespace, settings: Settings) -> int:
     )
     return asyncio.run(run_demo(settings, database_url, nats_url, amount=args.amount,
                                 as_json=args.json,
-                                migrate_url=embedded.migrate_url(settings)))
+                                migrate_url=embedded.migrate_url(settings), http=http))

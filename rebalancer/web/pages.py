@@ -153,7 +153,8 @@ def controls(workflow_id: str, state: str) -> str:
     allowed = set(workflow_machine().allowed(state))
     forms = [action_form(kind, kind, {"workflow_id": workflow_id}, note=True)
              for kind in CONTROLS if kind in allowed]
-    return f'<div class="controls">{"".join(forms)}</div>' if forms else ""
+    return (f'<div class="controls"><span class="label">workflow:</span>{"".join(forms)}</div>'
+            if forms else "")
 
 
 def attention(workflow_id: str, task: TaskView, *, operator: bool) -> str:
@@ -185,7 +186,7 @@ def attention(workflow_id: str, task: TaskView, *, operator: bool) -> str:
         parts.append("<p>settle with one of:</p><ul class=commands>" + "".join(
             f"<li><code>{e(c)}</code></li>" for c in commands) + "</ul>")
     if operator:
-        parts.append('<div class="controls">' + "".join(
+        parts.append('<div class="controls"><span class="label">or resolve it:</span>' + "".join(
             action_form("resolve", label, {"workflow_id": workflow_id, "task": task.name,
                                            "outcome": outcome}, note=True)
             for outcome, label in (("resend", "resend"), ("failed", "nothing was sent: failed"))

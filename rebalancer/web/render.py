@@ -14,7 +14,7 @@ from typing import Any
 
 from rebalancer.cli.format import json_default, when
 
-STATIC_VERSION = "1"  # bumped with the static files, so a browser does not keep an old script
+STATIC_VERSION = "2"  # bumped with the static files, so a browser does not keep an old script
 
 
 def e(value: object) -> str:

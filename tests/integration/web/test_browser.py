@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from events.store import EventStore
 from projections.workflows import read_workflow
@@ -26,7 +28,15 @@ from rebalancer.commands import start_workflow
 from rebalancer.specs.builders import task, workflow
 from rebalancer.specs.loading import builtin_specs
 from tests.integration.web.conftest import TOKEN, Served, serving, settings_for
-from tests.support import SEED_PARAMS, SEED_SPEC, eventually, load, write_world
+from tests.support import (
+    SEED_PARAMS,
+    SEED_SPEC,
+    NatsServer,
+    eventually,
+    load,
+    write_accounts,
+    write_world,
+)
 
 # Slow enough that the list sees the workflow running, fast enough to end in seconds.
 MOVING = 150.0
@@ -145,7 +155,6 @@ async def test_the_money_page_matches_exposure_json(
     world = write_world(tmp_path, delays={"confirmation_seconds": 86400 * 1000})
     settings = settings_for(tmp_path, sim_world=world)
     async with serving(settings, database_url, nats_url) as served:
-        done = await start_seed(store, "300000")
         stuck = await start_seed(store)
 
         async def exposure() -> dict[str, Any]:
@@ -159,7 +168,6 @@ async def test_the_money_page_matches_exposure_json(
         found = await eventually(exposure, lambda f: any(
             i["workflow_id"] == stuck and i["kind"] == "withdraw" for i in f["in_transit"]),
             timeout=60, what="a withdrawal in transit")
-        del done
         page = await browser.new_page(viewport={"width": 1400, "height": 900})
         await page.goto(f"{served.url}exposure")
 
@@ -271,3 +279,70 @@ async def test_the_attention_queue_resolves_through_the_page(
     # Once resolved it leaves the queue, live.
     await page.wait_for_selector(f'article.queue-item a[href="/workflows/{workflow_id}"]',
                                  state="detached", timeout=20_000)
+
+
+async def test_no_page_script_or_event_stream_carries_a_secret(
+        database_url: str, tmp_path: Path, store: EventStore, browser: Any,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    nats_password = f"nats-{secrets.token_hex(12)}"
+    api_key, api_secret = f"key-{secrets.token_hex(12)}", f"sec-{secrets.token_hex(12)}"
+    monkeypatch.setenv("WEB_TEST_API_KEY", api_key)
+    monkeypatch.setenv("WEB_TEST_API_SECRET", api_secret)
+
+    def with_credentials(accounts: dict[str, Any]) -> None:
+        for account in accounts.values():
+            account["credentials"] = {"api_key_env": "WEB_TEST_API_KEY",
+                                      "secret_env": "WEB_TEST_API_SECRET"}
+
+    config = write_accounts(tmp_path, with_credentials)
+    database_password = conninfo_to_dict(database_url).get("password")
+    secret_values = [s for s in (nats_password, api_key, api_secret, TOKEN,
+                                 str(database_password or "")) if s]
+    # Named credentials, simulated exchanges: the credentials exist, nothing may show them.
+    settings = settings_for(tmp_path, config=config, exchanges="simulated", time_scale=MOVING)
+    with NatsServer("-js", "-sd", str(tmp_path / "js"), "--user", "svc", "--pass",
+                    nats_password) as nats:
+        url = f"nats://svc:{nats_password}@127.0.0.1:{nats.port}"
+        async with serving(settings, database_url, url) as served:
+            accounts = load_accounts(config)
+            workflow_id, _ = await start_workflow(
+                store, builtin_specs()[SEED_SPEC], {**SEED_PARAMS, "from_amount": "500000"},
+                accounts)
+            seen: list[str] = []
+            stream = asyncio.create_task(_read_events(served.url + "events", seen))
+            page = await browser.new_page()
+            # The token typed into the page lives in the tab's storage, not in its document.
+            await page.goto(served.url)
+            await page.fill("#operator-token", TOKEN)
+            await page.click("#token-box button[type=submit]")
+            for path in ("", f"workflows/{workflow_id}", "attention", "exposure",
+                         "exposure.json", "readyz", "healthz", "static/dashboard.js",
+                         "static/dashboard.css", "metrics", "workflows/nope", "nothing"):
+                response = await page.goto(served.url + path)
+                assert response is not None
+                seen.append(await response.text())
+                seen.append(json.dumps(dict(response.headers)))
+                if path in ("", f"workflows/{workflow_id}", "exposure"):
+                    seen.append(await page.content())
+            await eventually(lambda: load(store, workflow_id), lambda f: f.state == "done",
+                             timeout=60, what="the workflow done")
+            # A refused action's reply and its log line.
+            refused = await page.request.post(served.url + "actions/pause", form={
+                "command_id": "c", "workflow_id": workflow_id, "token": TOKEN + "x"})
+            seen.append(await refused.text())
+            stream.cancel()
+            await asyncio.gather(stream, return_exceptions=True)
+    assert any("event: change" in s for s in seen), "the event stream said nothing"
+    everything = "\n".join(seen) + caplog.text
+    for secret in secret_values:
+        assert secret not in everything
+    # Nor the one a user would see in the URL.
+    assert f"svc:{nats_password}" not in everything
+
+
+async def _read_events(url: str, into: list[str]) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        async for chunk in response.content.iter_any():
+            into.append(chunk.decode())
