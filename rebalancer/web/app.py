@@ -213,7 +213,8 @@ class Dashboard:
             state = None
         try:
             rows = await list_workflow_rows(self.store, state=state, spec=spec)
-            specs = await spec_names(self.store)
+            # Those the read model has workflows of, and those this process could start.
+            specs = sorted(set(await spec_names(self.store)) | set(self.api.specs()))
             waiting = await self._attention_count()
         except EventStoreError as e:
             return self._unavailable("/", e)

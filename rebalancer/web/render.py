@@ -12,9 +12,9 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from rebalancer.cli.format import json_default, when
+from rebalancer.cli.format import json_default, key_fields, when
 
-STATIC_VERSION = "2"  # bumped with the static files, so a browser does not keep an old script
+STATIC_VERSION = "4"  # bumped with the static files, so a browser does not keep an old script
 
 
 def e(value: object) -> str:
@@ -46,7 +46,9 @@ def fields(payload: dict[str, Any] | None) -> str:
     if not payload:
         return '<span class="muted">-</span>'
     text = json.dumps(payload, indent=2, sort_keys=True, default=json_default)
-    summary = ", ".join(f"{k}={_scalar(v)}" for k, v in list(payload.items())[:3])
+    # The fields `status` prints (amount, currency, txid...), else the first few keys.
+    summary = key_fields(payload) or ", ".join(
+        f"{k}={_scalar(v)}" for k, v in list(payload.items())[:3])
     return f"<details><summary>{e(summary)}</summary><pre>{e(text)}</pre></details>"
 
 
