@@ -62,7 +62,7 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _CONTROL_BUT_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 # The one spelling of a workflow id: the stream id and every table key are this text, so
 # `urn:uuid:`, braces, upper case or no hyphens would name another (absent) workflow.
-_CANONICAL_UUID = re.compile("[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+CANONICAL_UUID = re.compile("[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def _refusing(pattern: re.Pattern[str]) -> Callable[[str], str]:
@@ -77,7 +77,7 @@ def _refusing(pattern: re.Pattern[str]) -> Callable[[str], str]:
 
 
 def _canonical_uuid(text: str) -> str:
-    if not _CANONICAL_UUID.fullmatch(text):
+    if not CANONICAL_UUID.fullmatch(text):
         raise ValueError("not a workflow id: it is a UUID in its canonical lower-case"
                          " hyphenated form (8-4-4-4-12 hex digits)")
     return text

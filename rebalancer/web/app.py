@@ -19,14 +19,14 @@ from typing import Any
 
 from aiohttp import web
 
-from events.errors import EventStoreError
+from events.errors import EventStoreError, StoreUnavailableError
 from events.relay import Relay
 from events.store import EventStore
 from events.vocabulary import WorkflowState
 from projections.exposure import read_exposure
 from projections.workflows import list_workflow_rows, read_workflow, spec_names
 from rebalancer.accounts import Accounts
-from rebalancer.api import Api
+from rebalancer.api import CANONICAL_UUID, Api
 from rebalancer.balances import Holding, Unreadable, read_balances
 from rebalancer.cli.common import UsageError
 from rebalancer.cli.format import json_default, jsonable
@@ -216,7 +216,7 @@ class Dashboard:
             # Those the read model has workflows of, and those this process could start.
             specs = sorted(set(await spec_names(self.store)) | set(self.api.specs()))
             waiting = await self._attention_count()
-        except EventStoreError as e:
+        except StoreUnavailableError as e:
             return self._unavailable("/", e)
         return self._page("workflows", pages.workflows_page(rows, state=state, spec=spec,
                                                             specs=specs), "/",
@@ -225,6 +225,10 @@ class Dashboard:
     async def workflow(self, request: web.Request) -> web.Response:
         workflow_id = request.match_info["workflow_id"]
         path = f"/workflows/{workflow_id}"
+        if not CANONICAL_UUID.fullmatch(workflow_id):
+            return self._page("not found", pages.message_page(
+                "Not found", "a workflow id is a UUID (8-4-4-4-12 lower-case hex digits)"),
+                path, status=404)
         try:
             view, note = await load_view(self.store, workflow_id, None)
             events = await self.store.read_stream(f"workflow-{workflow_id}")
@@ -232,7 +236,7 @@ class Dashboard:
         except UsageError as e:
             return self._page("not found", pages.message_page("Not found", str(e)), path,
                               status=404)
-        except EventStoreError as e:
+        except StoreUnavailableError as e:
             return self._unavailable(path, e)
         return self._page(f"workflow {workflow_id[:8]}", pages.workflow_page(
             view, events, note, operator=self.operator), path, attention=waiting)
@@ -242,7 +246,7 @@ class Dashboard:
             rows = await list_workflow_rows(self.store, state=WorkflowState.NEEDS_ATTENTION,
                                             limit=200)
             views = [v for r in rows if (v := await read_workflow(self.store, r.workflow_id))]
-        except EventStoreError as e:
+        except StoreUnavailableError as e:
             return self._unavailable("/attention", e)
         return self._page("needs attention", pages.attention_page(views, operator=self.operator),
                           "/attention", attention=len(views))
@@ -255,7 +259,7 @@ class Dashboard:
         try:
             found = await self._exposure()
             waiting = await self._attention_count()
-        except EventStoreError as e:
+        except StoreUnavailableError as e:
             return self._unavailable("/exposure", e)
         # Only the page itself reads balances: a live refresh leaves that section alone.
         live = request.headers.get("X-Live") == "1"
@@ -266,7 +270,7 @@ class Dashboard:
     async def exposure_json(self, request: web.Request) -> web.Response:
         try:
             found = await self._exposure()
-        except EventStoreError as e:
+        except StoreUnavailableError as e:
             return web.json_response({"ok": False, "error": str(e).splitlines()[0]}, status=503)
         return web.json_response(found, dumps=lambda v: json.dumps(v, default=json_default))
 

@@ -83,3 +83,26 @@ def test_every_value_on_a_page_is_escaped() -> None:
     page = workflow_page(view, [], evil, operator=True)
     assert "<script>" not in page
     assert "&lt;script&gt;" in page
+
+
+def test_a_task_needing_attention_offers_the_commands_and_a_form_per_unclaimed_candidate(
+) -> None:
+    from rebalancer.web.pages import attention
+
+    error = {"code": "unknown_outcome", "message": "cannot tell which one is ours",
+             "candidates": [
+                 {"id": "11", "txid": "aa" * 32, "amount": "0.2", "at": "t1",
+                  "claimed_by_workflow": None},
+                 {"id": "12", "txid": None, "amount": "0.2", "at": "t2",
+                  "claimed_by_workflow": "0f" * 16}],
+             "commands": ["rebalancer resolve W withdraw_x --outcome done --result id=11",
+                          "rebalancer resolve W withdraw_x --outcome failed --note 'x'"]}
+    task = TaskView(0, "withdraw_x", "withdraw", "needs_attention", error=error)  # type: ignore[arg-type]
+    read_only = attention("w" * 36, task, operator=False)
+    assert "--outcome done --result id=11" in read_only and "claimed by" in read_only
+    assert "<form" not in read_only  # no buttons without a token
+    page = attention("w" * 36, task, operator=True)
+    # Done with the unclaimed candidate (its id and txid), resend, failed: three forms.
+    assert page.count('action="/actions/resolve"') == 3
+    assert 'name="result_id" value="11"' in page and f'value="{"aa" * 32}"' in page
+    assert 'name="result_id" value="12"' not in page  # another workflow's: not offered

@@ -164,3 +164,33 @@ async def test_readiness_fails_when_the_projections_or_the_relay_fall_behind(
         assert ready is True, body
     finally:
         await relay.close()
+
+
+async def test_unknown_workflows_and_pages_are_404(served: Served) -> None:
+    for path in ("workflows/nope", "workflows/6f1c2a8e-3f5b-4d7e-9a41-52b8c0d7e913",
+                 "static/secrets.txt", "nothing"):
+        status, _, _ = await get(served.url + path)
+        assert status == 404, path
+
+
+async def test_text_an_operator_typed_is_shown_escaped(
+        database_url: str, nats_url: str, tmp_path: Path, store: EventStore) -> None:
+    async with serving(settings_for(tmp_path, time_scale=1.0), database_url, nats_url) as s:
+        workflow_id, _ = await start_workflow(store, builtin_specs()[SEED_SPEC],
+                                              {**SEED_PARAMS, "from_amount": "200000"},
+                                              load_accounts())
+        await eventually(lambda: load(store, workflow_id), lambda f: f.state == "running",
+                         timeout=30, what="the workflow running")
+        evil = '<img src=x onerror="alert(1)">'
+        status, reply = await post(s.url + "actions/pause", {
+            "command_id": "web-evil", "workflow_id": workflow_id, "reason": evil},
+            **{"X-Operator-Token": TOKEN})
+        assert status == 200, reply
+
+        async def page() -> str:
+            return (await get(f"{s.url}workflows/{workflow_id}"))[1]
+
+        shown = await eventually(page, lambda text: "paused" in text, timeout=10,
+                                 what="the paused workflow's page")
+        assert evil not in shown
+        assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in shown
