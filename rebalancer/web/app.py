@@ -60,10 +60,16 @@ class Changes:
         self.store = store
         self.seen: tuple[Any, ...] | None = None
         self.sequence = 0
+        self.listeners = 0  # open event streams: with none, nothing is polled
         self._moved = asyncio.Condition()
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            if not self.listeners:
+                self.seen = None  # the first stream to come sees the next move
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), POLL)
+                continue
             try:
                 rows = await self.store.fetch_rows(
                     "select name, position, events_applied from projection_checkpoints"
@@ -152,11 +158,9 @@ class Dashboard:
         try:
             site = web.TCPSite(runner, self.bind.host, self.bind.port)
             await site.start()
-            if self.bind.port == 0:  # an ephemeral port (tests): say the one given
-                sockets = getattr(site._server, "sockets", None) or []
-                if sockets:
-                    self.bind = Bind(self.bind.host, sockets[0].getsockname()[1])
-                    self.url = self.bind.url()
+            if self.bind.port == 0 and runner.addresses:  # an ephemeral port: say which
+                self.bind = Bind(self.bind.host, int(runner.addresses[0][1]))
+                self.url = self.bind.url()
             log.info("dashboard at %s (%s)", self.url,
                      "operator actions on" if self.operator else "read-only")
             self.started.set()
@@ -301,6 +305,7 @@ class Dashboard:
         await response.prepare(request)
         sequence = self.changes.sequence
         await response.write(b"retry: 2000\n\n")
+        self.changes.listeners += 1
         try:
             while not self._stopping.is_set():
                 now = await self.changes.wait(sequence, HEARTBEAT)
@@ -311,8 +316,10 @@ class Dashboard:
                     continue
                 sequence = now
                 await response.write(f"event: change\ndata: {sequence}\n\n".encode())
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:
             pass  # the browser went away
+        finally:
+            self.changes.listeners -= 1
         return response
 
     # -- health ----------------------------------------------------------------------------

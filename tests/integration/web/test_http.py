@@ -194,3 +194,18 @@ async def test_text_an_operator_typed_is_shown_escaped(
                                  what="the paused workflow's page")
         assert evil not in shown
         assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in shown
+
+
+async def test_a_form_without_scripts_carries_the_token_in_a_field_and_gets_a_page(
+        served: Served, store: EventStore) -> None:
+    workflow_id, _ = await start_workflow(store, builtin_specs()[SEED_SPEC],
+                                          {**SEED_PARAMS, "from_amount": "200000"},
+                                          load_accounts())
+    form = {"command_id": "web-form-1", "workflow_id": workflow_id, "task": "no_such_task",
+            "outcome": "failed", "note": "checked", "token": TOKEN}
+    async with aiohttp.ClientSession() as session, session.post(
+            served.url + "actions/resolve", data=form) as r:
+        status, page = r.status, await r.text()
+    # Past the token: the handler itself answers (no such task), as an HTML page.
+    assert status == 404 and "refused (not_found)" in page and "no_such_task" in page
+    assert TOKEN not in page
