@@ -106,3 +106,19 @@ def test_a_task_needing_attention_offers_the_commands_and_a_form_per_unclaimed_c
     assert page.count('action="/actions/resolve"') == 3
     assert 'name="result_id" value="11"' in page and f'value="{"aa" * 32}"' in page
     assert 'name="result_id" value="12"' not in page  # another workflow's: not offered
+
+
+def test_a_form_becomes_the_nats_command_body() -> None:
+    from rebalancer.web.app import _command_body
+
+    resolve = _command_body("resolve", {
+        "command_id": "web-1", "workflow_id": "w", "task": "withdraw_x", "outcome": "done",
+        "note": "checked", "result_id": "11", "result_txid": "ab", "result_amount": "",
+        "token": "never in a body"})
+    assert resolve == {"command_id": "web-1", "workflow_id": "w", "task": "withdraw_x",
+                       "outcome": "done", "note": "checked",
+                       "result": {"id": "11", "txid": "ab"}}
+    pause = _command_body("pause", {"command_id": "web-2", "workflow_id": "w", "reason": ""})
+    assert pause == {"command_id": "web-2", "workflow_id": "w"}
+    assert _command_body("cancel", {"workflow_id": "w", "reason": "why"}) == {
+        "command_id": "", "workflow_id": "w", "reason": "why"}
