@@ -181,12 +181,18 @@ def attention(workflow_id: str, task: TaskView, *, operator: bool) -> str:
              f'<p class="warn">{e(error_text(error))}</p>']
     if candidates:
         parts.append(table(("id", "txid", "amount", "at", "claimed"), rows, css="candidates"))
-    commands = error.get("commands") or []
+    # The task's own commands (one per unclaimed candidate); an escalation without candidates
+    # (a deadline passed) is settled by the general ones.
+    commands = error.get("commands") or [
+        f"rebalancer resolve {workflow_id} {task.name} --outcome {outcome} --note '{note}'"
+        for outcome, note in (("resend", "checked: it never reached the exchange"),
+                              ("done", "checked: it happened"),
+                              ("failed", "checked: nothing was sent"))]
     if commands:
         parts.append("<p>settle with one of:</p><ul class=commands>" + "".join(
             f"<li><code>{e(c)}</code></li>" for c in commands) + "</ul>")
     if operator:
-        parts.append('<div class="controls"><span class="label">or resolve it:</span>' + "".join(
+        parts.append('<div class="controls"><span class="label">resolve it here:</span>' + "".join(
             action_form("resolve", label, {"workflow_id": workflow_id, "task": task.name,
                                            "outcome": outcome}, note=True)
             for outcome, label in (("resend", "resend"), ("failed", "nothing was sent: failed"))

@@ -264,6 +264,8 @@ async def test_the_attention_queue_resolves_through_the_page(
         f'a[href="/workflows/{workflow_id}"]'))
     assert "deposit_x needs attention" in await item.inner_text()
     assert "passed its deadline" in await item.inner_text()
+    assert f"rebalancer resolve {workflow_id} deposit_x --outcome failed" in (
+        await item.locator("ul.commands").inner_text())
     assert await page.locator("nav .count").inner_text() == "1"
     await page.fill("#operator-token", TOKEN)
     await page.click("#token-box button[type=submit]")
