@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 BENCH_VENV := .venv-bench-dbos
 BENCH_STAMP := $(BENCH_VENV)/.installed
 
-.PHONY: install lint test bench demo clean infra-down browser
+.PHONY: install test-tools lint test bench soak demo clean infra-down
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q python3-venv; }
@@ -31,14 +31,17 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-# The dashboard's browser tests drive Debian's Chromium (no browser download): installed here
-# when missing (CI runs as root with apt reachable).
-browser:
-	@[ -x /usr/bin/chromium ] || { apt-get update -q && apt-get install -y -q chromium; }
-
 # The test fixtures start (and afterwards stop) PostgreSQL and NATS themselves:
 # testcontainers when a Docker engine answers, the embedded servers otherwise.
-test: lint browser
+# What the suite drives besides Python, installed where missing (CI runs as root, apt reachable):
+# a compose that parses infra/docker-compose.yml (`config` needs no Docker engine), and
+# Debian's Chromium for the dashboard's browser tests (Playwright drives it: no browser download).
+test-tools:
+	@docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || \
+	  { apt-get update -q && apt-get install -y -q docker-compose; }
+	@[ -x /usr/bin/chromium ] || { apt-get update -q && apt-get install -y -q chromium; }
+
+test: lint test-tools
 	$(BIN)/pytest -q -p no:cacheprovider; status=$$?; \
 	  REBALANCER_HOME=.rebalancer-test $(BIN)/rebalancer infra down >/dev/null 2>&1; \
 	  exit $$status
@@ -49,6 +52,11 @@ bench: install $(BENCH_STAMP)
 	$(BIN)/python -m tests.bench.bench_replay
 	$(BIN)/python -m tests.bench.bench_engine
 
+# 50 workflows on a faulted simulated world while `serve` is SIGKILLed 200 times (README "Soak"):
+# its own servers under .rebalancer-soak; SOAK_WORKFLOWS / SOAK_KILLS for other sizes.
+soak: install
+	PYTHONPATH=$(CURDIR) $(BIN)/python -m tests.soak.run
+
 # Embedded PostgreSQL + NATS under .rebalancer, the simulated world, the seed path end to end.
 demo: install
 	$(BIN)/rebalancer demo
@@ -57,4 +65,4 @@ infra-down: install
 	$(BIN)/rebalancer infra down
 
 clean: infra-down
-	rm -rf $(VENV) $(BENCH_VENV) .rebalancer .rebalancer-test .rebalancer-bench .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(BENCH_VENV) .rebalancer .rebalancer-test .rebalancer-bench .rebalancer-soak .mypy_cache .ruff_cache

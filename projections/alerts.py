@@ -50,12 +50,42 @@ def alert_for(event: RecordedEvent) -> tuple[Any, ...] | None:
     if event.type == TaskStateChanged.type_name and data["trigger"] == TaskTrigger.ESCALATE:
         error = data.get("error") or {}
         kind = "task_stuck" if error.get("code") == "deadline" else "needs_attention"
-        # The candidates and the commands that settle it travel with the alert.
+        # The candidates and the commands that settle it travel with the alert, and a partial
+        # fill's figures (rebalancer/tasks/partial.py).
         details = {k: error[k] for k in ("candidates", "commands") if error.get(k)}
+        details.update(partial_fill_details(data))
         return (f"{kind}:{key}", kind, workflow_id, data["task_name"],
                 error.get("message") or "needs attention", event.recorded_at,
                 Jsonb(details) if details else None)
+    if event.type == TaskStateChanged.type_name and data["trigger"] in PARTIAL_LEVELS:
+        found = partial_fill_details(data)
+        if found:
+            error = data.get("error") or {}
+            level = PARTIAL_LEVELS[data["trigger"]]
+            message = error.get("message") or found["partial_fill"].get("message") or (
+                f"{data['task_name']} filled less than planned")
+            return (f"partial_fill:{key}", "partial_fill", workflow_id, data["task_name"],
+                    message, event.recorded_at, Jsonb({"level": level, **found}))
     return None
+
+
+# A trade that ended below its filled fraction: carried on (`on_partial: continue`) is a
+# warning, failed (`fail`) an error; `needs_attention` raises the needs_attention alert instead.
+PARTIAL_LEVELS = {TaskTrigger.COMPLETE: "warning", TaskTrigger.FAIL: "error"}
+_FIGURES = ("amount_unit", "amount_currency", "planned_amount", "filled_amount",
+            "unfilled_amount", "filled_fraction")
+
+
+def partial_fill_details(data: dict[str, Any]) -> dict[str, Any]:
+    """A partial fill's figures, policy and remainders from a trade's move; {} for any other."""
+    extra = (data.get("refresh_result") or {}).get("extra")
+    if data.get("kind") != "trade" or not isinstance(extra, dict):
+        return {}
+    record = extra.get("partial_fill")
+    if not isinstance(record, dict):
+        return {}
+    return {"partial_fill": {**record, **{k: extra.get(k) for k in _FIGURES}},
+            "remainders": extra.get("remainders") or []}
 
 
 # -- reading and delivering -------------------------------------------------------------------

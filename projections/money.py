@@ -149,6 +149,13 @@ def fills(tasks: Iterable[TaskView]) -> list[dict[str, Any]]:
             "quote_spent": extra.get("cumulative_quote_spent"),
             "quote_received": extra.get("cumulative_quote_received"),
             "slices": len(slices) if isinstance(slices, list) else None,
+            # In the plan's unit (base, or quote for a buy by quote amount), once it finished.
+            "amount_unit": extra.get("amount_unit"),
+            "amount_currency": extra.get("amount_currency"),
+            "planned_amount": extra.get("planned_amount"),
+            "filled_amount": extra.get("filled_amount"),
+            "unfilled_amount": extra.get("unfilled_amount"),
+            "filled_fraction": extra.get("filled_fraction"),
             "fees": {k: v for k, v in _dict(extra.get("fees")).items() if dec(v) is not None},
         })
     return found

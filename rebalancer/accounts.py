@@ -168,7 +168,7 @@ def _problem(item: Mapping[str, Any]) -> str:
 
 
 # The configuration's sections; any other top-level key is a typo that would be ignored.
-CONFIG_KEYS = ("accounts", "exchanges", "specs")
+CONFIG_KEYS = ("accounts", "alerts", "exchanges", "specs")
 
 
 def load_config_file(path: Path | None = None) -> dict[str, object]:

@@ -14,7 +14,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
@@ -25,6 +25,9 @@ from events.store import EventStore
 from projections.alerts import mark_delivered, pending_alerts, raise_alert
 from projections.runner import backoff
 
+if TYPE_CHECKING:
+    from rebalancer.metrics import Metrics
+
 log = logging.getLogger(__name__)
 
 STREAM = "REBALANCER_ALERTS"
@@ -32,11 +35,12 @@ SUBJECTS = "rebalancer.alerts.>"
 MAX_BACKOFF = 30.0  # seconds between rounds after failures in a row
 
 
-def alert_stream() -> StreamConfig:
+def alert_stream(replicas: int = 1) -> StreamConfig:
+    """REBALANCER_ALERTS, with `replicas` copies on a cluster (Settings.nats_stream_replicas)."""
     return StreamConfig(
         name=STREAM, subjects=[SUBJECTS], storage=StorageType.FILE,
         retention=RetentionPolicy.LIMITS, duplicate_window=600.0,
-        max_age=90 * 24 * 3600.0,
+        max_age=90 * 24 * 3600.0, num_replicas=replicas,
     )
 
 
@@ -53,16 +57,20 @@ def body_of(alert: dict[str, Any]) -> bytes:
 class AlertPublisher:
     """Sends undelivered alerts; `publish_pending` is one round, `run` loops until stopped."""
 
-    def __init__(self, store: EventStore, js: JetStreamContext) -> None:
+    def __init__(self, store: EventStore, js: JetStreamContext,
+                 metrics: Metrics | None = None, *, replicas: int = 1) -> None:
         self.store = store
         self.js = js
+        self.metrics = metrics
+        self.replicas = replicas
         self._stream_ready = False
 
     async def ensure_stream(self) -> None:
+        config = alert_stream(self.replicas)
         try:
-            await self.js.add_stream(alert_stream())
+            await self.js.add_stream(config)
         except Exception:
-            await self.js.update_stream(alert_stream())
+            await self.js.update_stream(config)
         self._stream_ready = True
 
     async def publish_pending(self) -> int:
@@ -74,6 +82,8 @@ class AlertPublisher:
                 await self.js.publish(f"rebalancer.alerts.{alert['kind']}", body_of(alert),
                                       headers={"Nats-Msg-Id": alert["key"]}, timeout=5)
                 sent.append(alert["key"])
+                if self.metrics is not None:
+                    self.metrics.alerts_published.labels(alert["kind"]).inc()
         finally:
             # One statement for the round; what JetStream took is recorded even if a later
             # publish failed (a crash before this re-publishes, and JetStream drops the copy).
@@ -82,8 +92,8 @@ class AlertPublisher:
         return len(sent)
 
     async def run(self, stop: asyncio.Event, interval: float = 1.0) -> None:
-        """Publish every `interval` until `stop`; never ends for a failure (see _keep_going)."""
-        await _keep_going("alerts not published yet", self.publish_pending, stop, interval)
+        """Publish every `interval` until `stop`; never ends for a failure (see keep_going)."""
+        await keep_going("alerts not published yet", self.publish_pending, stop, interval)
 
 
 class RelayLagWatch:
@@ -113,11 +123,11 @@ class RelayLagWatch:
             f" was recorded at {oldest.isoformat()}", oldest)
 
     async def run(self, stop: asyncio.Event, interval: float = 5.0) -> None:
-        """Check every `interval` until `stop`; never ends for a failure (see _keep_going)."""
-        await _keep_going("relay lag not checked", self.check, stop, interval)
+        """Check every `interval` until `stop`; never ends for a failure (see keep_going)."""
+        await keep_going("relay lag not checked", self.check, stop, interval)
 
 
-async def _keep_going(what: str, once: Callable[[], Awaitable[object]], stop: asyncio.Event,
+async def keep_going(what: str, once: Callable[[], Awaitable[object]], stop: asyncio.Event,
                       interval: float) -> None:
     # A follower that ended would end `serve` and the worker with it. NATS or PostgreSQL away
     # is a WARNING; a statement PostgreSQL refuses, or any other failure, is an ERROR with its

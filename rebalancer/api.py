@@ -432,9 +432,11 @@ async def connect(url: str, *, name: str, timeout: float = 5.0) -> Any:
     outage is two log lines (OutageLog), not one per attempt."""
     import nats
 
+    from events.relay.servers import connect_options as server_options
+
     outage = OutageLog(url)
     try:
-        client = await nats.connect(url, name=name, connect_timeout=timeout,
+        client = await nats.connect(**server_options(url), name=name, connect_timeout=timeout,
                                     inbox_prefix=inbox_prefix_for(url),
                                     max_reconnect_attempts=-1, reconnect_time_wait=1.0,
                                     allow_reconnect=True, error_cb=outage.on_error,
@@ -475,19 +477,35 @@ async def follow(url: str, workflow_id: str, on_event: Callable[[Any], bool],
     import nats.js.errors
 
     from events.relay import Subscriber
+    from events.relay.subscriber import FAILOVER_ERRORS
 
     nc = await _connect_once(url, 5.0)
     asked = False
+    # Where an earlier entry stopped: a failover that ends one (a cluster electing a stream
+    # leader while it enters) resumes at the same sequence, nothing shown twice or skipped.
+    resume: int | None = None
+    seen: dict[str, int] = {}
     try:
         subject = f"rebalancer.events.{workflow_id}.>" if workflow_id else "rebalancer.events.>"
         while True:
+            reading = False
             try:
-                async with Subscriber(nc, subject, from_now=not from_start) as events:
+                async with Subscriber(nc, subject, from_now=not from_start, seen=seen,
+                                      from_sequence=resume) as events:
+                    resume = events.next_sequence
                     if ready is not None and await ready():
                         return
                     while True:
-                        if on_event(await events.next(timeout=timeout)):
+                        reading = True
+                        event = await events.next(timeout=timeout)
+                        reading = False
+                        resume, seen = events.next_sequence, events.last_versions
+                        if on_event(event):
                             return
+            except FAILOVER_ERRORS:
+                if reading and timeout is not None:
+                    raise  # `timeout` passed with no event (next() rides out failovers)
+                await asyncio.sleep(0.5)
             except nats.js.errors.NotFoundError:
                 # No stream yet: a `serve` that has never relayed creates it on its first pass.
                 if ready is not None and not asked:
@@ -502,6 +520,8 @@ async def follow(url: str, workflow_id: str, on_event: Callable[[Any], bool],
 async def _connect_once(url: str, timeout: float) -> Any:
     import nats
 
+    from events.relay.servers import connect_options as server_options
+
     seen: list[Exception] = []
 
     async def quiet(error: Exception) -> None:
@@ -512,7 +532,7 @@ async def _connect_once(url: str, timeout: float) -> Any:
         # With no retries allowed nats-py still loops over a refused first connect for ever;
         # one quick retry makes it give up (NoServersError), and wait_for bounds a silent host.
         return await asyncio.wait_for(
-            nats.connect(url, name="rebalancer-cli", connect_timeout=timeout,
+            nats.connect(**server_options(url), name="rebalancer-cli", connect_timeout=timeout,
                          inbox_prefix=inbox_prefix_for(url), max_reconnect_attempts=1,
                          reconnect_time_wait=0.1, allow_reconnect=False, error_cb=quiet),
             timeout)
@@ -525,18 +545,16 @@ async def _connect_once(url: str, timeout: float) -> Any:
 
 def inbox_prefix_for(url: str) -> str:
     """The URL user's own inbox prefix (docs/contracts.md §3): no user reads another's replies."""
-    from urllib.parse import unquote, urlsplit
-
+    from events.relay.servers import user_of
     from rebalancer.embedded.permissions import inbox_prefix
 
-    user = unquote(urlsplit(url if "://" in url else f"nats://{url}").username or "")
+    user = user_of(url)
     # A name that is not one subject token (or none: no users) keeps nats-py's default.
     return inbox_prefix(user) if re.fullmatch(r"[A-Za-z0-9_-]+", user) else "_INBOX"
 
 
 def where(url: str) -> str:
-    """host:port of a NATS URL, never its credentials."""
-    from urllib.parse import urlsplit
+    """host:port of a NATS URL (of each, for a cluster's list), never its credentials."""
+    from events.relay.servers import where as servers_where
 
-    parts = urlsplit(url if "://" in url else f"nats://{url}")
-    return f"{parts.hostname}:{parts.port or 4222}"
+    return servers_where(url)

@@ -95,6 +95,7 @@ async def read_outside(
 
     from events.relay.anchors import CHAIN_PREFIX, CHAIN_STREAM, ChainKeyError, load_key
     from events.relay.copy import read_stream_messages
+    from events.relay.servers import connect_options as server_options
     from events.relay.wire import STREAM, SUBJECT_PREFIX
 
     key: bytes | None = None
@@ -112,8 +113,8 @@ async def read_outside(
     failures = (nats.errors.Error, asyncio.TimeoutError, OSError)
     try:
         nc = await asyncio.wait_for(
-            nats.connect(nats_url, max_reconnect_attempts=0, allow_reconnect=False,
-                         connect_timeout=max(1, int(connect_timeout))),
+            nats.connect(**server_options(nats_url), max_reconnect_attempts=0,
+                         allow_reconnect=False, connect_timeout=max(1, int(connect_timeout))),
             connect_timeout + 1,
         )
     except (*failures, ValueError) as e:

@@ -81,7 +81,8 @@ async def run_demo(
         )
         engine = rt.engine("demo", follow_projections=True)
         relay = Relay(rt.store, nats_url,
-                      chain_key=load_key(chain_key_path(settings), create=True))
+                      chain_key=load_key(chain_key_path(settings), create=True),
+                      replicas=settings.nats_stream_replicas)
         # The stream must exist before the live view subscribes to it (a fresh NATS has none).
         await relay.ensure_stream()
         stop = asyncio.Event()

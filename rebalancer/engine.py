@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import random
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ from rebalancer.budgets import BudgetedExchanges, Budgets
 from rebalancer.errors import IllegalTransitionError, RetryableError, UnknownOutcomeError
 from rebalancer.exchanges.base import Exchanges
 from rebalancer.machines import task_machine, workflow_machine
+from rebalancer.metrics import MeteredExchanges, Metrics
 from rebalancer.polling import (
     DEFAULT_POLLS,
     FAILURE_BASE,
@@ -110,11 +112,16 @@ class Engine:
         poll_scale: float = 1.0,
         max_failures: int = 3,
         seed: int | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
+        # A registry of its own when none is given (tests, tools): counted, never shared.
+        self.metrics = metrics or Metrics()
         # Every exchange call takes from its budget first: the budget, not the engine, is
-        # what limits a worker's pace on a live exchange.
-        self.exchanges = BudgetedExchanges(exchanges, budgets or Budgets("simulated"))
+        # what limits a worker's pace on a live exchange. Metered inside the budget, so the
+        # call's duration is the exchange's, not the wait for a token.
+        self.exchanges = BudgetedExchanges(MeteredExchanges(exchanges, self.metrics),
+                                           budgets or Budgets("simulated"))
         self.accounts = accounts
         self.owner = owner or f"worker-{os.getpid()}-{random.getrandbits(32):08x}"
         self.concurrency = concurrency
@@ -158,7 +165,26 @@ class Engine:
 
     async def _act(self, workflow: Workflow, action: MoveWorkflow | StepTask) -> tuple[
             TaskContext | None, bool]:
-        """Carry out one decided action; (the task's context, whether anything was appended)."""
+        """Carry out one decided action; (the task's context, whether anything was appended).
+        Counted and timed by task kind ("workflow" for a move of the workflow itself)."""
+        kind = "workflow" if isinstance(action, MoveWorkflow) else str(action.task.kind)
+        outcome = "error"
+        started = time.perf_counter()
+        try:
+            ctx, moved = await self._carry_out(workflow, action)
+            outcome = StepOutcome.MOVED if moved else StepOutcome.IDLE
+            return ctx, moved
+        except ConcurrencyError:
+            outcome = StepOutcome.CONFLICT
+            raise
+        except (RetryableError, UnknownOutcomeError):
+            outcome = StepOutcome.RETRY
+            raise
+        finally:
+            self.metrics.step(kind, outcome, time.perf_counter() - started)
+
+    async def _carry_out(self, workflow: Workflow, action: MoveWorkflow | StepTask) -> tuple[
+            TaskContext | None, bool]:
         before = workflow.version
         if isinstance(action, MoveWorkflow):
             source = workflow.state
@@ -355,6 +381,7 @@ class Engine:
         """Claim every due workflow (up to `concurrency`) and drive each until it waits; counts
         the outcomes. For tests and tools; `run` is the service's loop."""
         claims = await self.schedule.claim(self.concurrency)
+        self.metrics.claims.inc(len(claims))
         driven = await asyncio.gather(*(self.drive(c) for c in claims))
         if self.runner is not None:
             await self.runner.catch_up()
@@ -413,6 +440,7 @@ class Engine:
         if free <= 0:
             return tick
         claims = await self.schedule.claim(free)
+        self.metrics.claims.inc(len(claims))
         for claim in claims:
             task = asyncio.create_task(self.drive(claim), name=f"workflow-{claim.workflow_id}")
             self._inflight[claim.workflow_id] = task

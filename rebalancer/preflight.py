@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 from rebalancer.accounts import Accounts
-from rebalancer.errors import RebalancerError
+from rebalancer.errors import RebalancerError, RetryableError
 from rebalancer.exchanges.base import Exchanges, Wallet, floor_to
 from rebalancer.specs.interpolation import ResolvedParams, references, render
 from rebalancer.specs.models import WorkflowSpec
@@ -44,6 +44,10 @@ async def preflight_problems(spec: WorkflowSpec, params: ResolvedParams, account
         try:
             carried = await _walk(task.kind.value, values, accounts, exchanges, problems, label,
                                   estimated)
+        except RetryableError:
+            # A rate limit or timeout says nothing about the spec: the caller may ask again
+            # (the API answers `retryable`), a refusal would be for good.
+            raise
         except RebalancerError as e:
             problems.append(f"{label}: {e}")
             carried = None
@@ -61,6 +65,8 @@ async def _walk(kind: str, v: Mapping[str, Any], accounts: Accounts, exchanges: 
         symbol = f"{v['base_currency']}/{v['quote_currency']}"
         try:
             rules = await port.market(symbol)
+        except RetryableError:
+            raise
         except RebalancerError:
             problems.append(f"{label}: {port.exchange} has no market {symbol}")
             return None

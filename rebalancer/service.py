@@ -28,13 +28,19 @@ from rebalancer.engine import Engine
 from rebalancer.errors import ComponentFailedError
 from rebalancer.exchanges.base import Exchanges
 from rebalancer.exchanges.live import LiveExchanges, exchange_mode
+from rebalancer.metrics import MeteredExchanges, Metrics, MetricsSampler
 from rebalancer.settings import Settings, chain_key_path
+from rebalancer.sinks import webhook_targets
 from rebalancer.specs.loading import SpecCatalogue, available_specs
 from rebalancer.web import Bind, Dashboard
 from rebalancer.web.app import Exposition
 from rebalancer.web.operator import operator_token
+from rebalancer.webhooks import WebhookDispatcher
 
 log = logging.getLogger(__name__)
+
+# The relay's checkpoint row (relay_checkpoints.name); its lag is a metric from the start.
+RELAY_NAME = "jetstream"
 
 
 @dataclass
@@ -49,14 +55,15 @@ class Runtime:
     # Poll intervals are shrunk by this for a simulated world whose clock runs faster.
     poll_scale: float = 1.0
 
-    def engine(self, owner: str | None = None, *, follow_projections: bool = False) -> Engine:
+    def engine(self, owner: str | None = None, *, follow_projections: bool = False,
+               metrics: Metrics | None = None) -> Engine:
         """The worker for these exchanges and accounts, as the settings size it."""
         return Engine(
             self.store, self.exchanges, self.accounts, owner=owner,
             follow_projections=follow_projections, poll_scale=self.poll_scale,
             concurrency=self.settings.worker_concurrency,
             lease_seconds=self.settings.claim_seconds, max_failures=self.settings.max_failures,
-            budgets=self.budgets,
+            budgets=self.budgets, metrics=metrics,
         )
 
 
@@ -109,15 +116,21 @@ Component = tuple[str, Callable[[], Awaitable[None]]]
 
 async def serve(settings: Settings, database_url: str, nats_url: str | None, *,
                 tick: float = 0.5, stop: asyncio.Event | None = None,
-                http: Bind | None = None, metrics: Exposition | None = None,
+                metrics: Metrics | None = None, http: Bind | None = None,
                 on_dashboard: Callable[[Dashboard], None] | None = None) -> None:
     """Run everything until SIGTERM/SIGINT (or `stop`); steps in flight finish, NATS is drained.
 
-    Without `nats_url` only the worker and the projections run (nothing is relayed). With
-    `http`, the dashboard, /healthz and /readyz listen there (and /metrics when `metrics` is
-    given); `on_dashboard` is told of it once built. Raises SpecError for a bad operator token
-    and ComponentFailedError, after stopping the others, when one component ends unexpectedly.
+    Without `nats_url` only the worker, the projections, the metrics sampler and the alert
+    webhooks run (nothing is relayed). `metrics`: the process's (the HTTP side serves its
+    `exposition()`); made here when not given. With `http`, the dashboard, /healthz, /readyz
+    and /metrics listen there; `on_dashboard` is told of it once built. Raises SpecError for a
+    bad `alerts:` section or operator token before anything starts, and ComponentFailedError,
+    after stopping the others, when one component ends unexpectedly.
     """
+    metrics = metrics or Metrics()
+    # Read before anything runs: a webhook whose URL is missing is a configuration error now,
+    # not a WARNING an hour later when the first alert cannot go out.
+    targets = webhook_targets(settings.config)
     token = operator_token(settings) if http is not None else None
     if stop is None:
         stop = asyncio.Event()
@@ -126,21 +139,29 @@ async def serve(settings: Settings, database_url: str, nats_url: str | None, *,
     # API's among them, end with it), then the relay, then the exchanges and the store.
     async with contextlib.AsyncExitStack() as stack:
         rt = await stack.enter_async_context(runtime(settings, database_url))
-        engine = rt.engine()
+        engine = rt.engine(metrics=metrics)
         runner = ProjectionRunner(rt.store, default_projections())
+        sampler = MetricsSampler(rt.store, metrics,
+                                 relays=(RELAY_NAME,) if nats_url is not None else ())
         log.info("serving as %s", engine.owner)
         components: list[Component] = [
             ("worker", lambda: engine.run(stop, tick=tick)),
             ("projections", lambda: runner.run(stop)),
+            ("metrics", lambda: sampler.run(stop)),
         ]
+        if targets:
+            webhooks = WebhookDispatcher(rt.store, targets, metrics)
+            components.append(("webhooks", lambda: webhooks.run(stop)))
         relay: Relay | None = None
         if nats_url is not None:
             key = load_key(chain_key_path(settings), create=True)
-            relay = Relay(rt.store, nats_url, chain_key=key)
+            relay = Relay(rt.store, nats_url, chain_key=key, name=RELAY_NAME,
+                          replicas=settings.nats_stream_replicas)
             stack.push_async_callback(relay.close)
             components += [
                 ("relay", lambda: relay.run(stop)),
-                ("nats", lambda: _nats_side(settings, rt, nats_url, relay, stop, stack)),
+                ("nats", lambda: _nats_side(settings, rt, nats_url, relay, stop, stack,
+                                            metrics)),
             ]
         if http is not None:
             dashboard = build_dashboard(settings, rt, http, token=token, relay=relay,
@@ -180,7 +201,8 @@ async def _supervised(name: str, run: Callable[[], Awaitable[None]], stop: async
 
 
 async def _nats_side(settings: Settings, rt: Runtime, nats_url: str, relay: Relay,
-                     stop: asyncio.Event, stack: contextlib.AsyncExitStack) -> None:
+                     stop: asyncio.Event, stack: contextlib.AsyncExitStack,
+                     metrics: Metrics) -> None:
     """The command API, alerts and the relay-lag watch, once NATS can be reached."""
     nc = None
     attempts = 0
@@ -210,10 +232,13 @@ async def _nats_side(settings: Settings, rt: Runtime, nats_url: str, relay: Rela
         log.warning("NATS at %s reached after %d attempts; the API serves", where(nats_url),
                     attempts + 1)
     stack.push_async_callback(_drain, nc)
+    # The engine's buckets; its calls counted in the same metrics as the worker's.
     api = Api(rt.store, rt.accounts, WarnedSpecs(settings, rt.accounts),
-              exchanges=BudgetedExchanges(rt.exchanges, rt.budgets))  # the engine's buckets
+              exchanges=BudgetedExchanges(MeteredExchanges(rt.exchanges, metrics), rt.budgets))
     await serve_api(api, nc)
-    publisher = AlertPublisher(rt.store, nc.jetstream())  # makes its stream on its first round
+    # Makes its stream on its first round.
+    publisher = AlertPublisher(rt.store, nc.jetstream(), metrics,
+                               replicas=settings.nats_stream_replicas)
     watch = RelayLagWatch(rt.store, relay, threshold=timedelta(seconds=settings.relay_lag_seconds))
     await asyncio.gather(publisher.run(stop), watch.run(stop))
 
@@ -228,15 +253,18 @@ async def _drain(nc: Any) -> None:
 
 
 def build_dashboard(settings: Settings, rt: Runtime, bind: Bind, *, token: str | None,
-                    relay: Relay | None, metrics: Exposition | None = None) -> Dashboard:
-    """The dashboard on this process's store, accounts and (budgeted) exchanges. NATS counts
-    as connected when the relay's connection is up: the relay is what must reach it."""
+                    relay: Relay | None, metrics: Metrics | None = None) -> Dashboard:
+    """The dashboard on this process's store, accounts and exchanges (the engine's budgets;
+    its calls counted in `metrics`, whose exposition it serves at /metrics). NATS counts as
+    connected when the relay's connection is up: the relay is what must reach it."""
+    exchanges = rt.exchanges if metrics is None else MeteredExchanges(rt.exchanges, metrics)
+    exposition: Exposition | None = None if metrics is None else metrics.exposition
     return Dashboard(
         rt.store, rt.accounts, WarnedSpecs(settings, rt.accounts),
-        BudgetedExchanges(rt.exchanges, rt.budgets), bind, token=token, relay=relay,
+        BudgetedExchanges(exchanges, rt.budgets), bind, token=token, relay=relay,
         nats_connected=(lambda: None) if relay is None else (lambda: relay.connected),
         projection_lag_seconds=settings.projection_lag_seconds,
-        relay_lag_seconds=settings.relay_lag_seconds, metrics=metrics)
+        relay_lag_seconds=settings.relay_lag_seconds, metrics=exposition)
 
 
 def configured_specs(settings: Settings, accounts: Accounts) -> SpecCatalogue:

@@ -18,7 +18,13 @@ class Settings(BaseSettings):
     # Migrations run as the schema's owner role (docs/security.md); unset: the embedded owner,
     # or database_url when that is set (one role for both, as before the roles).
     migrate_database_url: str | None = None
+    # One URL, or a NATS cluster's several comma-separated (`nats://user:pw@n1:4222,nats://n2:4222,
+    # nats://n3:4222`): the client fails over between them and the servers the cluster announces.
     nats_url: str | None = None
+    # Copies JetStream keeps of each of the service's streams (events, chain anchors, alerts):
+    # 1 on a single server; 3 on a 3-node cluster, which then loses any one node without loss.
+    # An existing stream is brought to this number when `serve` starts.
+    nats_stream_replicas: int = Field(default=1, ge=1, le=5)
     # Read-only consumers (`rebalancer watch`) connect as the subscriber user when it is set.
     nats_subscriber_url: str | None = None
     home: Path = Field(default=Path(".rebalancer"))

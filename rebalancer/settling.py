@@ -33,8 +33,9 @@ from rebalancer.workflow import TaskRecord
 _PLACES: Final = ("request_result", "refresh_result.result", "refresh_result.extra")
 # Leaves that are amounts: read by the one money parser, compared as Decimals.
 _MONEY_PREFIXES: Final = ("amount", "cost", "fee", "received", "average_price", "filled",
-                          "cumulative_")
-_NOT_MONEY: Final = frozenset({"fee_currency", "cumulative_fee_currency"})
+                          "cumulative_", "planned_", "unfilled_")
+_NOT_MONEY: Final = frozenset({"fee_currency", "cumulative_fee_currency", "amount_unit",
+                                 "amount_currency", "filled_fraction"})
 # How far before the task's intent the history is searched for the operation named.
 _SLACK: Final = timedelta(minutes=5)
 

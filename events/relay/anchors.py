@@ -115,8 +115,9 @@ def heads(events: list[RecordedEvent]) -> list[RecordedEvent]:
     return list(last.values())
 
 
-def chain_stream_config() -> StreamConfig:
-    """REBALANCER_CHAIN: file storage, nothing deletable or purgeable through the API."""
+def chain_stream_config(replicas: int = 1) -> StreamConfig:
+    """REBALANCER_CHAIN: file storage, nothing deletable or purgeable through the API;
+    `replicas` copies on a cluster, as the events' stream."""
     return StreamConfig(
         name=CHAIN_STREAM,
         description="Keyed chain-head anchors of the rebalancer event streams (the relay's)",
@@ -128,6 +129,7 @@ def chain_stream_config() -> StreamConfig:
         duplicate_window=120.0,
         deny_delete=True,
         deny_purge=True,
+        num_replicas=replicas,
     )
 
 

@@ -26,6 +26,7 @@ from events.concurrency import first_of
 from events.errors import EventStoreError, StoreQueryError, StoreUnavailableError
 from events.relay.acks import Acks, settle
 from events.relay.anchors import CHAIN_STREAM, Anchor, chain_stream_config, heads
+from events.relay.servers import connect_options as server_options
 from events.relay.wire import MSG_ID, STREAM, body_of, msg_id, stream_config, subject_for
 from events.store import ORIGIN, Checkpoint, EventStore, RecordedEvent
 
@@ -87,10 +88,11 @@ class Relay:
         max_backoff: float = MAX_BACKOFF,
         coalesce: float = COALESCE,
         chain_key: bytes | None = None,
+        replicas: int = 1,
         **connect_options: Any,
     ) -> None:
-        if batch < 1 or window < 1:
-            raise ValueError("batch and window must be >= 1")
+        if batch < 1 or window < 1 or replicas < 1:
+            raise ValueError("batch, window and replicas must be >= 1")
         self._store = store
         self._nats_url = nats_url
         self._name = name
@@ -103,6 +105,8 @@ class Relay:
         self._coalesce = coalesce
         # With a key, each acknowledged batch's stream heads are anchored in REBALANCER_CHAIN.
         self._chain_key = chain_key
+        # Copies JetStream keeps of each stream: 1 on a single server, 3 on a 3-node cluster.
+        self._replicas = replicas
         self._connect_options = connect_options
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
@@ -153,7 +157,8 @@ class Relay:
             # With unlimited reconnects the client also retries its first connect forever;
             # bound it, so `run` stays responsive to `stop` and logs while NATS is down.
             await asyncio.wait_for(
-                nc.connect(self._nats_url, reconnected_cb=reconnected, **options),
+                nc.connect(**server_options(self._nats_url), reconnected_cb=reconnected,
+                           **options),
                 self._connect_timeout,
             )
         except (*_NATS_FAILURES, ValueError) as e:
@@ -173,7 +178,8 @@ class Relay:
         """Create the REBALANCER_EVENTS and REBALANCER_CHAIN streams, or bring existing ones
         to this configuration."""
         js = await self.connect()
-        for name, config in ((STREAM, stream_config()), (CHAIN_STREAM, chain_stream_config())):
+        for name, config in ((STREAM, stream_config(self._replicas)),
+                             (CHAIN_STREAM, chain_stream_config(self._replicas))):
             try:
                 try:
                     await js.stream_info(name)

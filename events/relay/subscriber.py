@@ -19,6 +19,18 @@ from events.relay.wire import STREAM, SUBJECTS, PublishedEvent
 
 log = logging.getLogger(__name__)
 
+# What a read meets while a NATS cluster fails over (a stream electing a new leader, the
+# client moving to another node): nothing is lost, the same read is tried again. The
+# publisher's "no response from stream" is JetStream's 503 to a request.
+FAILOVER_ERRORS: tuple[type[Exception], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+)
+FAILOVER_PAUSE = 0.2  # seconds between tries of a read that met a failover
+
 
 @dataclass(frozen=True, slots=True)
 class Gap:
@@ -40,8 +52,10 @@ class Subscriber:
     missing and the user may, else one the operator created) whose messages are acknowledged
     once the caller asks for the next one. `seen` resumes the version bookkeeping of an earlier
     run. `from_now` (without `durable`) skips what the stream holds already: only events
-    relayed after entering are read. Use as an async context manager, then iterate or call
-    `next()`.
+    relayed after entering are read; `from_sequence` (without `durable`) starts the reads at
+    that stream sequence instead (an earlier run's `next_sequence`). A read that meets a
+    cluster's failover (FAILOVER_ERRORS) is tried again from where it was, so nothing is
+    skipped. Use as an async context manager, then iterate or call `next()`.
     """
 
     def __init__(
@@ -53,6 +67,7 @@ class Subscriber:
         seen: Mapping[str, int] | None = None,
         idle_heartbeat: float = 2.0,
         from_now: bool = False,
+        from_sequence: int | None = None,
     ) -> None:
         self.nc = nc
         self.subject = subject
@@ -66,7 +81,9 @@ class Subscriber:
         self._pull: JetStreamContext.PullSubscription | None = None
         self._wake: Subscription | None = None
         self._woken = asyncio.Event()
-        self._next_seq = 1  # the stream sequence the next read starts at (ephemeral)
+        # The stream sequence the next read starts at (ephemeral).
+        self._next_seq = from_sequence if from_sequence is not None else 1
+        self._resumed = from_sequence is not None
         self.from_now = from_now
         self._unacked: Msg | None = None
 
@@ -75,7 +92,7 @@ class Subscriber:
         if self.durable is None:
             # NotFoundError before the relay made the stream.
             info = await js.stream_info(STREAM)
-            if self.from_now:
+            if self.from_now and not self._resumed:
                 # By sequence, as every read here: the subscriber user may create no consumer
                 # (so no deliver policy "new"), and the stream's last sequence is as good.
                 self._next_seq = (info.state.last_seq or 0) + 1
@@ -101,6 +118,11 @@ class Subscriber:
                 if sub is not None:
                     await sub.unsubscribe()
             await self.nc.flush()  # the server has the unsubscribe before we return
+
+    @property
+    def next_sequence(self) -> int:
+        """The stream sequence the next read starts at: `from_sequence` to resume there."""
+        return self._next_seq
 
     @property
     def last_versions(self) -> dict[str, int]:
@@ -147,6 +169,10 @@ class Subscriber:
                 if left is not None and left <= wait:
                     raise
                 return None
+            except FAILOVER_ERRORS as e:
+                # The durable's position is the server's: the next fetch resumes it.
+                await self._after_failover(e, left)
+                return None
         self._woken.clear()  # before the read: an event relayed after it wakes the wait below
         try:
             raw = await self._js.get_msg(STREAM, seq=self._next_seq, subject=self.subject,
@@ -158,9 +184,20 @@ class Subscriber:
                 if left is not None and left <= wait:
                     raise nats.errors.TimeoutError from None
             return None
+        except FAILOVER_ERRORS as e:
+            await self._after_failover(e, left)
+            return None  # the same sequence is read again
         assert raw.seq is not None
         self._next_seq = raw.seq + 1
         return raw
+
+    async def _after_failover(self, error: Exception, left: float | None) -> None:
+        """A pause before the read is tried again; the caller's timeout still holds."""
+        log.debug("subscriber: read met a failover (%s); trying again",
+                  type(error).__name__)
+        if left is not None and left <= FAILOVER_PAUSE:
+            raise nats.errors.TimeoutError from error
+        await asyncio.sleep(FAILOVER_PAUSE)
 
     async def __aiter__(self) -> AsyncIterator[PublishedEvent]:
         while True:

@@ -71,9 +71,10 @@ def msg_id(event: RecordedEvent) -> str:
     return f"{event.stream_id}:{event.version}"
 
 
-def stream_config() -> StreamConfig:
+def stream_config(replicas: int = 1) -> StreamConfig:
     """The REBALANCER_EVENTS stream: file storage, a dedupe window, long retention, and no
-    message deletable or purgeable through the API: it is the audit's outside copy."""
+    message deletable or purgeable through the API: it is the audit's outside copy. `replicas`
+    copies of it on a cluster (3 survives the loss of any one node)."""
     return StreamConfig(
         name=STREAM,
         description="Every stored rebalancer event, in global order (published by the relay)",
@@ -85,6 +86,7 @@ def stream_config() -> StreamConfig:
         duplicate_window=DUPLICATE_WINDOW,
         deny_delete=True,
         deny_purge=True,
+        num_replicas=replicas,
     )
 
 

@@ -52,10 +52,13 @@ def check_configuration(settings: Settings) -> None:
     the command would have read first."""
     from rebalancer.accounts import load_accounts, spec_dirs
     from rebalancer.exchanges.live import exchange_options
+    from rebalancer.sinks import load_webhooks
 
     load_accounts(settings.config)
     spec_dirs(settings.config)
     exchange_options(settings.config)
+    # Their shape only: the URLs are read by `serve`, the one command that sends to them.
+    load_webhooks(settings.config)
 
 
 def database_url(settings: Settings) -> str:

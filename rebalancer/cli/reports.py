@@ -207,7 +207,8 @@ def attention_text(task: TaskView) -> str:
     error = task.error or {}
     if task.state != "needs_attention" or not (error.get("candidates") or error.get("commands")):
         return ""
-    lines = [f"attention {task.name}: candidates"]
+    # A partial fill (rebalancer/tasks/partial.py) lists commands and no candidates.
+    lines = [f"attention {task.name}" + (": candidates" if error.get("candidates") else "")]
     for c in error.get("candidates") or []:
         claimed = c.get("claimed_by_workflow")
         lines.append(f"  id {c.get('id')}  txid {c.get('txid')}  amount {c.get('amount')}"

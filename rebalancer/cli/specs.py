@@ -18,7 +18,7 @@ from rebalancer.settings import Settings
 if TYPE_CHECKING:
     from rebalancer.accounts import Accounts
     from rebalancer.specs.interpolation import ResolvedParams
-    from rebalancer.specs.models import WorkflowSpec
+    from rebalancer.specs.models import TaskSpec, WorkflowSpec
 
 
 def specs_list(args: argparse.Namespace, settings: Settings) -> int:
@@ -68,8 +68,7 @@ def specs_show(args: argparse.Namespace, settings: Settings) -> int:
     for line in _aligned(rows):
         print(f"  {line}")
     print("tasks")
-    tasks = [(str(i), task.name, task.kind.value + (f" (twap {task.twap.slices} slices)"
-                                                     if task.twap else ""))
+    tasks = [(str(i), task.name, task.kind.value + _trade_notes(task))
              for i, task in enumerate(spec.tasks)]
     for line in _aligned(tasks):
         print(f"  {line}")
@@ -134,3 +133,17 @@ async def _preflight(settings: Settings, accounts: Accounts, spec: WorkflowSpec,
     async with opened_exchanges(settings, accounts) as exchanges:
         problems = await preflight_problems(spec, params, accounts, exchanges)
     return exchange_mode(settings, accounts), problems
+
+
+def _trade_notes(task: TaskSpec) -> str:
+    """A trade's slicing and its partial-fill policy (the defaults where the spec is silent)."""
+    from events.vocabulary import TaskKind
+    from rebalancer.specs.models import DEFAULT_MIN_FILLED_FRACTION, DEFAULT_ON_PARTIAL
+
+    if task.kind is not TaskKind.TRADE:
+        return ""
+    policy = task.on_partial or DEFAULT_ON_PARTIAL
+    percent = ((task.min_filled_fraction or DEFAULT_MIN_FILLED_FRACTION) * 100).normalize()
+    notes = [f"twap {task.twap.slices} slices"] if task.twap else []
+    notes.append(f"below {percent:f}% filled: {policy}")
+    return f" ({'; '.join(notes)})"

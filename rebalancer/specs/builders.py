@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from decimal import Decimal
 from typing import Any
 
 from pydantic import ValidationError
@@ -10,7 +11,14 @@ from pydantic import ValidationError
 from rebalancer.accounts import Accounts
 from rebalancer.machines import TaskKind
 from rebalancer.specs.loading import spec_from_data
-from rebalancer.specs.models import ParamSpec, ParamType, TaskSpec, TwapSpec, WorkflowSpec
+from rebalancer.specs.models import (
+    ParamSpec,
+    ParamType,
+    PartialPolicy,
+    TaskSpec,
+    TwapSpec,
+    WorkflowSpec,
+)
 from rebalancer.specs.validation import InvalidSpecError, validation_error_lines
 
 
@@ -20,6 +28,8 @@ def task(
     *,
     twap: TwapSpec | Mapping[str, Any] | None = None,
     deadline_seconds: float | None = None,
+    on_partial: PartialPolicy | None = None,
+    min_filled_fraction: Decimal | str | None = None,
     **config: Any,
 ) -> TaskSpec:
     """One task; `config` holds literals and templates (`"{param}"`, `"{$.task.path}"`).
@@ -33,6 +43,8 @@ def task(
             "config": config,
             "twap": twap,
             "deadline_seconds": deadline_seconds,
+            "on_partial": on_partial,
+            "min_filled_fraction": min_filled_fraction,
         }
     )
 
@@ -43,14 +55,19 @@ def twap_trade(
     slices: int,
     interval_seconds: float,
     deadline_seconds: float | None = None,
+    on_partial: PartialPolicy | None = None,
+    min_filled_fraction: Decimal | str | None = None,
     **config: Any,
 ) -> TaskSpec:
-    """A trade task split into `slices` orders `interval_seconds` apart by the trade processor."""
+    """A trade task split into `slices` orders `interval_seconds` apart by the trade processor;
+    `on_partial` decides what a fill below `min_filled_fraction` of the plan leads to."""
     return task(
         name,
         TaskKind.TRADE,
         twap={"slices": slices, "interval_seconds": interval_seconds},
         deadline_seconds=deadline_seconds,
+        on_partial=on_partial,
+        min_filled_fraction=min_filled_fraction,
         **config,
     )
 

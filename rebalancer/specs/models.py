@@ -34,6 +34,17 @@ DUPLICATE_TASK_NAME: Final = "duplicate_task_name"
 
 ParamType = Literal["account", "currency", "amount", "string", "int"]
 
+# What a trade does when its orders filled less than `min_filled_fraction` of the plan.
+PartialPolicy = Literal["continue", "fail", "needs_attention"]
+# Unless the spec says otherwise, an operator decides: carrying on with a fraction of the
+# amount moves the wrong amount down the whole path, failing strands what was bought.
+DEFAULT_ON_PARTIAL: Final[PartialPolicy] = "needs_attention"
+# Filled at or above this fraction of the plan counts as filled. Below 1 because a full fill is
+# rarely exact: a market buy by quote amount is floored to the amount step (the exchange keeps
+# the dust), a base amount to the lot size; 1% is far above that dust and far below one lost
+# TWAP slice (one of up to 100).
+DEFAULT_MIN_FILLED_FRACTION: Final = Decimal("0.99")
+
 
 class _Unknown:
     """Stands for a config value only known at run time (it holds a template)."""
@@ -109,6 +120,10 @@ class TaskSpec(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict)
     twap: TwapSpec | None = None  # trade only; the trade processor does the slicing
     deadline_seconds: float | None = Field(default=None, gt=0)
+    # Trade only, like twap: what a fill below min_filled_fraction of the plan leads to
+    # (None: DEFAULT_ON_PARTIAL, DEFAULT_MIN_FILLED_FRACTION).
+    on_partial: PartialPolicy | None = None
+    min_filled_fraction: Decimal | None = Field(default=None, gt=0, le=1)
 
     @field_validator("name", mode="before")
     @classmethod
@@ -131,8 +146,9 @@ class TaskSpec(BaseModel):
 
     @model_validator(mode="after")
     def _twap_only_on_trades(self) -> TaskSpec:
-        if self.twap is not None and self.kind is not TaskKind.TRADE:
-            raise ValueError(f"twap is only for trade tasks, not {self.kind.value}")
+        for key in ("twap", "on_partial", "min_filled_fraction"):
+            if getattr(self, key) is not None and self.kind is not TaskKind.TRADE:
+                raise ValueError(f"{key} is only for trade tasks, not {self.kind.value}")
         return self
 
 
@@ -355,6 +371,8 @@ CONFIG_MODELS: Final[Mapping[TaskKind, type[TaskConfig]]] = MappingProxyType(
 __all__ = [
     "CONFIG_MODELS",
     "CURRENCY_PATTERN",
+    "DEFAULT_MIN_FILLED_FRACTION",
+    "DEFAULT_ON_PARTIAL",
     "DUPLICATE_TASK_NAME",
     "NAME_PATTERN",
     "UNKNOWN",
@@ -364,6 +382,7 @@ __all__ = [
     "Money",
     "ParamSpec",
     "ParamType",
+    "PartialPolicy",
     "TaskConfig",
     "TaskSpec",
     "TradeConfig",

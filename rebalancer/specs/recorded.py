@@ -45,6 +45,13 @@ _TRADE: Final = (
         # {currency: total}: every fee by the currency charged, a third one (BNB) included.
         "fees",
         "status",
+        # Once the last order ended, in the plan's unit (amount_unit: base, or quote for a buy
+        # by quote amount; amount_currency): planned, filled, unfilled and the filled fraction.
+        "amount_unit", "amount_currency", "planned_amount", "filled_amount", "unfilled_amount",
+        "filled_fraction",
+        # Below the spec's min_filled_fraction: what stays unspent, [{account, currency,
+        # amount, reason: partial_fill}] ([] otherwise).
+        "remainders",
     )
 )
 

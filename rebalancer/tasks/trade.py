@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Any
@@ -20,6 +20,7 @@ from rebalancer.exchanges.base import (
     floor_to,
 )
 from rebalancer.specs.models import TradeConfig
+from rebalancer.tasks import partial
 from rebalancer.tasks.base import Processor, TaskContext, error, reconcile_lookup
 
 FINISHED = (OrderStatus.CLOSED, OrderStatus.CANCELED, OrderStatus.REJECTED)
@@ -30,28 +31,39 @@ class Plan:
     """The slices of one trade: amounts in `unit` ("quote": spend this much, "base": this much).
 
     `price` is a limit order's price on the market's tick (None for a market order).
+    `planned` is set once an operator's resend added an order for the unfilled part: the
+    amount first planned, which fills are measured against (else the slices' sum).
     """
 
     unit: str
     amounts: list[Decimal]
     interval: float
     price: Decimal | None = None
+    planned: Decimal | None = None
+
+    @property
+    def total(self) -> Decimal:
+        return self.planned if self.planned is not None else sum(self.amounts, Decimal(0))
 
     def to_data(self) -> dict[str, Any]:
-        return {
+        data = {
             "unit": self.unit,
             "amounts": [str(a) for a in self.amounts],
             "interval_seconds": self.interval,
             "price": _str(self.price),
         }
+        if self.planned is not None:
+            data["planned"] = str(self.planned)
+        return data
 
     @classmethod
     def from_data(cls, data: dict[str, Any]) -> Plan:
         # Plans stored before prices were rounded carry no "price": the config's is used.
-        price = data.get("price")
+        price, planned = data.get("price"), data.get("planned")
         return cls(
             data["unit"], [Decimal(a) for a in data["amounts"]], float(data["interval_seconds"]),
             Decimal(price) if price is not None else None,
+            Decimal(planned) if planned is not None else None,
         )
 
 
@@ -100,12 +112,34 @@ class TradeProcessor(Processor):
         """From `created`: the first slice, or the next one after a refused/never-landed slice."""
         config = ctx.config(TradeConfig)
         exchange = ctx.exchange(config.account)
-        plan = _stored_plan(ctx) or await self._make_plan(ctx, config, exchange)
+        plan = _stored_plan(ctx)
+        if plan is not None and len(_slices(ctx)) >= len(plan.amounts):
+            plan = await self._resent(ctx, plan)  # an operator's resend after the last slice
+        elif plan is None:
+            plan = await self._make_plan(ctx, config, exchange)
         if plan is None:
             return
         if self._waiting(ctx, plan):
             return
         await self._send_slice(ctx, config, exchange, plan, TaskTrigger.SUBMIT)
+
+    async def _resent(self, ctx: TaskContext, plan: Plan) -> Plan | None:
+        """Every slice ended and an operator resent the task (a partial fill's attention): one
+        more order for the unfilled part. Escalated again while an order may still rest on the
+        exchange, or when nothing is left to send."""
+        slices = _slices(ctx)
+        fill = partial.measure(plan.unit, plan.total, ctx.task.request_params or {}, slices)
+        # Filled as the spec counts it (a market order's step dust included): nothing to send.
+        filled = partial.decide(fill, "needs_attention", partial.policy_of(ctx)[1]) == "filled"
+        if filled or any(s["status"] == "open" for s in slices):
+            await ctx.move(TaskTrigger.ESCALATE, error=error(
+                "nothing_to_resend",
+                f"{ctx.task.name}: every order of the plan was sent and"
+                + (" it filled; resolve done" if filled else " one may still be open on the"
+                   " exchange: cancel it there, then resolve done or failed"),
+                commands=partial.commands(ctx)[::2]))
+            return None
+        return replace(plan, amounts=[*plan.amounts, fill.unfilled], planned=plan.total)
 
     async def reconcile(self, ctx: TaskContext) -> None:
         found = await reconcile_lookup(ctx, lambda: self._lookup(ctx))
@@ -267,8 +301,9 @@ class TradeProcessor(Processor):
                 error=error("slice_rejected", message, slice=len(slices) - 1),
             )
         elif _filled(slices) > 0:
-            await ctx.move(TaskTrigger.COMPLETE, refresh_result=refresh)
+            await partial.finish(ctx, plan.unit, plan.total, refresh, plan.price)
         else:
+            partial.record(plan.unit, plan.total, ctx.task.request_params or {}, refresh)
             await ctx.move(
                 TaskTrigger.FAIL, refresh_result=refresh, error=error("rejected", message)
             )
@@ -301,8 +336,9 @@ class TradeProcessor(Processor):
             return
         if last:
             if _filled(slices) > 0:
-                await ctx.move(TaskTrigger.COMPLETE, refresh_result=refresh)
+                await partial.finish(ctx, plan.unit, plan.total, refresh, plan.price)
             else:
+                partial.record(plan.unit, plan.total, ctx.task.request_params or {}, refresh)
                 await ctx.move(
                     TaskTrigger.FAIL,
                     refresh_result=refresh,

@@ -145,3 +145,25 @@ async def test_the_command_line_start_prints_one_line_per_problem(
         " about "), lines
     assert "Traceback" not in err.decode()
     assert await event_count(store) == 0
+
+
+async def test_an_exchange_that_cannot_answer_now_makes_the_start_retryable_not_refused(
+    database_url: str, store: EventStore
+) -> None:
+    # Found by the soak: a rate-limited read during the walk refused the start for good
+    # (`invalid_request` naming the rate limit as the task's problem).
+    accounts = load_accounts()
+    await (await SimulatedWorld.open(database_url, accounts=accounts)).close()  # seeded
+    sim = await SimulatedWorld.open(database_url, accounts=accounts, faults="rate_limit=1")
+    try:
+        api = Api(store, accounts, builtin_specs, exchanges=sim)
+        body = json.dumps({"command_id": "limited", "spec": SEED_SPEC,
+                           "params": {**SEED_PARAMS, "from_amount": "1000000"}}).encode()
+        reply = await api.handle("rebalancer.cmd.start", body)
+        assert reply["ok"] is False, reply
+        assert reply["error"]["code"] == "internal", reply
+        assert reply["error"]["details"]["retryable"] is True, reply
+        assert "rate limit" in reply["error"]["message"], reply
+        assert await event_count(store) == 0
+    finally:
+        await sim.close()

@@ -74,6 +74,13 @@ class NatsServer:
             self._proc.wait(timeout=10)
         self._proc = None
 
+    def kill(self) -> None:
+        """SIGKILL: a node lost without a goodbye (no lame-duck mode, no flushed store)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+        self._proc = None
+
     def __enter__(self) -> NatsServer:
         self.start()
         return self

@@ -167,6 +167,9 @@ async def test_specs_show_prints_the_params_with_types_and_the_tasks_with_kinds(
     assert any(line.split()[:2] == ["from_amount", "amount"] for line in lines)
     assert any(line.split()[:3] == ["0", "buy_in_source_spot", "trade"] for line in lines)
     assert any(line.split()[:3] == ["7", "sub_spot_to_futures", "transfer"] for line in lines)
+    # A trade says how it is sliced and what a partial fill leads to (the defaults here).
+    assert "  0  buy_in_source_spot     trade (twap 4 slices; below 99% filled: needs_attention)" \
+        in lines
     # The spec as loaded follows the `---`, as YAML that loads back to the same spec.
     loaded = yaml.safe_load(out.split("\n---\n", 1)[1])
     assert loaded["name"] == SPEC and len(loaded["tasks"]) == 8

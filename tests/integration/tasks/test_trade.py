@@ -3,7 +3,9 @@
 A refused slice is recorded in `refresh_result.extra.slices` (status "rejected", its client id,
 the exchange's message). Before the last slice the task goes back to `created` (`reset`, error
 `slice_rejected`) and the next step sends the next slice under a new client id; a refused last
-slice completes the task if any slice filled, and fails it (`rejected`) if none did.
+slice completes the task if any slice filled and the spec says `on_partial: continue` (the
+default, needs_attention, is tests/integration/tasks/test_partial_fill.py's), and fails it
+(`rejected`) if none did.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def twap_buy(accounts: Accounts) -> WorkflowSpec:
     return workflow(
         "twap_buy",
         {"account": "account", "budget": "amount"},
-        [twap_trade("buy_eth", slices=3, interval_seconds=0, account="{account}", side="buy",
+        [twap_trade("buy_eth", slices=3, interval_seconds=0, on_partial="continue",
+                    account="{account}", side="buy",
                     order_type="market", base_currency="ETH", quote_currency="KRW",
                     quote_amount="{budget}")],
         accounts=accounts,

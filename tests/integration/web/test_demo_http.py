@@ -47,6 +47,8 @@ async def test_the_demo_prints_the_dashboard_url_and_serves_it_until_interrupted
             async with session.get(f"{url}workflows/{found.group(1)}") as response:
                 assert response.status == 200
                 assert "upbit_to_binance_sub_futures" in await response.text()
+            async with session.get(f"{url}metrics") as response:
+                assert response.status == 404  # the demo keeps no metrics
         proc.send_signal(signal.SIGINT)
         out, _ = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode == 0, "".join(lines)

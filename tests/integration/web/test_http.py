@@ -43,20 +43,26 @@ async def test_healthz_answers_and_readyz_says_each_check(served: Served) -> Non
     assert set(checks["projections"]["projections"]) == {"workflows", "exposure", "alerts"}
 
 
-async def test_metrics_is_404_without_an_exposition_and_serves_the_one_given(
-        database_url: str, nats_url: str, tmp_path: Path) -> None:
-    async with serving(settings_for(tmp_path), database_url, None) as plain:
-        status, _, _ = await get(plain.url + "metrics")
-        assert status == 404
+async def test_metrics_serves_the_process_metrics_and_readyz_skips_nats_without_it(
+        database_url: str, store: EventStore, tmp_path: Path) -> None:
+    from rebalancer.metrics import Metrics
+
+    metrics = Metrics()
+    async with serving(settings_for(tmp_path), database_url, None, metrics=metrics) as s:
+        workflow_id, _ = await start_workflow(store, builtin_specs()[SEED_SPEC],
+                                              {**SEED_PARAMS, "from_amount": "200000"},
+                                              load_accounts())
+        await eventually(lambda: load(store, workflow_id), lambda f: f.state == "done",
+                         timeout=60, what="the workflow done")
+        status, text, headers = await get(s.url + "metrics")
+        assert status == 200
+        assert headers["Content-Type"] == metrics.exposition()[1]
+        steps = [line for line in text.splitlines()
+                 if line.startswith("rebalancer_steps_total{") and 'outcome="moved"' in line]
+        assert steps and sum(float(line.rsplit(" ", 1)[1]) for line in steps) > 0
         # Without NATS, readiness does not ask about it.
-        status, text, _ = await get(plain.url + "readyz")
+        status, text, _ = await get(s.url + "readyz")
         assert "nats" not in json.loads(text)["checks"]
-    async with serving(settings_for(tmp_path), database_url, None,
-                       metrics=lambda: (b"rebalancer_up 1\n", "text/plain; version=0.0.4")
-                       ) as with_metrics:
-        status, text, headers = await get(with_metrics.url + "metrics")
-        assert (status, text) == (200, "rebalancer_up 1\n")
-        assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
 
 
 async def test_a_foreign_host_header_is_refused(served: Served) -> None:

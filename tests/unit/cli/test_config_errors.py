@@ -26,6 +26,11 @@ GOOD = DEFAULT_CONFIG.read_text()
         (GOOD + "\nexchanges:\n  binance: {budgets: 7}\n", "exchanges.binance", "dictionary"),
         (GOOD + "\nexchanges:\n  kraken: {}\n", "exchanges", "unknown exchange 'kraken'"),
         (GOOD + "\nspecs: here\n", "specs", "must be a list"),
+        (GOOD + "\nalerts:\n  webhooks:\n    - {name: ops, url: 'https://hooks.example/T0KEN'}\n",
+         "alerts.webhooks.0", "url: a webhook URL carries its token"),
+        (GOOD + "\nalerts:\n  webhooks:\n    - {name: ops, url_env: X, kinds: [oops]}\n",
+         "alerts.webhooks.0", "kinds"),
+        (GOOD + "\nalerts:\n  sinks: []\n", "alerts.sinks", "unknown key"),
         ("accounts: [\n", "line 2, column 1", "expected the node content"),
     ],
 )
@@ -44,6 +49,7 @@ def test_a_bad_configuration_is_one_line_naming_file_key_and_problem_with_exit_2
     assert captured.err.startswith(f"rebalancer: configuration {path}: {key}")
     assert said in captured.err
     assert "pydantic" not in captured.err and "Traceback" not in captured.err
+    assert "T0KEN" not in captured.err
 
 
 def test_a_bad_configuration_from_the_command_line_has_no_traceback(tmp_path: Path) -> None:

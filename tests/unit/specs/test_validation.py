@@ -437,7 +437,8 @@ def test_recorded_fields_are_the_contract_with_the_processors() -> None:
             "refresh_result.extra",
             "cumulative_amount cumulative_amount_excluding_fee cumulative_cost"
             " cumulative_quote_spent cumulative_quote_received cumulative_cost_excluding_fee"
-            " cumulative_fee fees status",
+            " cumulative_fee fees status amount_unit amount_currency planned_amount filled_amount"
+            " unfilled_amount filled_fraction remainders",
         ),
         TaskKind.WITHDRAW: _paths(
             "request_params", "from_account to_account currency amount network tag"

@@ -1,0 +1,40 @@
+# The rebalancer service: `docker build -t rebalancer .`, then infra/docker-compose.yml runs it
+# next to PostgreSQL and NATS. The image holds no secret: URLs and passwords come from the
+# environment at run time (docs/operations.md).
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /build
+COPY pyproject.toml README.md ./
+COPY events events
+COPY projections projections
+COPY rebalancer rebalancer
+COPY infra/migrations infra/migrations
+# The migrations are not package data: events/migrations.py reads them from infra/migrations
+# beside the installed packages, so they are copied to that place in site-packages. The
+# assertion fails the build if that ever stops holding.
+RUN pip install . \
+ && site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+ && mkdir -p "$site/infra" \
+ && cp -r infra/migrations "$site/infra/migrations" \
+ && python -c 'from events.migrations import available; assert len(available()) > 0' \
+ && cd / && rm -rf /build
+
+# Not root. Its home keeps the chain key (chain.key, created by the first `serve`): a volume,
+# so a new container keeps signing with the same key.
+RUN groupadd --system --gid 10001 rebalancer \
+ && useradd --system --uid 10001 --gid rebalancer --create-home \
+      --home-dir /var/lib/rebalancer rebalancer
+USER 10001:10001
+WORKDIR /var/lib/rebalancer
+ENV REBALANCER_HOME=/var/lib/rebalancer
+VOLUME ["/var/lib/rebalancer"]
+
+# `docker run IMAGE` is `rebalancer serve`; any other command replaces `serve`
+# (`docker run IMAGE db migrate`, `... status`).
+ENTRYPOINT ["rebalancer"]
+CMD ["serve"]
