@@ -34,10 +34,12 @@ lint: install
 # The test fixtures start (and afterwards stop) PostgreSQL and NATS themselves:
 # testcontainers when a Docker engine answers, the embedded servers otherwise.
 # What the suite drives besides Python, installed where missing (CI runs as root, apt reachable):
-# a compose that parses infra/docker-compose.yml (`config` needs no Docker engine).
+# a compose that parses infra/docker-compose.yml (`config` needs no Docker engine), and
+# Debian's Chromium for the dashboard's browser tests (Playwright drives it: no browser download).
 test-tools:
 	@docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || \
 	  { apt-get update -q && apt-get install -y -q docker-compose; }
+	@[ -x /usr/bin/chromium ] || { apt-get update -q && apt-get install -y -q chromium; }
 
 test: lint test-tools
 	$(BIN)/pytest -q -p no:cacheprovider; status=$$?; \

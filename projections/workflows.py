@@ -335,3 +335,43 @@ async def list_workflows(
     ).format(sql.Identifier("public", "workflows"))
     rows = await store.fetch_dicts(query, (state, state, limit))
     return [WorkflowSummary(**row) for row in rows]
+
+
+@dataclass(frozen=True)
+class WorkflowRow:
+    """One line of the dashboard's list: the summary plus amount, age and the task's state."""
+
+    workflow_id: str
+    spec_name: str
+    state: str
+    from_amount: Any
+    from_currency: str | None
+    current_task: int | None
+    current_task_name: str | None
+    current_task_state: str | None
+    created_at: datetime | None
+    updated_at: datetime | None
+    version: int
+
+
+async def list_workflow_rows(
+    store: EventStore, *, state: str | None = None, spec: str | None = None, limit: int = 100
+) -> list[WorkflowRow]:
+    """The most recently updated workflows, optionally of one state and one spec."""
+    query = sql.SQL(
+        "select workflow_id::text, spec_name, state, from_amount, from_currency, current_task,"
+        " current_task_name, tasks -> current_task ->> 'state' as current_task_state,"
+        " created_at, updated_at, version from {}"
+        " where (%s::text is null or state = %s) and (%s::text is null or spec_name = %s)"
+        " order by updated_at desc nulls last, workflow_id limit %s"
+    ).format(sql.Identifier("public", "workflows"))
+    rows = await store.fetch_dicts(query, (state, state, spec, spec, limit))
+    return [WorkflowRow(**row) for row in rows]
+
+
+async def spec_names(store: EventStore) -> list[str]:
+    """The specs the read model has workflows of (the dashboard's filter)."""
+    rows = await store.fetch_rows(
+        sql.SQL("select distinct spec_name from {} order by 1").format(
+            sql.Identifier("public", "workflows")), ())
+    return [row[0] for row in rows]

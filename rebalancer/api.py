@@ -62,7 +62,7 @@ _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _CONTROL_BUT_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 # The one spelling of a workflow id: the stream id and every table key are this text, so
 # `urn:uuid:`, braces, upper case or no hyphens would name another (absent) workflow.
-_CANONICAL_UUID = re.compile("[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+CANONICAL_UUID = re.compile("[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def _refusing(pattern: re.Pattern[str]) -> Callable[[str], str]:
@@ -77,7 +77,7 @@ def _refusing(pattern: re.Pattern[str]) -> Callable[[str], str]:
 
 
 def _canonical_uuid(text: str) -> str:
-    if not _CANONICAL_UUID.fullmatch(text):
+    if not CANONICAL_UUID.fullmatch(text):
         raise ValueError("not a workflow id: it is a UUID in its canonical lower-case"
                          " hyphenated form (8-4-4-4-12 hex digits)")
     return text
@@ -164,8 +164,11 @@ class Api:
         *,
         reply_within: float = REPLY_WITHIN,
         exchanges: Exchanges | None = None,
+        actor: str = "nats",
     ) -> None:
         self.store = store
+        # Who the events' metadata names: "nats", or "web" for the dashboard's operator.
+        self.actor = actor
         # With exchanges, every start is walked by the pre-flight first (rebalancer/preflight.py).
         self.exchanges = exchanges
         self.accounts = accounts
@@ -273,7 +276,7 @@ class Api:
                              + "\n".join(problems), problems=problems)
         workflow_id, created = await start_workflow(
             self.store, spec, dict(request.params), self.accounts,
-            command_id=request.command_id, actor="nats")
+            command_id=request.command_id, actor=self.actor)
         return {"ok": True, "workflow_id": workflow_id, "created": created}
 
     async def control(self, kind: str, request: Control) -> Reply:
@@ -282,13 +285,13 @@ class Api:
                 return error("invalid_request", f"from_task is for retry, not {kind}",
                              problems=[{"field": "from_task", "problem": "retry only"}])
             return await reopen_workflow(self.store, request.command_id, request.workflow_id,
-                                         request.from_task, request.reason, actor="nats")
+                                         request.from_task, request.reason, actor=self.actor)
         return await control_workflow(self.store, kind, request.command_id,
-                                      request.workflow_id, request.reason, actor="nats")
+                                      request.workflow_id, request.reason, actor=self.actor)
 
     async def resolve(self, request: Resolve) -> Reply:
         return await resolve_task(self.store, request.command_id, request.workflow_id,
-                                  request.task, request.outcome, request.note, actor="nats",
+                                  request.task, request.outcome, request.note, actor=self.actor,
                                   result=request.result, exchanges=self.exchanges)
 
     async def query_workflow(self, request: QueryWorkflow) -> Reply:

@@ -23,10 +23,12 @@ from rebalancer.api import follow
 from rebalancer.cli.format import move_text
 from rebalancer.commands import start_workflow
 from rebalancer.exchanges.simulated import SimulatedWorld
-from rebalancer.service import runtime
+from rebalancer.service import build_dashboard, runtime, stop_on_signals
 from rebalancer.settings import Settings, chain_key_path
 from rebalancer.specs.loading import builtin_specs
 from rebalancer.specs.resolution import resolve_params, resolve_result
+from rebalancer.web import Bind, Dashboard
+from rebalancer.web.operator import operator_token
 from rebalancer.workflow import Workflow, fold
 
 SPEC = "upbit_to_binance_sub_futures"
@@ -52,6 +54,7 @@ async def run_demo(
     as_json: bool,
     timeout: float = 120.0,
     migrate_url: str | None = None,
+    http: Bind | None = None,
 ) -> int:
     """Returns 0 when the workflow ended done and every currency's total held, else 1."""
     if "sim_time_scale" not in settings.model_fields_set:
@@ -83,28 +86,57 @@ async def run_demo(
         # The stream must exist before the live view subscribes to it (a fresh NATS has none).
         await relay.ensure_stream()
         stop = asyncio.Event()
-        driver = asyncio.gather(engine.run(stop, tick=0.1), relay.run(stop))
+        dashboard = None if http is None else build_dashboard(
+            settings, rt, http, token=operator_token(settings), relay=relay)
+        driver = asyncio.gather(engine.run(stop, tick=0.1), relay.run(stop),
+                                *([] if dashboard is None else [dashboard.run(stop)]))
         try:
+            if dashboard is not None:
+                await _announce(dashboard, driver, console)
             await asyncio.wait_for(_watch(nats_url, workflow_id, console, as_json), timeout)
+            # The summary is exact: it folds the stored stream, not what NATS delivered.
+            events = await rt.store.read_stream(f"workflow-{workflow_id}")
+            workflow = fold(events)
+            duration = time.monotonic() - started
+            after = await world.balances()
+            ok, totals = await world.check()
+            params = resolve_params(spec, workflow.params, rt.accounts)
+            done = workflow.state == WorkflowState.DONE
+            result = resolve_result(spec, params, workflow.results()) if done else {}
+            summary = _summary(workflow, events, before, after, totals, ok, duration, result)
+            if as_json:
+                print(json.dumps(summary, indent=2, default=str))
+            else:
+                _print_summary(console, summary)
+            if dashboard is not None:
+                # The dashboard stays up to be looked at, the worker beside it, until told.
+                console.print(f"the dashboard stays up at {dashboard.url}; Ctrl-C to stop")
+                hold = asyncio.Event()
+                stop_on_signals(hold)
+                await _until(hold, driver)
         finally:
             stop.set()
             await driver
             await relay.close()
-        # The summary is exact: it folds the stored stream, not what NATS delivered.
-        events = await rt.store.read_stream(f"workflow-{workflow_id}")
-        workflow = fold(events)
-        duration = time.monotonic() - started
-        after = await world.balances()
-        ok, totals = await world.check()
-        params = resolve_params(spec, workflow.params, rt.accounts)
-        done = workflow.state == WorkflowState.DONE
-        result = resolve_result(spec, params, workflow.results()) if done else {}
-    summary = _summary(workflow, events, before, after, totals, ok, duration, result)
-    if as_json:
-        print(json.dumps(summary, indent=2, default=str))
-    else:
-        _print_summary(console, summary)
     return 0 if workflow.state == WorkflowState.DONE and ok else 1
+
+
+async def _announce(dashboard: Dashboard, driver: asyncio.Future[Any], console: Console) -> None:
+    """Say where the dashboard is once it listens (or raise what kept it from listening)."""
+    await _until(dashboard.started, driver)
+    console.print(f"dashboard: {dashboard.url}", highlight=False)
+
+
+async def _until(event: asyncio.Event, driver: asyncio.Future[Any]) -> None:
+    """Wait for `event`, or raise what ended `driver` (the worker, relay or dashboard) first."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter, driver}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+    if driver.done():
+        driver.result()
 
 
 async def _watch(nats_url: str, workflow_id: str, console: Console, as_json: bool) -> None:

@@ -13,6 +13,7 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from events.database import first_line
 from events.relay import Relay
@@ -31,6 +32,9 @@ from rebalancer.metrics import MeteredExchanges, Metrics, MetricsSampler
 from rebalancer.settings import Settings, chain_key_path
 from rebalancer.sinks import webhook_targets
 from rebalancer.specs.loading import SpecCatalogue, available_specs
+from rebalancer.web import Bind, Dashboard
+from rebalancer.web.app import Exposition
+from rebalancer.web.operator import operator_token
 from rebalancer.webhooks import WebhookDispatcher
 
 log = logging.getLogger(__name__)
@@ -112,19 +116,22 @@ Component = tuple[str, Callable[[], Awaitable[None]]]
 
 async def serve(settings: Settings, database_url: str, nats_url: str | None, *,
                 tick: float = 0.5, stop: asyncio.Event | None = None,
-                metrics: Metrics | None = None) -> None:
+                metrics: Metrics | None = None, http: Bind | None = None,
+                on_dashboard: Callable[[Dashboard], None] | None = None) -> None:
     """Run everything until SIGTERM/SIGINT (or `stop`); steps in flight finish, NATS is drained.
 
     Without `nats_url` only the worker, the projections, the metrics sampler and the alert
     webhooks run (nothing is relayed). `metrics`: the process's (the HTTP side serves its
-    `exposition()`); made here when not given. Raises SpecError for a bad `alerts:` section
-    before anything starts, and ComponentFailedError, after stopping the others, when one
-    component ends unexpectedly.
+    `exposition()`); made here when not given. With `http`, the dashboard, /healthz, /readyz
+    and /metrics listen there; `on_dashboard` is told of it once built. Raises SpecError for a
+    bad `alerts:` section or operator token before anything starts, and ComponentFailedError,
+    after stopping the others, when one component ends unexpectedly.
     """
     metrics = metrics or Metrics()
     # Read before anything runs: a webhook whose URL is missing is a configuration error now,
     # not a WARNING an hour later when the first alert cannot go out.
     targets = webhook_targets(settings.config)
+    token = operator_token(settings) if http is not None else None
     if stop is None:
         stop = asyncio.Event()
         stop_on_signals(stop)
@@ -145,6 +152,7 @@ async def serve(settings: Settings, database_url: str, nats_url: str | None, *,
         if targets:
             webhooks = WebhookDispatcher(rt.store, targets, metrics)
             components.append(("webhooks", lambda: webhooks.run(stop)))
+        relay: Relay | None = None
         if nats_url is not None:
             key = load_key(chain_key_path(settings), create=True)
             relay = Relay(rt.store, nats_url, chain_key=key, name=RELAY_NAME,
@@ -155,6 +163,12 @@ async def serve(settings: Settings, database_url: str, nats_url: str | None, *,
                 ("nats", lambda: _nats_side(settings, rt, nats_url, relay, stop, stack,
                                             metrics)),
             ]
+        if http is not None:
+            dashboard = build_dashboard(settings, rt, http, token=token, relay=relay,
+                                        metrics=metrics)
+            if on_dashboard is not None:
+                on_dashboard(dashboard)
+            components.append(("http", lambda: dashboard.run(stop)))
         await run_components(components, stop)
     log.info("stopped")
 
@@ -217,7 +231,7 @@ async def _nats_side(settings: Settings, rt: Runtime, nats_url: str, relay: Rela
     if attempts:
         log.warning("NATS at %s reached after %d attempts; the API serves", where(nats_url),
                     attempts + 1)
-    stack.push_async_callback(nc.drain)
+    stack.push_async_callback(_drain, nc)
     # The engine's buckets; its calls counted in the same metrics as the worker's.
     api = Api(rt.store, rt.accounts, WarnedSpecs(settings, rt.accounts),
               exchanges=BudgetedExchanges(MeteredExchanges(rt.exchanges, metrics), rt.budgets))
@@ -227,6 +241,30 @@ async def _nats_side(settings: Settings, rt: Runtime, nats_url: str, relay: Rela
                                replicas=settings.nats_stream_replicas)
     watch = RelayLagWatch(rt.store, relay, threshold=timedelta(seconds=settings.relay_lag_seconds))
     await asyncio.gather(publisher.run(stop), watch.run(stop))
+
+
+async def _drain(nc: Any) -> None:
+    """Drain the connection; a stop while NATS is away cannot drain it, so it is closed."""
+    try:
+        await nc.drain()
+    except Exception as e:  # nats-py raises several unrelated types for "not connected"
+        log.info("NATS connection closed without draining: %s", type(e).__name__)
+        await nc.close()
+
+
+def build_dashboard(settings: Settings, rt: Runtime, bind: Bind, *, token: str | None,
+                    relay: Relay | None, metrics: Metrics | None = None) -> Dashboard:
+    """The dashboard on this process's store, accounts and exchanges (the engine's budgets;
+    its calls counted in `metrics`, whose exposition it serves at /metrics). NATS counts as
+    connected when the relay's connection is up: the relay is what must reach it."""
+    exchanges = rt.exchanges if metrics is None else MeteredExchanges(rt.exchanges, metrics)
+    exposition: Exposition | None = None if metrics is None else metrics.exposition
+    return Dashboard(
+        rt.store, rt.accounts, WarnedSpecs(settings, rt.accounts),
+        BudgetedExchanges(exchanges, rt.budgets), bind, token=token, relay=relay,
+        nats_connected=(lambda: None) if relay is None else (lambda: relay.connected),
+        projection_lag_seconds=settings.projection_lag_seconds,
+        relay_lag_seconds=settings.relay_lag_seconds, metrics=exposition)
 
 
 def configured_specs(settings: Settings, accounts: Accounts) -> SpecCatalogue:

@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -56,11 +56,22 @@ class Settings(BaseSettings):
     max_failures: int = Field(default=3, ge=1, le=1000)
     # How `serve` logs: "text" lines, or "json" (one object a line) for log shippers.
     log_format: Literal["text", "json"] = "text"
+    # The dashboard's operator token (`serve --http`): without one the dashboard is read-only.
+    # From the variable or from a file (mode 600); never logged, never in a page or a URL.
+    operator_token: SecretStr | None = None
+    operator_token_file: Path | None = None
+    # `/readyz` says not ready when a projection is this far behind the events.
+    projection_lag_seconds: float = Field(default=30.0, gt=0, allow_inf_nan=False)
 
     @field_validator("pg_bin", mode="before")
     @classmethod
     def _empty_pg_bin_is_unset(cls, value: object) -> object:
         # REBALANCER_PG_BIN= (set but empty) means "find them", not the current directory.
+        return None if value == "" else value
+
+    @field_validator("operator_token", "operator_token_file", mode="before")
+    @classmethod
+    def _empty_token_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
     @field_validator("exchanges", mode="before")

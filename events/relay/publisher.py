@@ -205,6 +205,12 @@ class Relay:
         self._locked, self._checkpoint = False, None
         await self._session.close()
 
+    @property
+    def connected(self) -> bool:
+        """Whether the relay holds a NATS connection that is up now (for `/readyz`)."""
+        nc = self._nc
+        return nc is not None and not nc.is_closed and nc.is_connected
+
     def _reconnecting(self) -> bool:
         """NATS is away, or came back moments ago: a restarted server's JetStream answers a
         few seconds after its clients reconnect, and that is the outage already announced."""

@@ -37,6 +37,11 @@ def _rate(value: Any) -> str:
     return money(found.quantize(Decimal(1).scaleb(digits)) if digits < 0 else found)
 
 
+# The dashboard shows amounts and rates as the command line prints them.
+amount_text = _amount
+rate_text = _rate
+
+
 def view_money_lines(view: WorkflowView) -> list[str]:
     """The `status ID` lines after the task table: result, fills, rate, fees, remainders."""
     lines = []

@@ -130,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", choices=LOG_FORMATS, default=None,
                        help="text (default) or json: one JSON object a line, for log shippers"
                        " (also REBALANCER_LOG_FORMAT)")
+    serve.add_argument("--http", metavar="[HOST:]PORT", default=None,
+                       help="serve the dashboard, /healthz and /readyz there (a bare port is"
+                       " on 127.0.0.1); read-only unless REBALANCER_OPERATOR_TOKEN(_FILE) is"
+                       " set")
+    serve.add_argument("--http-allow-remote", action="store_true",
+                       help="allow --http on an address other than loopback (put a TLS proxy"
+                       " in front: the dashboard speaks plain HTTP)")
     serve.set_defaults(handler=worker_serve)
 
     start = commands.add_parser("start", help="start a workflow from a spec")
@@ -208,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--amount", type=_amount, default=Decimal(1_000_000),
                       help="KRW to move (default 1,000,000)")
     demo.add_argument("--json", action="store_true", help=JSON_HELP)
+    demo.add_argument("--http", metavar="[HOST:]PORT", nargs="?", const="127.0.0.1:8080",
+                      default=None, help="run the dashboard beside it (default 127.0.0.1:8080)"
+                      " and keep it up after the workflow ends, until Ctrl-C")
     demo.set_defaults(handler=run_demo_command)
 
     balances = commands.add_parser(

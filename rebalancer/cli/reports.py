@@ -79,7 +79,7 @@ def workflow_history(args: argparse.Namespace, settings: Settings) -> int:
     print(
         table(
             ("recorded_at", "v", "task", "trigger", "move", "details"),
-            (_event_row(event) for event in events),
+            (event_row(event) for event in events),
         )
     )
     return EXIT_OK
@@ -93,7 +93,7 @@ def _event_json(event: RecordedEvent) -> dict[str, Any]:
     }
 
 
-def _event_row(event: RecordedEvent) -> tuple[object, ...]:
+def event_row(event: RecordedEvent) -> tuple[object, ...]:
     data = event.data
     task = data.get("task_name") or "_workflow"
     if event.type == WorkflowCreated.type_name:
@@ -129,7 +129,7 @@ def workflow_status(args: argparse.Namespace, settings: Settings) -> int:
     workflow_id = resolve_workflow_id(settings, args.workflow_id)
     if args.at is not None and args.at < 1:
         raise UsageError(f"--at {args.at}: versions start at 1")
-    view, note = with_store(settings, lambda store: _load_view(store, workflow_id, args.at))
+    view, note = with_store(settings, lambda store: load_view(store, workflow_id, args.at))
     if args.json:
         if note:
             print(f"rebalancer: {note}", file=sys.stderr)
@@ -139,7 +139,7 @@ def workflow_status(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-async def _load_view(
+async def load_view(
     store: EventStore, workflow_id: str, at: int | None
 ) -> tuple[WorkflowView, str | None]:
     """The view to show and a note saying where it came from when not the read model."""

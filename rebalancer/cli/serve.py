@@ -18,8 +18,15 @@ def worker_serve(args: argparse.Namespace, settings: Settings) -> int:
     from events.migrations import migrate
     from rebalancer.logs import configure
     from rebalancer.service import serve
+    from rebalancer.web import parse_bind
+    from rebalancer.web.operator import operator_token
 
     configure(args.log_format or settings.log_format)
+    # Refused before anything starts: a non-loopback bind without the opt-in, a bad token.
+    http = None if args.http is None else parse_bind(args.http,
+                                                     allow_remote=args.http_allow_remote)
+    if http is not None:
+        operator_token(settings)
     # The pool warns on every reconnect attempt; the store says an outage once (events/store.py).
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     if settings.database_url and not settings.nats_url:
@@ -32,7 +39,7 @@ def worker_serve(args: argparse.Namespace, settings: Settings) -> int:
     # As the owner role: the service's own may not change the schema.
     asyncio.run(migrate(embedded.migrate_url(settings), connect_timeout=settings.connect_timeout))
     try:
-        asyncio.run(serve(settings, database_url, nats_url, tick=args.tick))
+        asyncio.run(serve(settings, database_url, nats_url, tick=args.tick, http=http))
     except ComponentFailedError as e:
         # The log above has the traceback; the last line says why the service is down.
         print(f"rebalancer: serve: {e}", file=sys.stderr)
@@ -42,7 +49,9 @@ def worker_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_demo_command(args: argparse.Namespace, settings: Settings) -> int:
     from rebalancer.demo import run_demo
+    from rebalancer.web import parse_bind
 
+    http = None if args.http is None else parse_bind(args.http)
     database_url, nats_url = (
         (settings.database_url, settings.nats_url)
         if settings.database_url and settings.nats_url
@@ -50,4 +59,4 @@ def run_demo_command(args: argparse.Namespace, settings: Settings) -> int:
     )
     return asyncio.run(run_demo(settings, database_url, nats_url, amount=args.amount,
                                 as_json=args.json,
-                                migrate_url=embedded.migrate_url(settings)))
+                                migrate_url=embedded.migrate_url(settings), http=http))

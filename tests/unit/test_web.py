@@ -1,0 +1,124 @@
+"""The dashboard's pure parts: where it may listen, the operator token, escaping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from projections.workflows import TaskView, WorkflowView
+from rebalancer.cli.main import main
+from rebalancer.errors import SpecError
+from rebalancer.settings import Settings
+from rebalancer.web import Bind, parse_bind
+from rebalancer.web.operator import operator_token, token_matches
+from rebalancer.web.pages import workflow_page
+
+
+@pytest.mark.parametrize(("text", "bind"), [
+    ("8080", Bind("127.0.0.1", 8080)),
+    ("127.0.0.1:9000", Bind("127.0.0.1", 9000)),
+    ("localhost:9000", Bind("localhost", 9000)),
+    ("[::1]:8080", Bind("::1", 8080)),
+    (":8080", Bind("127.0.0.1", 8080)),
+])
+def test_a_bare_port_or_a_loopback_address_is_taken(text: str, bind: Bind) -> None:
+    assert parse_bind(text) == bind
+    assert bind.loopback
+
+
+@pytest.mark.parametrize("text", ["0.0.0.0:8080", "192.168.1.5:80", "[::]:8080",
+                                  "desk.example:8080"])
+def test_an_address_beyond_this_machine_needs_the_opt_in(text: str) -> None:
+    with pytest.raises(SpecError, match=r"not a loopback address.*--http-allow-remote"):
+        parse_bind(text)
+    assert not parse_bind(text, allow_remote=True).loopback
+
+
+@pytest.mark.parametrize("text", ["", "http", "127.0.0.1:", "127.0.0.1:99999"])
+def test_a_malformed_address_is_refused(text: str) -> None:
+    with pytest.raises(SpecError, match="--http"):
+        parse_bind(text)
+
+
+def test_serve_refuses_a_public_bind_before_starting_anything(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    monkeypatch.setenv("REBALANCER_HOME", str(tmp_path / "home"))
+    assert main(["serve", "--http", "0.0.0.0:8080"]) == 2
+    assert "not a loopback address" in capsys.readouterr().err
+    assert not (tmp_path / "home").exists()  # no server was started
+
+
+def test_the_token_comes_from_the_variable_or_a_file_and_must_be_long(tmp_path: Path) -> None:
+    assert operator_token(Settings()) is None
+    assert operator_token(Settings(operator_token=SecretStr("a" * 20))) == "a" * 20
+    token_file = tmp_path / "token"
+    token_file.write_text("b" * 24 + "\n")
+    assert operator_token(Settings(operator_token_file=token_file)) == "b" * 24
+    with pytest.raises(SpecError, match="shorter than 16") as short:
+        operator_token(Settings(operator_token=SecretStr("hunter2")))
+    assert "hunter2" not in str(short.value)
+    with pytest.raises(SpecError, match="one way"):
+        operator_token(Settings(operator_token=SecretStr("a" * 20),
+                                operator_token_file=token_file))
+    with pytest.raises(SpecError, match="cannot read"):
+        operator_token(Settings(operator_token_file=tmp_path / "missing"))
+
+
+def test_the_token_must_match_exactly() -> None:
+    token = "c" * 20
+    assert token_matches(token, token) and token_matches(token, f" {token}\n")
+    assert not token_matches(token, None) and not token_matches(token, "")
+    assert not token_matches(token, token[:-1]) and not token_matches(token, token + "c")
+
+
+def test_every_value_on_a_page_is_escaped() -> None:
+    evil = '<script>alert("x")</script>'
+    view = WorkflowView(workflow_id="w" * 36, stream_id="workflow-w", spec_name=evil,
+                        params={"note": evil}, reason=evil,
+                        tasks=[TaskView(0, "t", "trade", error={"message": evil},
+                                        request_params={"x": evil})])
+    page = workflow_page(view, [], evil, operator=True)
+    assert "<script>" not in page
+    assert "&lt;script&gt;" in page
+
+
+def test_a_task_needing_attention_offers_the_commands_and_a_form_per_unclaimed_candidate(
+) -> None:
+    from rebalancer.web.pages import attention
+
+    error = {"code": "unknown_outcome", "message": "cannot tell which one is ours",
+             "candidates": [
+                 {"id": "11", "txid": "aa" * 32, "amount": "0.2", "at": "t1",
+                  "claimed_by_workflow": None},
+                 {"id": "12", "txid": None, "amount": "0.2", "at": "t2",
+                  "claimed_by_workflow": "0f" * 16}],
+             "commands": ["rebalancer resolve W withdraw_x --outcome done --result id=11",
+                          "rebalancer resolve W withdraw_x --outcome failed --note 'x'"]}
+    task = TaskView(0, "withdraw_x", "withdraw", "needs_attention", error=error)  # type: ignore[arg-type]
+    read_only = attention("w" * 36, task, operator=False)
+    assert "--outcome done --result id=11" in read_only and "claimed by" in read_only
+    assert "<form" not in read_only  # no buttons without a token
+    page = attention("w" * 36, task, operator=True)
+    # Done with the unclaimed candidate (its id and txid), resend, failed: three forms.
+    assert page.count('action="/actions/resolve"') == 3
+    assert 'name="result_id" value="11"' in page and f'value="{"aa" * 32}"' in page
+    assert 'name="result_id" value="12"' not in page  # another workflow's: not offered
+
+
+def test_a_form_becomes_the_nats_command_body() -> None:
+    from rebalancer.web.app import _command_body
+
+    resolve = _command_body("resolve", {
+        "command_id": "web-1", "workflow_id": "w", "task": "withdraw_x", "outcome": "done",
+        "note": "checked", "result_id": "11", "result_txid": "ab", "result_amount": "",
+        "token": "never in a body"})
+    assert resolve == {"command_id": "web-1", "workflow_id": "w", "task": "withdraw_x",
+                       "outcome": "done", "note": "checked",
+                       "result": {"id": "11", "txid": "ab"}}
+    pause = _command_body("pause", {"command_id": "web-2", "workflow_id": "w", "reason": ""})
+    assert pause == {"command_id": "web-2", "workflow_id": "w"}
+    assert _command_body("cancel", {"workflow_id": "w", "reason": "why"}) == {
+        "command_id": "", "workflow_id": "w", "reason": "why"}
