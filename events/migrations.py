@@ -1,4 +1,5 @@
-"""Numbered SQL migrations (infra/migrations/NNN_name.sql), applied once each and recorded."""
+"""Numbered SQL migrations (events/sql/NNN_name.sql, package data), applied once each and
+recorded."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import psycopg
 from events.database import first_line
 from events.errors import EventStoreError, StoreUnavailableError
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "infra" / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "sql"
 _NAME = re.compile(r"^(\d{3})_([a-z0-9_]+)\.sql$")
 # Any constant works; it only has to be the same for every process that migrates.
 _ADVISORY_LOCK_KEY = 0x7265_6261_6C61

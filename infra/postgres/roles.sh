@@ -12,7 +12,7 @@ psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname "$POSTGRES_DB" \
      -v dbname="$POSTGRES_DB" <<'SQL'
 create role rebalancer_owner login createdb password :'owner_password';
 create role rebalancer_service login nocreatedb password :'service_password';
--- What infra/migrations/011_roles.sql cannot set as the owner (it needs a superuser here).
+-- What events/sql/011_roles.sql cannot set as the owner (it needs a superuser here).
 alter role rebalancer_service set statement_timeout = '30s';
 alter database :"dbname" owner to rebalancer_owner;
 SQL

@@ -22,7 +22,7 @@ HOST = "127.0.0.1"  # loopback only, and every connection needs a password
 # The bootstrap superuser (initdb's): used only by `up` to create the roles and the database.
 DB_USER = "rebalancer"
 DB_NAME = "rebalancer"
-# The roles infra/migrations/011_roles.sql grants to: the owner runs migrations, the service
+# The roles events/sql/011_roles.sql grants to: the owner runs migrations, the service
 # (`serve` and the command line) may only read and append the events.
 OWNER_ROLE = "rebalancer_owner"
 SERVICE_ROLE = "rebalancer_service"

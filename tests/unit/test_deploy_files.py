@@ -127,7 +127,7 @@ def test_the_dockerfile_installs_the_package_and_runs_serve_unprivileged() -> No
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert 'ENTRYPOINT ["rebalancer"]' in lines
     assert lines[-1] == 'CMD ["serve"]'
-    # The migrations reach the image (they are not package data; see the Dockerfile).
-    assert "COPY infra/migrations infra/migrations" in lines
+    # The image checks that the installed package carries its migrations.
+    assert any("from events.migrations import available" in line for line in lines)
     ignored = (ROOT / ".dockerignore").read_text().splitlines()
     assert ".git" in ignored and ".venv" in ignored

@@ -177,7 +177,7 @@ class SimulatedWorld:
                     "truncate sim.deposits, sim.operations, sim.balances, sim.seeded_totals,"
                     " sim.world")
                 # Ids from 1 again. Not `restart identity`: that needs the sequences' owner,
-                # setval only the UPDATE the service role has (infra/migrations/011_roles.sql).
+                # setval only the UPDATE the service role has (events/sql/011_roles.sql).
                 await conn.execute(
                     "select setval(pg_get_serial_sequence('sim.operations', 'id'), 1, false),"
                     " setval(pg_get_serial_sequence('sim.deposits', 'id'), 1, false)")
