@@ -64,6 +64,12 @@ def test_compose_config_parses_the_file_with_every_password_given(tmp_path: Path
     assert serve_env["REBALANCER_NATS_URL"] == f"nats://operator:{operator}@nats:4222"
     assert services["serve"]["depends_on"]["migrate"]["condition"] == (
         "service_completed_successfully")
+    # The dashboard and probes: published on the host's loopback only, healthy when ready.
+    assert "/readyz" in " ".join(services["serve"]["healthcheck"]["test"])
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            host_ip = port["host_ip"] if isinstance(port, dict) else port.split(":")[0]
+            assert host_ip == "127.0.0.1", (name, port)
     # Every bind mount and the build context resolve to files of this repository.
     for name in ("postgres", "nats"):
         for volume in services[name]["volumes"]:

@@ -53,6 +53,8 @@ def test_serve_refuses_a_public_bind_before_starting_anything(
 
 def test_the_token_comes_from_the_variable_or_a_file_and_must_be_long(tmp_path: Path) -> None:
     assert operator_token(Settings()) is None
+    # Set but empty (compose's `${REBALANCER_OPERATOR_TOKEN:-}` when unset): read-only.
+    assert operator_token(Settings(operator_token=SecretStr(""))) is None
     assert operator_token(Settings(operator_token=SecretStr("a" * 20))) == "a" * 20
     token_file = tmp_path / "token"
     token_file.write_text("b" * 24 + "\n")
