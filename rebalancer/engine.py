@@ -360,7 +360,7 @@ class Engine:
         message = f"{failures} unexpected errors in a row: {what}"
         error = {"code": "internal", "message": message, "attempts": failures}
         task = workflow.current
-        if workflow.state == WorkflowState.RUNNING and task is not None:
+        if workflow.state in (WorkflowState.RUNNING, WorkflowState.PAUSED) and task is not None:
             machine = task_machine(task.kind)
             if machine.may(task.state, TaskTrigger.ESCALATE):
                 dest = machine.next_state(task.state, TaskTrigger.ESCALATE)

@@ -161,7 +161,10 @@ TASK_TABLES: Final[Mapping[TaskKind, list[TransitionRow]]] = MappingProxyType(
 WORKFLOW: Final[list[TransitionRow]] = [
     {"trigger": WT.START, "source": W.CREATED, "dest": W.RUNNING},
     {"trigger": WT.COMPLETE, "source": W.RUNNING, "dest": W.DONE},
-    {"trigger": WT.FAIL, "source": [W.CREATED, W.RUNNING, W.NEEDS_ATTENTION], "dest": W.FAILED},
+    # From paused too: what it still settles may fail or get stuck, and that must reach an
+    # operator now, not at the next resume.
+    {"trigger": WT.FAIL, "source": [W.CREATED, W.RUNNING, W.PAUSED, W.NEEDS_ATTENTION],
+     "dest": W.FAILED},
     {
         "trigger": WT.CANCEL,
         "source": [W.CREATED, W.RUNNING, W.PAUSED, W.NEEDS_ATTENTION],
@@ -169,7 +172,7 @@ WORKFLOW: Final[list[TransitionRow]] = [
     },
     {"trigger": WT.PAUSE, "source": W.RUNNING, "dest": W.PAUSED},
     {"trigger": WT.RESUME, "source": W.PAUSED, "dest": W.RUNNING},
-    {"trigger": WT.ESCALATE, "source": W.RUNNING, "dest": W.NEEDS_ATTENTION},  # a task is stuck
+    {"trigger": WT.ESCALATE, "source": [W.RUNNING, W.PAUSED], "dest": W.NEEDS_ATTENTION},
     {"trigger": WT.RETRY, "source": W.NEEDS_ATTENTION, "dest": W.RUNNING},  # operator resolved it
     {"trigger": WT.REOPEN, "source": W.FAILED, "dest": W.RUNNING},  # retry --from: money in transit
 ]

@@ -264,7 +264,8 @@ def build_dashboard(settings: Settings, rt: Runtime, bind: Bind, *, token: str |
         BudgetedExchanges(exchanges, rt.budgets), bind, token=token, relay=relay,
         nats_connected=(lambda: None) if relay is None else (lambda: relay.connected),
         projection_lag_seconds=settings.projection_lag_seconds,
-        relay_lag_seconds=settings.relay_lag_seconds, metrics=exposition)
+        relay_lag_seconds=settings.relay_lag_seconds, metrics=exposition,
+        hosts=frozenset(h.strip().lower() for h in settings.http_hosts.split(",") if h.strip()))
 
 
 def configured_specs(settings: Settings, accounts: Accounts) -> SpecCatalogue:

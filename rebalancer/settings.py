@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     # From the variable or from a file (mode 600); never logged, never in a page or a URL.
     operator_token: SecretStr | None = None
     operator_token_file: Path | None = None
+    # The names the dashboard is reached by besides loopback (comma-separated, e.g. the name a
+    # TLS proxy serves it at): a request with any other Host or Origin is refused.
+    http_hosts: str = ""
     # `/readyz` says not ready when a projection is this far behind the events.
     projection_lag_seconds: float = Field(default=30.0, gt=0, allow_inf_nan=False)
 

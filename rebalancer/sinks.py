@@ -18,7 +18,10 @@ from rebalancer.accounts import DEFAULT_CONFIG, load_config_file, validation_tex
 from rebalancer.errors import SpecError
 from rebalancer.settings import environment_variable
 
-AlertKind = Literal["workflow_failed", "task_stuck", "needs_attention", "relay_lag"]
+# Every kind raised (projections/alerts.py, rebalancer/alerts.py); a kind missing here could
+# never reach a webhook, `all` included.
+AlertKind = Literal["workflow_failed", "task_stuck", "needs_attention", "relay_lag",
+                    "partial_fill"]
 ALERT_KINDS: tuple[str, ...] = get_args(AlertKind)
 # Keys that would put the URL itself into the file.
 _INLINE = ("url", "webhook_url", "uri", "endpoint", "token")

@@ -300,6 +300,13 @@ def _while_paused(workflow: Workflow) -> Action:
         return None
     if task.state == TaskState.CANCELED:
         return MoveWorkflow(WorkflowTrigger.CANCEL, f"task {task.name} was canceled")
+    # What it settled went wrong: the operator hears of it now (a resolve then runs it on).
+    if task.state == TaskState.FAILED:
+        message = (task.error or {}).get("message", "failed")
+        return MoveWorkflow(WorkflowTrigger.FAIL, f"task {task.name} failed: {message}")
+    if task.state == TaskState.NEEDS_ATTENTION:
+        message = (task.error or {}).get("message", "needs attention")
+        return MoveWorkflow(WorkflowTrigger.ESCALATE, f"task {task.name}: {message}")
     if task.state not in SETTLING or _between_slices(task):
         return None
     return StepTask(task)

@@ -21,12 +21,13 @@ def worker_serve(args: argparse.Namespace, settings: Settings) -> int:
     from rebalancer.web import parse_bind
     from rebalancer.web.operator import operator_token
 
-    configure(args.log_format or settings.log_format)
-    # Refused before anything starts: a non-loopback bind without the opt-in, a bad token.
+    # Refused before anything starts (logging included): a non-loopback bind without the
+    # opt-in, a bad token.
     http = None if args.http is None else parse_bind(args.http,
                                                      allow_remote=args.http_allow_remote)
     if http is not None:
         operator_token(settings)
+    configure(args.log_format or settings.log_format)
     # The pool warns on every reconnect attempt; the store says an outage once (events/store.py).
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     if settings.database_url and not settings.nats_url:

@@ -118,7 +118,8 @@ class TradeProcessor(Processor):
         exchange = ctx.exchange(config.account)
         plan = _stored_plan(ctx)
         if plan is not None and len(_slices(ctx)) >= len(plan.amounts):
-            plan = await self._resent(ctx, plan)  # an operator's resend after the last slice
+            # An operator's resend after the last slice.
+            plan = await self._resent(ctx, config, exchange, plan)
         elif plan is None:
             plan = await self._make_plan(ctx, config, exchange)
         if plan is None:
@@ -127,23 +128,39 @@ class TradeProcessor(Processor):
             return
         await self._send_slice(ctx, config, exchange, plan, TaskTrigger.SUBMIT)
 
-    async def _resent(self, ctx: TaskContext, plan: Plan) -> Plan | None:
+    async def _resent(
+        self, ctx: TaskContext, config: TradeConfig, exchange: Exchange, plan: Plan
+    ) -> Plan | None:
         """Every slice ended and an operator resent the task (a partial fill's attention): one
-        more order for the unfilled part. Escalated again while an order may still rest on the
-        exchange, or when nothing is left to send."""
+        more order for the unfilled part, on the market's step. Escalated again while an order
+        may still rest on the exchange, or when what is left is no order the market takes."""
         slices = _slices(ctx)
         fill = partial.measure(plan.unit, plan.total, ctx.task.request_params or {}, slices)
         # Filled as the spec counts it (a market order's step dust included): nothing to send.
         filled = partial.decide(fill, "needs_attention", partial.policy_of(ctx)[1]) == "filled"
+        why = (" it filled; resolve done" if filled else " one may still be open on the"
+               " exchange: cancel it there, then resolve done or failed")
+        amount = fill.unfilled
+        if not filled and not any(s["status"] == "open" for s in slices):
+            symbol = f"{config.base_currency}/{config.quote_currency}"
+            rules = await exchange.market(symbol)
+            if plan.unit == "quote":
+                amount = floor_to(amount, _quote_quantum(config.quote_currency))
+                notional = amount
+            else:
+                amount = floor_to(amount, rules.amount_step)
+                notional = amount * (plan.price or await exchange.ticker_price(symbol))
+            if amount <= 0 or notional < rules.min_notional:
+                why = (f" the {fill.unfilled} {fill.currency} left is below {symbol}'s minimum"
+                       f" order of {rules.min_notional} {rules.quote}; resolve done or failed")
+                filled = True  # nothing the exchange would take
         if filled or any(s["status"] == "open" for s in slices):
             await ctx.move(TaskTrigger.ESCALATE, error=error(
                 "nothing_to_resend",
-                f"{ctx.task.name}: every order of the plan was sent and"
-                + (" it filled; resolve done" if filled else " one may still be open on the"
-                   " exchange: cancel it there, then resolve done or failed"),
+                f"{ctx.task.name}: every order of the plan was sent and" + why,
                 commands=partial.commands(ctx)[::2]))
             return None
-        return replace(plan, amounts=[*plan.amounts, fill.unfilled], planned=plan.total)
+        return replace(plan, amounts=[*plan.amounts, amount], planned=plan.total)
 
     async def reconcile(self, ctx: TaskContext) -> None:
         found = await reconcile_lookup(ctx, lambda: self._lookup(ctx))
@@ -188,7 +205,7 @@ class TradeProcessor(Processor):
                     TaskTrigger.FAIL, error=error("unsupported", "a sell is given in base amount")
                 )
                 return None
-            quantum = Decimal(1) if config.quote_currency == "KRW" else Decimal("0.00000001")
+            quantum = _quote_quantum(config.quote_currency)
             total = config.quote_amount
             if rules.buy_fee_on_top:
                 # Where the fee comes on top (Upbit), the orders spend less, so that orders and
@@ -439,6 +456,11 @@ async def _end_canceled(ctx: TaskContext, order: Order | None) -> None:
     asked = ctx.task.error or {}
     await ctx.move(TaskTrigger.CANCEL, refresh_result=refresh, error=error(
         "canceled", asked.get("message") or "canceled", actor=asked.get("actor")))
+
+
+def _quote_quantum(currency: str) -> Decimal:
+    """The step a spend in `currency` is planned in: whole won, else satoshi-like units."""
+    return Decimal(1) if currency == "KRW" else Decimal("0.00000001")
 
 
 def _stored_plan(ctx: TaskContext) -> Plan | None:

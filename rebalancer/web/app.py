@@ -12,10 +12,11 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Set
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any
+from typing import Any, Final
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -50,6 +51,7 @@ STATUS = {"invalid_request": 400, "not_found": 404, "conflict": 409, "illegal_tr
           "unknown_spec": 404, "internal": 503}
 # A pasted token or note is small; anything larger is not a form this page sent.
 MAX_FORM = 16 * 1024
+LOOPBACK_NAMES: Final = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class Changes:
@@ -114,11 +116,16 @@ class Dashboard:
         projection_lag_seconds: float = 30.0,
         relay_lag_seconds: float = 30.0,
         metrics: Exposition | None = None,
+        hosts: frozenset[str] = frozenset(),
     ) -> None:
         self.store = store
         self.accounts = accounts
         self.exchanges = exchanges
         self.bind = bind
+        # The names a request may say it is for: this machine, the bind address when it is
+        # one, and those configured (a proxy's public name).
+        self.hosts = LOOPBACK_NAMES | hosts | (
+            {bind.host.lower()} if bind.host not in ("0.0.0.0", "::") else set())
         self._token = token
         self.metrics = metrics
         self.changes = Changes(store)
@@ -176,11 +183,12 @@ class Dashboard:
     async def _guard(self, request: web.Request,
                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                      ) -> web.StreamResponse:
-        # On loopback, a Host that is not this machine is a DNS-rebinding page reading the
-        # dashboard through the browser: refused.
-        if self.bind.loopback and request.host.rsplit(":", 1)[0].strip("[]") not in (
-                "127.0.0.1", "localhost", "::1", self.bind.host):
-            return web.Response(status=421, text="misdirected request: unknown Host\n")
+        # A Host that is not one of ours is a DNS-rebinding page reading the dashboard through
+        # the browser (reading needs no token): refused, on every bind. A bind on every
+        # interface (a container's) is reached by the names it is published at.
+        if _host_name(request.host) not in self.hosts:
+            return web.Response(status=421, text="misdirected request: unknown Host (add it"
+                                " to REBALANCER_HTTP_HOSTS if this dashboard is served there)\n")
         response = await handler(request)
         response.headers.setdefault(
             "Content-Security-Policy",
@@ -348,7 +356,7 @@ class Dashboard:
         if self._token is None:
             return self._reply(request, 403, _refusal(
                 "read_only", "this dashboard is read-only: no operator token is configured"))
-        if not _same_origin(request):
+        if not _same_origin(request, self.hosts):
             log.warning("dashboard: refused a %s posted from another site", kind)
             return self._reply(request, 403, _refusal(
                 "cross_site", "refused: the request did not come from this dashboard"))
@@ -379,14 +387,24 @@ def _refusal(code: str, message: str) -> dict[str, Any]:
     return {"ok": False, "error": {"code": code, "message": message, "details": {}}}
 
 
-def _same_origin(request: web.Request) -> bool:
+def _same_origin(request: web.Request, hosts: Set[str]) -> bool:
     """A browser says where a POST comes from; one from another site is refused even before
-    the token is looked at (the token alone already stops it: see operator.py)."""
+    the token is looked at (the token alone already stops it: see operator.py). The Origin's
+    name, not its scheme, is compared: behind a TLS proxy the page is https, the request http."""
     site = request.headers.get("Sec-Fetch-Site")
     if site is not None and site not in ("same-origin", "none"):
         return False
     origin = request.headers.get("Origin")
-    return origin is None or origin == f"{request.scheme}://{request.host}"
+    if origin is None:
+        return True
+    return _host_name(urlsplit(origin).netloc) in hosts
+
+
+def _host_name(host: str) -> str:
+    """`name:port`, `[v6]:port` or `name` -> the name, lower case."""
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0].lower()
+    return (host.rsplit(":", 1)[0] if host.count(":") == 1 else host).lower()
 
 
 def _text(value: Any) -> str | None:

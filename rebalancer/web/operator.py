@@ -23,8 +23,6 @@ def operator_token(settings: Settings) -> str | None:
     REBALANCER_OPERATOR_TOKEN_FILE names), None when there is none (read-only). Raises
     SpecError for both at once, an unreadable file or a short token, never showing it."""
     given = settings.operator_token.get_secret_value() if settings.operator_token else None
-    if given is not None and not given.strip():
-        given = None  # set but empty, as compose passes an unset one: no token, read-only
     path = settings.operator_token_file
     if given is not None and path is not None:
         raise SpecError("both REBALANCER_OPERATOR_TOKEN and REBALANCER_OPERATOR_TOKEN_FILE are"

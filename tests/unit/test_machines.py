@@ -101,11 +101,11 @@ EXPECTED: dict[str, Moves] = {
     "workflow": {
         **_rows("start", "created", "running"),
         **_rows("complete", "running", "done"),
-        **_rows("fail", "created running needs_attention", "failed"),
+        **_rows("fail", "created running paused needs_attention", "failed"),
         **_rows("cancel", "created running paused needs_attention", "canceled"),
         **_rows("pause", "running", "paused"),
         **_rows("resume", "paused", "running"),
-        **_rows("escalate", "running", "needs_attention"),
+        **_rows("escalate", "running paused", "needs_attention"),
         **_rows("retry", "needs_attention", "running"),
         **_rows("reopen", "failed", "running"),
     },

@@ -53,8 +53,11 @@ def test_serve_refuses_a_public_bind_before_starting_anything(
 
 def test_the_token_comes_from_the_variable_or_a_file_and_must_be_long(tmp_path: Path) -> None:
     assert operator_token(Settings()) is None
-    # Set but empty (compose's `${REBALANCER_OPERATOR_TOKEN:-}` when unset): read-only.
-    assert operator_token(Settings(operator_token=SecretStr(""))) is None
+    # Set but empty (compose's `${REBALANCER_OPERATOR_TOKEN:-}` when unset): read-only; set
+    # to blanks, a token typed wrong: refused, not taken as none.
+    assert operator_token(Settings(_env_file=None, **{"operator_token": ""})) is None
+    with pytest.raises(SpecError, match="shorter than 16"):
+        operator_token(Settings(operator_token=SecretStr(" " * 20)))
     assert operator_token(Settings(operator_token=SecretStr("a" * 20))) == "a" * 20
     token_file = tmp_path / "token"
     token_file.write_text("b" * 24 + "\n")
@@ -124,3 +127,52 @@ def test_a_form_becomes_the_nats_command_body() -> None:
     assert pause == {"command_id": "web-2", "workflow_id": "w"}
     assert _command_body("cancel", {"workflow_id": "w", "reason": "why"}) == {
         "command_id": "", "workflow_id": "w", "reason": "why"}
+
+
+@pytest.mark.parametrize(("bind", "hosts", "host", "allowed"), [
+    ("127.0.0.1", "", "127.0.0.1:8080", True),
+    ("127.0.0.1", "", "localhost:8080", True),
+    ("127.0.0.1", "", "evil.example:8080", False),
+    # A container's bind on every interface, published on the host's loopback: the same rule.
+    ("0.0.0.0", "", "127.0.0.1:8080", True),
+    ("0.0.0.0", "", "evil.example:8080", False),
+    ("0.0.0.0", "", "0.0.0.0:8080", False),
+    # Behind a proxy, the names it serves the dashboard at.
+    ("0.0.0.0", "desk.example", "DESK.example", True),
+    ("0.0.0.0", "desk.example", "other.example", False),
+])
+async def test_a_host_that_is_not_ours_is_refused_on_every_bind(
+        bind: str, hosts: str, host: str, allowed: bool) -> None:
+    from typing import Any
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from rebalancer.accounts import load_accounts
+    from rebalancer.web.app import Dashboard
+    from rebalancer.web.binding import Bind
+
+    store: Any = None  # /healthz reads nothing: the guard answers before any page
+    names = frozenset(h for h in hosts.split(",") if h)
+    dashboard = Dashboard(store, load_accounts(), dict, store, Bind(bind, 8080), hosts=names)
+    async with TestClient(TestServer(dashboard.app())) as client:
+        response = await client.get("/healthz", headers={"Host": host})
+        assert (response.status == 200) is allowed, await response.text()
+
+
+@pytest.mark.parametrize(("origin", "hosts", "same"), [
+    (None, frozenset(), True),
+    ("http://127.0.0.1:8080", frozenset(), True),
+    # A TLS proxy: the page is https, the request reaching serve plain http.
+    ("https://desk.example", frozenset({"desk.example"}), True),
+    ("https://evil.example", frozenset({"desk.example"}), False),
+    ("null", frozenset(), False),
+])
+def test_an_origin_is_ours_by_its_name_whatever_its_scheme(
+        origin: str | None, hosts: frozenset[str], same: bool) -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from rebalancer.web.app import LOOPBACK_NAMES, _same_origin
+
+    headers = {"Host": "127.0.0.1:8080", **({"Origin": origin} if origin else {})}
+    request = make_mocked_request("POST", "/actions/pause", headers=headers)
+    assert _same_origin(request, LOOPBACK_NAMES | hosts) is same

@@ -304,6 +304,33 @@ async def test_cancel_from_needs_attention_is_refused_naming_the_resolve_command
         assert (await load(store, workflow_id)).state == "needs_attention"
 
 
+async def test_a_paused_workflow_whose_order_gets_stuck_goes_to_an_operator_at_once(
+    database_url: str, store: EventStore, env: dict[str, str], tmp_path: Path
+) -> None:
+    # Paused while its order rests for ever: the task passes its deadline while paused, and
+    # the workflow must say so now (the queue, the alert), not at some later resume.
+    async with Worker(database_url, world=world(tmp_path, 10_000_000),
+                      time_scale=SCALE) as worker:
+        spec = workflow("limit_buy", {}, [limit_buy(deadline_seconds=1)],
+                        accounts=worker.accounts)
+        workflow_id = await started(store, spec, worker.accounts)
+        await until(worker, workflow_id, lambda f: f.tasks[0].state == "open", "order resting")
+        code, _, err = await cli(env, "pause", workflow_id, "--reason", "ops window")
+        assert code == 0, err
+
+        async def passed() -> Workflow:
+            await worker.engine.run_pass()
+            return await load(store, workflow_id)
+
+        flow = await eventually(passed, lambda f: f.state == "needs_attention", timeout=30,
+                                interval=0.1, what="the paused workflow escalated")
+        assert flow.tasks[0].state == "needs_attention"
+        assert (flow.tasks[0].error or {}).get("code") == "deadline"
+        code, out, err = await cli(env, "status", workflow_id, "--json")
+        assert code == 0, err
+        assert json.loads(out)["state"] == "needs_attention"
+
+
 async def test_a_cancel_interrupted_by_a_crash_or_a_lost_answer_is_finished_after_restart(
     database_url: str, store: EventStore, env: dict[str, str], tmp_path: Path
 ) -> None:
