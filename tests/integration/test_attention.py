@@ -32,18 +32,21 @@ from rebalancer.alerts import body_of
 from rebalancer.api import Api, serve_api
 from rebalancer.commands import start_workflow
 from rebalancer.engine import Engine
+from rebalancer.errors import UnknownOutcomeError
 from rebalancer.exchanges.base import (
     OrderRequest,
     OrderType,
     Side,
+    Transfer,
     TransferStatus,
     WithdrawRequest,
 )
 from rebalancer.specs.builders import task, workflow
 from rebalancer.specs.loading import builtin_specs
 from rebalancer.tasks.base import Processor, TaskContext
+from rebalancer.tasks.transfer import TransferProcessor
 from tests.conftest import ROOT
-from tests.support import Worker, eventually, load, to_futures, write_world
+from tests.support import Worker, eventually, load, operations, to_futures, write_world
 
 SCALE = 1000.0
 SOURCE, DEST = "upbit-personal", "binance-personal"
@@ -230,3 +233,57 @@ async def test_an_internal_error_names_the_resend_that_sends_it_once_fixed(
                                     lambda w: w.state in ("done", "failed"), timeout=30,
                                     what="the resent transfer done")
         assert done.state == "done", done.reason
+
+
+class Unanswerable(TransferProcessor):
+    """The exchange's history cannot say whether the transfer landed (a truncated page, two
+    rows carrying one id): the look-up raises, and the reconcile hands it to an operator."""
+
+    async def lookup(self, ctx: TaskContext) -> Transfer | None:
+        raise UnknownOutcomeError("the transfer history cannot say")
+
+
+async def test_a_lost_answer_nobody_can_settle_names_the_checked_resend(
+    database_url: str, nats_url: str, store: EventStore, world_file: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with (
+        Worker(database_url, world=world_file, time_scale=SCALE, owner="healthy") as worker,
+        Worker(database_url, world=world_file, time_scale=SCALE, owner="lossy",
+               faults="timeout=1.0") as lossy,
+    ):
+        workflow_id, _ = await start_workflow(
+            store, to_futures(worker.accounts), {"account": "binance-corp-sub", "amount": "0.25"},
+            worker.accounts)
+        assert await lossy.step(workflow_id) == "moved"
+        # The transfer call times out: nothing executed, but the worker cannot know that.
+        assert await lossy.step(workflow_id) == "retry"
+        sent = (await load(store, workflow_id)).tasks[0]
+        assert sent.state == "submitting"
+        fixed = engine_module.PROCESSORS[TaskKind.TRANSFER]
+        monkeypatch.setitem(engine_module.PROCESSORS, TaskKind.TRANSFER,  # type: ignore[index]
+                            Unanswerable())
+        [event] = await worker.step_until_moved(workflow_id)
+        assert (event.data["trigger"], event.data["dest"]) == ("escalate", "needs_attention")
+        error = event.data["error"]
+        assert error["code"] == "unknown_outcome"
+        where = f"rebalancer resolve {workflow_id} move_to_futures"
+        # Found submitting: a resend sends it afresh, so its note says what was checked first.
+        assert [c.split(" --note")[0] for c in error["commands"]] == [
+            f"{where} --outcome resend", f"{where} --outcome failed"]
+        assert sent.client_id and sent.client_id in error["commands"][0]
+        assert "no transfer of 0.25 ETH" in error["commands"][0]
+        monkeypatch.setitem(engine_module.PROCESSORS, TaskKind.TRANSFER,  # type: ignore[index]
+                            fixed)
+        async with command_line(store, worker, database_url, nats_url, tmp_path) as env:
+            await shown_everywhere(store, env, workflow_id, "move_to_futures", error,
+                                   "needs_attention")
+            code, out, err = await run_command(env, error["commands"][0])
+            assert code == 0, err
+        assert "move_to_futures: created" in out
+        done = await worker.drive(workflow_id, until=("done", "failed"), timeout=30)
+        assert done.state == "done", done.reason
+        # The timed-out call moved nothing; the resend moved the amount once.
+        moved = [op for op in await operations(database_url, "transfer")
+                 if Decimal(op["amount"]) == Decimal("0.25")]
+        assert len(moved) == 1
