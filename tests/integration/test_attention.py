@@ -15,9 +15,10 @@ import shlex
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import nats
@@ -34,6 +35,7 @@ from rebalancer.commands import start_workflow
 from rebalancer.engine import Engine
 from rebalancer.errors import UnknownOutcomeError
 from rebalancer.exchanges.base import (
+    Deposit,
     OrderRequest,
     OrderType,
     Side,
@@ -44,6 +46,7 @@ from rebalancer.exchanges.base import (
 from rebalancer.specs.builders import task, workflow
 from rebalancer.specs.loading import builtin_specs
 from rebalancer.tasks.base import Processor, TaskContext
+from rebalancer.tasks.deposit import DepositProcessor
 from rebalancer.tasks.transfer import TransferProcessor
 from tests.conftest import ROOT
 from tests.support import Worker, eventually, load, operations, to_futures, write_world
@@ -287,3 +290,67 @@ async def test_a_lost_answer_nobody_can_settle_names_the_checked_resend(
         moved = [op for op in await operations(database_url, "transfer")
                  if Decimal(op["amount"]) == Decimal("0.25")]
         assert len(moved) == 1
+
+
+class ReturnedPort:
+    """An account whose deposits the exchange reports returned (Binance's "wrong deposit"):
+    the simulated world's own deposits, their status replaced; everything else passes."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def fetch_deposits(self, currency: str, since: datetime) -> list[Deposit]:
+        return [dataclasses.replace(d, status=TransferStatus.FAILED, raw_status="rejected")
+                for d in await self.inner.fetch_deposits(currency, since)]
+
+
+class Returned(DepositProcessor):
+    async def refresh(self, ctx: TaskContext) -> None:
+        inner = ctx.exchanges
+        ctx.exchanges = SimpleNamespace(  # type: ignore[assignment]
+            for_account=lambda account: ReturnedPort(inner.for_account(account)))
+        await super().refresh(ctx)
+
+
+async def test_a_returned_deposit_lists_itself_and_the_commands_that_settle_it(
+    database_url: str, nats_url: str, store: EventStore, world_file: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with Worker(database_url, world=world_file, time_scale=SCALE) as worker:
+        port = worker.world.for_account(SOURCE)
+        await port.create_order(dataclasses.replace(FUNDING, client_id="attn-funding-3"))
+        hop = workflow("attn_returned", {}, [
+            task("withdraw_x", "withdraw", from_account=SOURCE, to_account=DEST,
+                 currency="ETH", amount="0.1", network="ETH"),
+            task("deposit_x", "deposit", account=DEST, currency="ETH", from_account=SOURCE,
+                 txid="{$.withdraw_x.refresh_result.result.txid}",
+                 amount="{$.withdraw_x.refresh_result.result.received}"),
+        ], accounts=worker.accounts)
+        fixed = engine_module.PROCESSORS[TaskKind.DEPOSIT]
+        monkeypatch.setitem(engine_module.PROCESSORS, TaskKind.DEPOSIT,  # type: ignore[index]
+                            Returned())
+        workflow_id, _ = await start_workflow(store, hop, {}, worker.accounts)
+        stuck = await worker.drive(workflow_id, until=("needs_attention",), timeout=30)
+        monkeypatch.setitem(engine_module.PROCESSORS, TaskKind.DEPOSIT,  # type: ignore[index]
+                            fixed)
+        txid = (stuck.tasks[0].refresh_result or {})["result"]["txid"]
+        error = stuck.tasks[1].error or {}
+        assert error["code"] == "deposit_failed" and "'rejected'" in error["message"]
+        [seen] = error["candidates"]
+        assert (seen["txid"], seen["claimed_by_workflow"]) == (txid, None)
+        assert seen["id"] and seen["at"] and Decimal(seen["amount"]) > 0
+        where = f"rebalancer resolve {workflow_id} deposit_x"
+        assert [c.split(" --note")[0] for c in error["commands"]] == [
+            f"{where} --outcome done --result txid={txid}",
+            f"{where} --outcome resend", f"{where} --outcome failed"]
+        async with command_line(store, worker, database_url, nats_url, tmp_path) as env:
+            await shown_everywhere(store, env, workflow_id, "deposit_x", error,
+                                   "needs_attention")
+            # Credited after all (the exchange's support recovered it): done, looked up.
+            code, _, err = await run_command(env, error["commands"][0])
+            assert code == 0, err
+        done = await worker.drive(workflow_id, until=("done", "failed"), timeout=30)
+        assert done.state == "done", done.reason
