@@ -226,15 +226,16 @@ async def attention(ctx: TaskContext, seen: list[dict[str, str | None]]) -> dict
                 candidates.append({"id": claim["id"], "txid": claim["txid"],
                                    "amount": claim["amount"], "at": claim["at"],
                                    "claimed_by_workflow": claim["workflow_id"]})
-    where = f"{ctx.workflow.workflow_id} {ctx.task.name}"
+    workflow_id, name = ctx.workflow.workflow_id, ctx.task.name
     commands = []
     for c in candidates:
         if c["claimed_by_workflow"] is None:
-            txid = f" --result txid={c['txid']}" if c.get("txid") else ""
-            commands.append(f"rebalancer resolve {where} --outcome done --result id={c['id']}"
-                            f"{txid} --note 'checked: {c['id']} is ours'")
-    commands.append(f"rebalancer resolve {where} --outcome failed"
-                    " --note 'checked: none of them is ours, nothing was sent'")
+            facts = (("id", str(c["id"])),) + ((("txid", str(c["txid"])),) if c.get("txid")
+                                                 else ())
+            commands.append(settle.command(workflow_id, name, "done",
+                                           f"checked: {c['id']} is ours", facts))
+    commands.append(settle.command(workflow_id, name, "failed",
+                                   "checked: none of them is ours, nothing was sent"))
     return {"candidates": candidates, "commands": commands}
 
 
