@@ -354,3 +354,36 @@ async def test_a_returned_deposit_lists_itself_and_the_commands_that_settle_it(
             assert code == 0, err
         done = await worker.drive(workflow_id, until=("done", "failed"), timeout=30)
         assert done.state == "done", done.reason
+
+
+async def test_an_acknowledged_withdrawal_past_its_deadline_is_done_by_its_exchange_id(
+    database_url: str, nats_url: str, store: EventStore, world_file: Path, tmp_path: Path
+) -> None:
+    async with Worker(database_url, world=world_file, time_scale=SCALE) as worker:
+        port = worker.world.for_account(SOURCE)
+        await port.create_order(dataclasses.replace(FUNDING, client_id="attn-funding-4"))
+        spec = workflow("attn_slow_withdraw", {}, [
+            task("withdraw_x", "withdraw", deadline_seconds=0.001, from_account=SOURCE,
+                 to_account=DEST, currency="ETH", amount="0.05", network="ETH")],
+            accounts=worker.accounts)
+        workflow_id, _ = await start_workflow(store, spec, {}, worker.accounts)
+        stuck = await worker.drive(workflow_id, until=("needs_attention",), timeout=30)
+        sent = stuck.tasks[0]
+        error = sent.error or {}
+        assert error["code"] == "deadline" and sent.intents == 1
+        exchange_id = (sent.request_result or {})["id"]
+        where = f"rebalancer resolve {workflow_id} withdraw_x"
+        # Acknowledged: a resend would send it twice, so none is offered.
+        assert [c.split(" --note")[0] for c in error["commands"]] == [
+            f"{where} --outcome done --result id={exchange_id}", f"{where} --outcome failed"]
+        async with command_line(store, worker, database_url, nats_url, tmp_path) as env:
+            await shown_everywhere(store, env, workflow_id, "withdraw_x", error, "task_stuck")
+            code, _, err = await run_command(env, error["commands"][0])
+            assert code == 0, err
+        done = await worker.drive(workflow_id, until=("done", "failed"), timeout=30)
+        assert done.state == "done", done.reason
+        # The exchange's own record filled what the command left out.
+        assert (done.tasks[0].refresh_result or {})["result"]["amount"] is not None
+        [ours] = [op for op in await operations(database_url, "withdraw")
+                  if str(op["id"]) == str(exchange_id)]
+        assert Decimal(ours["amount"]) == Decimal((sent.request_params or {})["amount"])
