@@ -36,6 +36,7 @@ from rebalancer.engine import Engine
 from rebalancer.errors import UnknownOutcomeError
 from rebalancer.exchanges.base import (
     Deposit,
+    Order,
     OrderRequest,
     OrderType,
     Side,
@@ -47,6 +48,7 @@ from rebalancer.specs.builders import task, workflow
 from rebalancer.specs.loading import builtin_specs
 from rebalancer.tasks.base import Processor, TaskContext
 from rebalancer.tasks.deposit import DepositProcessor
+from rebalancer.tasks.trade import TradeProcessor
 from rebalancer.tasks.transfer import TransferProcessor
 from tests.conftest import ROOT
 from tests.support import Worker, eventually, load, operations, to_futures, write_world
@@ -387,3 +389,60 @@ async def test_an_acknowledged_withdrawal_past_its_deadline_is_done_by_its_excha
         [ours] = [op for op in await operations(database_url, "withdraw")
                   if str(op["id"]) == str(exchange_id)]
         assert Decimal(ours["amount"]) == Decimal((sent.request_params or {})["amount"])
+
+
+class Forgetful(TradeProcessor):
+    """While canceling, the exchange no longer knows the acknowledged order (an archived
+    order, a support desk's manual cancel): the read by client id finds nothing."""
+
+    async def _lookup(self, ctx: TaskContext) -> Order | None:
+        if ctx.task.state == "canceling":
+            return None
+        return await super()._lookup(ctx)
+
+
+async def test_an_order_gone_while_canceling_is_settled_by_its_order_id(
+    database_url: str, nats_url: str, store: EventStore, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    resting = write_world(tmp_path, delays={"limit_fill_seconds": 10_000_000})
+    async with Worker(database_url, world=resting, time_scale=SCALE) as worker:
+        spec = workflow("attn_limit", {}, [task(
+            "buy", "trade", account=SOURCE, side="buy", order_type="limit",
+            base_currency="ETH", quote_currency="KRW", amount="0.1", price="3900000")],
+            accounts=worker.accounts)
+        workflow_id, _ = await start_workflow(store, spec, {}, worker.accounts)
+        for _ in range(20):
+            await worker.step(workflow_id)
+            if (await load(store, workflow_id)).tasks[0].state == "open":
+                break
+        sent = (await load(store, workflow_id)).tasks[0]
+        assert sent.state == "open"
+        order_id = (sent.request_result or {})["order_id"]
+        async with command_line(store, worker, database_url, nats_url, tmp_path) as env:
+            code, _, err = await cli(env, "cancel", workflow_id)
+            assert code == 0, err
+            fixed = engine_module.PROCESSORS[TaskKind.TRADE]
+            monkeypatch.setitem(engine_module.PROCESSORS, TaskKind.TRADE,  # type: ignore[index]
+                                Forgetful())
+            stuck = await worker.drive(workflow_id, until=("needs_attention",), timeout=30)
+            monkeypatch.setitem(engine_module.PROCESSORS, TaskKind.TRADE,  # type: ignore[index]
+                                fixed)
+            error = stuck.tasks[0].error or {}
+            assert error["code"] == "unknown_outcome"
+            assert "no longer knows it" in error["message"]
+            where = f"rebalancer resolve {workflow_id} buy"
+            # The order may have filled: settled by hand, never resent.
+            assert [c.split(" --note")[0] for c in error["commands"]] == [
+                f"{where} --outcome done", f"{where} --outcome failed"]
+            assert all(order_id in c for c in error["commands"])
+            await shown_everywhere(store, env, workflow_id, "buy", error, "needs_attention")
+            # The operator cancels it on the exchange by hand, then says so.
+            assert sent.client_id is not None
+            await worker.world.for_account(SOURCE).cancel_order(sent.client_id, "ETH/KRW")
+            code, _, err = await run_command(env, error["commands"][1])
+            assert code == 0, err
+        ended = await worker.drive(workflow_id, until=("failed",), timeout=30)
+        assert ended.tasks[0].state == "failed"
+        ok, totals = await worker.world.check()
+        assert ok, totals
