@@ -570,6 +570,8 @@ class EventStore:
         )
         seen: dict[tuple[str, str], dict[str, Any]] = {}
         for stream_id, task, params, exchange_id, result, at in rows:
+            # A deposit records its exchange id only in its result (it sends no request).
+            exchange_id = exchange_id if exchange_id is not None else (result or {}).get("id")
             entry = seen.setdefault((stream_id, task), {
                 "workflow_id": stream_id.removeprefix("workflow-"), "task": task, "id": None,
                 "currency": None, "amount": None, "txid": None, "at": None})

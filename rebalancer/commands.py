@@ -35,6 +35,7 @@ from rebalancer.specs.models import WorkflowSpec
 from rebalancer.specs.resolution import dump_params, resolve_params
 from rebalancer.specs.validation import validate_spec
 from rebalancer.tasks import partial
+from rebalancer.tasks.settle import commands_for
 from rebalancer.workflow import TaskRecord, Workflow, fold
 
 # Workflow ids are derived from command ids, so a repeated start command finds its workflow
@@ -319,7 +320,8 @@ async def reopen_workflow(
         events: list[WorkflowStateChanged | TaskStateChanged] = [_task_move(
             task, TaskTrigger.REOPEN,
             error={"code": "reopened", "message": f"{why}: resolve it with what happened"
-                   " (resolve --outcome done --result ..., resend or failed)", "actor": actor}
+                   " (resolve --outcome done --result ..., resend or failed)", "actor": actor,
+                   "commands": commands_for(workflow_id, task)}
             if task.state == TaskState.DONE else None)]
         events += [_task_move(t, TaskTrigger.REOPEN) for t in later if t.state == TaskState.FAILED]
         events.append(WorkflowStateChanged(

@@ -43,6 +43,7 @@ from rebalancer.schedule import Claim, Schedule
 from rebalancer.specs.resolution import resolve_config, resolve_params
 from rebalancer.tasks.base import DEFAULT_DEADLINES, Processor, TaskContext
 from rebalancer.tasks.deposit import DepositProcessor
+from rebalancer.tasks.settle import commands_for
 from rebalancer.tasks.trade import TradeProcessor
 from rebalancer.tasks.transfer import MasterTransferProcessor, TransferProcessor
 from rebalancer.tasks.withdraw import WithdrawProcessor
@@ -358,8 +359,11 @@ class Engine:
         """Park the workflow's current task (or the workflow) in needs_attention with the
         error; False when there is nothing it could be moved to."""
         message = f"{failures} unexpected errors in a row: {what}"
-        error = {"code": "internal", "message": message, "attempts": failures}
         task = workflow.current
+        error: dict[str, Any] = {"code": "internal", "message": message, "attempts": failures}
+        if task is not None:
+            # Once the cause is fixed: resend where nothing is in flight, else settle by hand.
+            error["commands"] = commands_for(workflow.workflow_id, task)
         if workflow.state in (WorkflowState.RUNNING, WorkflowState.PAUSED) and task is not None:
             machine = task_machine(task.kind)
             if machine.may(task.state, TaskTrigger.ESCALATE):

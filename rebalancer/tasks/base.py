@@ -15,11 +15,13 @@ from rebalancer.accounts import Accounts
 from rebalancer.errors import (
     AmbiguousOutcomeError,
     RejectedError,
+    RetryableError,
     SpecError,
     UnknownOutcomeError,
 )
 from rebalancer.exchanges.base import Exchange, Exchanges, HistoryMatch
 from rebalancer.machines import task_machine
+from rebalancer.tasks import settle
 from rebalancer.workflow import TaskRecord, Workflow, client_id
 
 T = TypeVar("T")
@@ -133,7 +135,8 @@ class Processor(ABC):
     async def step(self, ctx: TaskContext) -> None:
         state = ctx.task.state
         if state != TaskState.CREATED and ctx.deadline_passed:
-            await ctx.move(TaskTrigger.ESCALATE, error=deadline_error(ctx.task))
+            await ctx.move(TaskTrigger.ESCALATE, error={
+                **deadline_error(ctx.task), **await deadline_attention(ctx)})
             return
         try:
             if state == TaskState.CREATED:
@@ -200,7 +203,9 @@ async def reconcile_lookup(ctx: TaskContext, lookup: Callable[[], Awaitable[T | 
             "unknown_outcome", str(e), **await attention(ctx, e.candidates)))
         return None
     except UnknownOutcomeError as e:
-        await ctx.move(TaskTrigger.ESCALATE, error=error("unknown_outcome", str(e)))
+        await ctx.move(TaskTrigger.ESCALATE, error=error(
+            "unknown_outcome", str(e), commands=settle.commands_for(ctx.workflow.workflow_id,
+                                                                     ctx.task)))
         return None
     if found is None:
         await ctx.move(TaskTrigger.RESET)
@@ -221,16 +226,40 @@ async def attention(ctx: TaskContext, seen: list[dict[str, str | None]]) -> dict
                 candidates.append({"id": claim["id"], "txid": claim["txid"],
                                    "amount": claim["amount"], "at": claim["at"],
                                    "claimed_by_workflow": claim["workflow_id"]})
-    where = f"{ctx.workflow.workflow_id} {ctx.task.name}"
+    workflow_id, name = ctx.workflow.workflow_id, ctx.task.name
     commands = []
     for c in candidates:
         if c["claimed_by_workflow"] is None:
-            txid = f" --result txid={c['txid']}" if c.get("txid") else ""
-            commands.append(f"rebalancer resolve {where} --outcome done --result id={c['id']}"
-                            f"{txid} --note 'checked: {c['id']} is ours'")
-    commands.append(f"rebalancer resolve {where} --outcome failed"
-                    " --note 'checked: none of them is ours, nothing was sent'")
+            facts = (("id", str(c["id"])),) + ((("txid", str(c["txid"])),) if c.get("txid")
+                                                 else ())
+            commands.append(settle.command(workflow_id, name, "done",
+                                           f"checked: {c['id']} is ours", facts))
+    commands.append(settle.command(workflow_id, name, "failed",
+                                   "checked: none of them is ours, nothing was sent"))
     return {"candidates": candidates, "commands": commands}
+
+
+async def deadline_attention(ctx: TaskContext) -> dict[str, Any]:
+    """The commands that settle a task past its deadline; for a deposit also the deposits the
+    account shows (`candidates`, with the workflows that claimed each), looked up once more:
+    a deposit that arrived late, or under another txid, is then named with its command. An
+    exchange that cannot answer now leaves the candidates empty rather than the task running
+    past its deadline."""
+    candidates: list[dict[str, Any]] | None = None
+    params = ctx.task.request_params or {}
+    if ctx.task.kind == TaskKind.DEPOSIT and params.get("account"):
+        since = datetime.fromisoformat(params["since"])
+        try:
+            deposits = await ctx.exchange(params["account"]).fetch_deposits(
+                params["currency"], since)
+        except (RetryableError, UnknownOutcomeError):
+            deposits = []
+        candidates = await settle.deposit_candidates(deposits, params, ctx.claims, since)
+    found: dict[str, Any] = {"commands": settle.commands_for(
+        ctx.workflow.workflow_id, ctx.task, candidates)}
+    if candidates is not None:
+        found["candidates"] = candidates
+    return found
 
 
 def deadline_error(task: TaskRecord) -> dict[str, Any]:

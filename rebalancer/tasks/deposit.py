@@ -10,6 +10,7 @@ from events.vocabulary import TaskKind, TaskState, TaskTrigger
 from rebalancer.exchanges.base import Deposit, TransferStatus, normalise_txid
 from rebalancer.specs.models import DepositConfig
 from rebalancer.tasks.base import HISTORY_SLACK, Processor, TaskContext, error, money
+from rebalancer.tasks.settle import commands_for, deposit_candidates
 
 
 class DepositProcessor(Processor):
@@ -50,10 +51,14 @@ class DepositProcessor(Processor):
         elif deposit.status in (TransferStatus.FAILED, TransferStatus.CANCELED):
             # The money left the sender and was not credited (a rejected or returned deposit,
             # Binance's "wrong deposit"): only an operator can recover it.
+            since = datetime.fromisoformat(params["since"])
+            candidates = await deposit_candidates([deposit], params, ctx.claims, since)
             await ctx.move(TaskTrigger.ESCALATE, refresh_result={"result": result}, error=error(
                 "deposit_" + deposit.status.value,
                 f"the exchange reports the deposit {deposit.raw_status!r}"
-                f" ({deposit.amount} {deposit.currency}, txid {deposit.txid})"))
+                f" ({deposit.amount} {deposit.currency}, txid {deposit.txid})",
+                candidates=candidates,
+                commands=commands_for(ctx.workflow.workflow_id, ctx.task, candidates)))
         elif state == TaskState.REQUESTED:
             await ctx.move(
                 TaskTrigger.PROGRESS,

@@ -19,6 +19,7 @@ from rebalancer.specs.models import (
     TradeConfig,
 )
 from rebalancer.tasks.base import TaskContext, error
+from rebalancer.tasks.settle import command
 
 Outcome = Literal["filled", "continue", "fail", "needs_attention"]
 REASON: Final = "partial_fill"  # the remainder's reason and the error code of `fail`
@@ -182,12 +183,10 @@ def plain(amount: Decimal) -> str:
 
 def commands(ctx: TaskContext) -> list[str]:
     """The exact commands that settle it, as `rebalancer status ID` and the alert show them."""
-    where = f"{ctx.workflow.workflow_id} {ctx.task.name}"
-    return [
-        f"rebalancer resolve {where} --outcome done --note 'carry on with what filled'",
-        f"rebalancer resolve {where} --outcome resend --note 'send the unfilled part again'",
-        f"rebalancer resolve {where} --outcome failed --note 'stop here, keep what filled'",
-    ]
+    return [command(ctx.workflow.workflow_id, ctx.task.name, outcome, note) for outcome, note in (
+        ("done", "carry on with what filled"),
+        ("resend", "send the unfilled part again"),
+        ("failed", "stop here, keep what filled"))]
 
 
 __all__ = ["REASON", "Fill", "Outcome", "commands", "decide", "finish", "measure", "policy_of",

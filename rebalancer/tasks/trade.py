@@ -23,6 +23,7 @@ from rebalancer.exchanges.base import (
 from rebalancer.specs.models import TradeConfig
 from rebalancer.tasks import partial
 from rebalancer.tasks.base import Processor, TaskContext, error, reconcile_lookup
+from rebalancer.tasks.settle import commands_for
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +411,8 @@ class TradeProcessor(Processor):
             else:
                 await ctx.move(TaskTrigger.ESCALATE, error=error(
                     "unknown_outcome", f"order {params['client_id']} was acknowledged but the"
-                    " exchange no longer knows it: check what filled by hand"))
+                    " exchange no longer knows it: check what filled by hand",
+                    commands=commands_for(ctx.workflow.workflow_id, ctx.task)))
             return
         if order.status in FINISHED:
             await _end_canceled(ctx, order)

@@ -181,8 +181,8 @@ def attention(workflow_id: str, task: TaskView, *, operator: bool) -> str:
              f'<p class="warn">{e(error_text(error))}</p>']
     if candidates:
         parts.append(table(("id", "txid", "amount", "at", "claimed"), rows, css="candidates"))
-    # The task's own commands (one per unclaimed candidate); an escalation without candidates
-    # (a deadline passed) is settled by the general ones.
+    # The task's own commands (tasks/settle.py: every escalation records them); one recorded
+    # before they were is settled by the general ones.
     commands = error.get("commands") or [
         f"rebalancer resolve {workflow_id} {task.name} --outcome {outcome} --note '{note}'"
         for outcome, note in (("resend", "checked: it never reached the exchange"),
