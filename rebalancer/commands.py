@@ -35,7 +35,7 @@ from rebalancer.specs.models import WorkflowSpec
 from rebalancer.specs.resolution import dump_params, resolve_params
 from rebalancer.specs.validation import validate_spec
 from rebalancer.tasks import partial
-from rebalancer.tasks.settle import commands_for
+from rebalancer.tasks.remedies import commands_for
 from rebalancer.workflow import TaskRecord, Workflow, fold
 
 # Workflow ids are derived from command ids, so a repeated start command finds its workflow

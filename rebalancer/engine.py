@@ -43,7 +43,7 @@ from rebalancer.schedule import Claim, Schedule
 from rebalancer.specs.resolution import resolve_config, resolve_params
 from rebalancer.tasks.base import DEFAULT_DEADLINES, Processor, TaskContext
 from rebalancer.tasks.deposit import DepositProcessor
-from rebalancer.tasks.settle import commands_for
+from rebalancer.tasks.remedies import commands_for
 from rebalancer.tasks.trade import TradeProcessor
 from rebalancer.tasks.transfer import MasterTransferProcessor, TransferProcessor
 from rebalancer.tasks.withdraw import WithdrawProcessor

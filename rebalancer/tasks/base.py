@@ -21,7 +21,7 @@ from rebalancer.errors import (
 )
 from rebalancer.exchanges.base import Exchange, Exchanges, HistoryMatch
 from rebalancer.machines import task_machine
-from rebalancer.tasks import settle
+from rebalancer.tasks import remedies
 from rebalancer.workflow import TaskRecord, Workflow, client_id
 
 T = TypeVar("T")
@@ -204,7 +204,7 @@ async def reconcile_lookup(ctx: TaskContext, lookup: Callable[[], Awaitable[T | 
         return None
     except UnknownOutcomeError as e:
         await ctx.move(TaskTrigger.ESCALATE, error=error(
-            "unknown_outcome", str(e), commands=settle.commands_for(ctx.workflow.workflow_id,
+            "unknown_outcome", str(e), commands=remedies.commands_for(ctx.workflow.workflow_id,
                                                                      ctx.task)))
         return None
     if found is None:
@@ -232,9 +232,9 @@ async def attention(ctx: TaskContext, seen: list[dict[str, str | None]]) -> dict
         if c["claimed_by_workflow"] is None:
             facts = (("id", str(c["id"])),) + ((("txid", str(c["txid"])),) if c.get("txid")
                                                  else ())
-            commands.append(settle.command(workflow_id, name, "done",
+            commands.append(remedies.command(workflow_id, name, "done",
                                            f"checked: {c['id']} is ours", facts))
-    commands.append(settle.command(workflow_id, name, "failed",
+    commands.append(remedies.command(workflow_id, name, "failed",
                                    "checked: none of them is ours, nothing was sent"))
     return {"candidates": candidates, "commands": commands}
 
@@ -254,8 +254,8 @@ async def deadline_attention(ctx: TaskContext) -> dict[str, Any]:
                 params["currency"], since)
         except (RetryableError, UnknownOutcomeError):
             deposits = []
-        candidates = await settle.deposit_candidates(deposits, params, ctx.claims, since)
-    found: dict[str, Any] = {"commands": settle.commands_for(
+        candidates = await remedies.deposit_candidates(deposits, params, ctx.claims, since)
+    found: dict[str, Any] = {"commands": remedies.commands_for(
         ctx.workflow.workflow_id, ctx.task, candidates)}
     if candidates is not None:
         found["candidates"] = candidates

@@ -10,7 +10,7 @@ from events.vocabulary import TaskKind, TaskState, TaskTrigger
 from rebalancer.exchanges.base import Deposit, TransferStatus, normalise_txid
 from rebalancer.specs.models import DepositConfig
 from rebalancer.tasks.base import HISTORY_SLACK, Processor, TaskContext, error, money
-from rebalancer.tasks.settle import commands_for, deposit_candidates
+from rebalancer.tasks.remedies import commands_for, deposit_candidates
 
 
 class DepositProcessor(Processor):

@@ -19,7 +19,7 @@ from rebalancer.specs.models import (
     TradeConfig,
 )
 from rebalancer.tasks.base import TaskContext, error
-from rebalancer.tasks.settle import command
+from rebalancer.tasks.remedies import command
 
 Outcome = Literal["filled", "continue", "fail", "needs_attention"]
 REASON: Final = "partial_fill"  # the remainder's reason and the error code of `fail`

@@ -23,7 +23,7 @@ from rebalancer.exchanges.base import (
 from rebalancer.specs.models import TradeConfig
 from rebalancer.tasks import partial
 from rebalancer.tasks.base import Processor, TaskContext, error, reconcile_lookup
-from rebalancer.tasks.settle import commands_for
+from rebalancer.tasks.remedies import commands_for
 
 log = logging.getLogger(__name__)
 

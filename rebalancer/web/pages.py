@@ -181,7 +181,7 @@ def attention(workflow_id: str, task: TaskView, *, operator: bool) -> str:
              f'<p class="warn">{e(error_text(error))}</p>']
     if candidates:
         parts.append(table(("id", "txid", "amount", "at", "claimed"), rows, css="candidates"))
-    # The task's own commands (tasks/settle.py: every escalation records them); one recorded
+    # The task's own commands (tasks/remedies.py: every escalation records them); one recorded
     # before they were is settled by the general ones.
     commands = error.get("commands") or [
         f"rebalancer resolve {workflow_id} {task.name} --outcome {outcome} --note '{note}'"

@@ -208,7 +208,7 @@ async def test_retry_from_reopens_a_failed_workflow_with_money_in_transit_and_it
         reopened = await load(store, workflow_id)
         assert [t.state for t in reopened.tasks] == ["needs_attention", "created"]
         # It lists the commands that fit it: no exchange id was ever recorded, so a resend
-        # only after the check its note names (tasks/settle.py), or failed.
+        # only after the check its note names (tasks/remedies.py), or failed.
         where = f"rebalancer resolve {workflow_id} withdraw_x"
         commands = (reopened.tasks[0].error or {})["commands"]
         assert [c.split(" --note")[0] for c in commands] == [

@@ -296,7 +296,7 @@ async def test_cancel_from_needs_attention_is_refused_naming_the_resolve_command
 
         code, out, err = await cli(env, "cancel", workflow_id)
         assert code == 3, (out, err)
-        # The deadline's own commands (tasks/settle.py): the resting order is settled, done
+        # The deadline's own commands (tasks/remedies.py): the resting order is settled, done
         # with what filled or failed once canceled on the exchange; never resent.
         commands = ((await load(store, workflow_id)).tasks[0].error or {})["commands"]
         where = f"rebalancer resolve {workflow_id} buy"

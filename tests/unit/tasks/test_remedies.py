@@ -1,5 +1,5 @@
 """Which resolve commands an escalation names, by what `resend` would do for the task as
-recorded (rebalancer/tasks/settle.py): every line parses as the command line's `resolve`, and
+recorded (rebalancer/tasks/remedies.py): every line parses as the command line's `resolve`, and
 resend is never offered bare where an intent may be in flight."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from events.vocabulary import TaskKind, TaskState
 from rebalancer.cli.parser import build_parser
 from rebalancer.machines import task_machine
-from rebalancer.tasks.settle import commands_for
+from rebalancer.tasks.remedies import commands_for
 from rebalancer.workflow import TaskRecord
 
 WF = "0b8a4f7e-5c1d-4e2a-9f3b-1a2b3c4d5e6f"
