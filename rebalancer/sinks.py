@@ -6,13 +6,21 @@ environment variable (`url_env`) or a file (`url_file`, mode 600) that holds it,
 
 from __future__ import annotations
 
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from rebalancer.accounts import DEFAULT_CONFIG, load_config_file, validation_text
 from rebalancer.errors import SpecError
@@ -22,6 +30,9 @@ AlertKind = Literal["workflow_failed", "task_stuck", "needs_attention", "relay_l
 ALERT_KINDS: tuple[str, ...] = get_args(AlertKind)
 # Keys that would put the URL itself into the file.
 _INLINE = ("url", "webhook_url", "uri", "endpoint", "token")
+# What `url_env` may hold: a variable's name. Anything else is likely the URL pasted in its
+# place, which a later "is not set" would print.
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class WebhookSink(BaseModel):
@@ -52,6 +63,24 @@ class WebhookSink(BaseModel):
                     " in the configuration; name where to read it with url_env (an environment"
                     " variable) or url_file (a file, mode 600)")
         return data
+
+    @field_validator("url_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        # The message never quotes the value: it may be the URL with its token.
+        if value is not None and not ENV_NAME.fullmatch(value):
+            raise ValueError("must be the name of an environment variable ([A-Za-z_]"
+                             "[A-Za-z0-9_]*) that holds the URL, never the URL itself")
+        return value
+
+    @field_validator("url_file", mode="before")
+    @classmethod
+    def _file_not_url(cls, value: object) -> object:
+        # Before the Path conversion, which would fold `https://` into `https:/`.
+        if isinstance(value, str) and "://" in value:
+            raise ValueError("must be the path of a file (mode 600) that holds the URL,"
+                             " never the URL itself")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> WebhookSink:
