@@ -7,7 +7,6 @@ environment variable (`url_env`) or a file (`url_file`, mode 600) that holds it,
 from __future__ import annotations
 
 import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -24,6 +23,7 @@ from pydantic import (
 
 from rebalancer.accounts import DEFAULT_CONFIG, load_config_file, validation_text
 from rebalancer.errors import SpecError
+from rebalancer.secret_files import read_secret_file
 from rebalancer.settings import environment_variable
 
 AlertKind = Literal["workflow_failed", "task_stuck", "needs_attention", "relay_lag"]
@@ -148,13 +148,7 @@ def _read_url(sink: WebhookSink, base: Path) -> str:
         assert sink.url_file is not None
         path = sink.url_file if sink.url_file.is_absolute() else base / sink.url_file
         source = f"url_file {path}"
-        try:
-            mode = path.stat().st_mode
-            value = path.read_text(encoding="utf-8").strip()
-        except OSError as e:
-            raise SpecError(f"{what}: cannot read {source}: {e.strerror}") from None
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise SpecError(f"{what}: {source} is readable by others; chmod 600 {path}")
+        value = read_secret_file(path, "url_file", where=f"{what}: ")
         if not value:
             raise SpecError(f"{what}: {source} is empty")
     parts = urlsplit(value)

@@ -58,6 +58,7 @@ def test_the_token_comes_from_the_variable_or_a_file_and_must_be_long(tmp_path: 
     assert operator_token(Settings(operator_token=SecretStr("a" * 20))) == "a" * 20
     token_file = tmp_path / "token"
     token_file.write_text("b" * 24 + "\n")
+    token_file.chmod(0o600)
     assert operator_token(Settings(operator_token_file=token_file)) == "b" * 24
     with pytest.raises(SpecError, match="shorter than 16") as short:
         operator_token(Settings(operator_token=SecretStr("hunter2")))
@@ -67,6 +68,25 @@ def test_the_token_comes_from_the_variable_or_a_file_and_must_be_long(tmp_path: 
                                 operator_token_file=token_file))
     with pytest.raises(SpecError, match="cannot read"):
         operator_token(Settings(operator_token_file=tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o602])
+def test_serve_refuses_a_token_file_others_can_read_or_write_before_starting_anything(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path, mode: int) -> None:
+    token_file = tmp_path / "operator.token"
+    token_file.write_text("d" * 24 + "\n")
+    token_file.chmod(mode)
+    monkeypatch.setenv("REBALANCER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("REBALANCER_OPERATOR_TOKEN_FILE", str(token_file))
+    assert main(["serve", "--http", "8080"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"rebalancer: the operator token file {token_file} is readable or writable"
+                   f" by others (mode {mode:04o}); chmod 600 {token_file}\n")
+    assert "d" * 24 not in err
+    assert not (tmp_path / "home").exists()  # no server was started
+    token_file.chmod(0o600)
+    assert operator_token(Settings(operator_token_file=token_file)) == "d" * 24
 
 
 def test_the_token_must_match_exactly() -> None:
