@@ -229,8 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim = commands.add_parser("sim", help="the simulated exchange world")
     sim_commands = sim.add_subparsers(dest="sim_command", required=True, metavar="ACTION")
     seed = sim_commands.add_parser("seed", help="create the demo world's accounts and balances")
-    seed.add_argument("--world", type=Path, help="a world file (default: the demo world)")
-    seed.add_argument("--reset", action="store_true", help="wipe the world and seed it again")
+    seed.add_argument("--world", type=Path, help="a world file (default: REBALANCER_SIM_WORLD,"
+                      " as `serve` uses, else the demo world)")
+    seed.add_argument("--reset", action="store_true", help="wipe the world and seed it again"
+                      " (refused while workflows are active)")
+    seed.add_argument("--force", action="store_true", help="with --reset: reset even under"
+                      " active workflows (their money on the simulated exchanges vanishes)")
     seed.add_argument("--json", action="store_true", help=JSON_HELP)
     seed.set_defaults(handler=sim_seed)
     check = sim_commands.add_parser("check", help="per-currency totals; exit 1 if any changed")
