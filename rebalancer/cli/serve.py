@@ -4,29 +4,46 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import sys
+from typing import TYPE_CHECKING
 
 from rebalancer import embedded
 from rebalancer.cli.common import EXIT_CHECK_FAILED, EXIT_OK
 from rebalancer.errors import ComponentFailedError
 from rebalancer.settings import Settings
 
+if TYPE_CHECKING:
+    from rebalancer.web import Bind
+
 
 def worker_serve(args: argparse.Namespace, settings: Settings) -> int:
-    import logging
-
-    from events.migrations import migrate
     from rebalancer.logs import configure
-    from rebalancer.service import serve
-    from rebalancer.web import parse_bind
+    from rebalancer.web import listen, parse_bind
     from rebalancer.web.operator import operator_token
 
     configure(args.log_format or settings.log_format)
-    # Refused before anything starts: a non-loopback bind without the opt-in, a bad token.
+    # Refused before anything starts: a non-loopback bind without the opt-in, a bad token, an
+    # address in use (bound here, before the embedded servers, migrations or any component).
     http = None if args.http is None else parse_bind(args.http,
                                                      allow_remote=args.http_allow_remote)
-    if http is not None:
-        operator_token(settings)
+    if http is None:
+        return _serve(args, settings, None, None)
+    operator_token(settings)
+    listener = listen(http)
+    try:
+        return _serve(args, settings, http, listener)
+    finally:
+        listener.close()
+
+
+def _serve(args: argparse.Namespace, settings: Settings, http: Bind | None,
+           listener: socket.socket | None) -> int:
+    import logging
+
+    from events.migrations import migrate
+    from rebalancer.service import serve
+
     # The pool warns on every reconnect attempt; the store says an outage once (events/store.py).
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     if settings.database_url and not settings.nats_url:
@@ -39,7 +56,8 @@ def worker_serve(args: argparse.Namespace, settings: Settings) -> int:
     # As the owner role: the service's own may not change the schema.
     asyncio.run(migrate(embedded.migrate_url(settings), connect_timeout=settings.connect_timeout))
     try:
-        asyncio.run(serve(settings, database_url, nats_url, tick=args.tick, http=http))
+        asyncio.run(serve(settings, database_url, nats_url, tick=args.tick, http=http,
+                          listener=listener))
     except ComponentFailedError as e:
         # The log above has the traceback; the last line says why the service is down.
         print(f"rebalancer: serve: {e}", file=sys.stderr)

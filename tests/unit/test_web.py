@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ from pydantic import SecretStr
 from projections.workflows import TaskView, WorkflowView
 from rebalancer.cli.main import main
 from rebalancer.errors import SpecError
+from rebalancer.service import serve
 from rebalancer.settings import Settings
 from rebalancer.web import Bind, parse_bind
 from rebalancer.web.operator import operator_token, token_matches
@@ -49,6 +53,35 @@ def test_serve_refuses_a_public_bind_before_starting_anything(
     assert main(["serve", "--http", "0.0.0.0:8080"]) == 2
     assert "not a loopback address" in capsys.readouterr().err
     assert not (tmp_path / "home").exists()  # no server was started
+
+
+@pytest.fixture
+def port_in_use() -> Iterator[int]:
+    """A loopback port something else listens on."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        yield int(taken.getsockname()[1])
+
+
+def test_serve_refuses_an_address_in_use_in_one_line_before_starting_anything(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path, port_in_use: int) -> None:
+    monkeypatch.setenv("REBALANCER_HOME", str(tmp_path / "home"))
+    # Nothing answers here: reaching the database at all would be exit 4, not 2.
+    monkeypatch.setenv("REBALANCER_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    monkeypatch.setenv("REBALANCER_CONNECT_TIMEOUT", "1")
+    assert main(["serve", "--http", str(port_in_use)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"rebalancer: cannot listen on 127.0.0.1:{port_in_use}: address"
+                            " already in use\n")
+    assert not (tmp_path / "home").exists()  # no embedded server was started
+
+
+async def test_serve_binds_before_any_component_starts(port_in_use: int) -> None:
+    # Refused before the store is opened: this database does not exist.
+    with pytest.raises(SpecError, match=f"^cannot listen on 127.0.0.1:{port_in_use}: address"
+                                        " already in use$"):
+        await serve(Settings(), "postgresql://nobody@127.0.0.1:1/none", None,
+                    http=Bind("127.0.0.1", port_in_use), stop=asyncio.Event())
 
 
 def test_the_token_comes_from_the_variable_or_a_file_and_must_be_long(tmp_path: Path) -> None:
