@@ -67,14 +67,21 @@ def _serve(args: argparse.Namespace, settings: Settings, http: Bind | None,
 
 def run_demo_command(args: argparse.Namespace, settings: Settings) -> int:
     from rebalancer.demo import run_demo
-    from rebalancer.web import parse_bind
+    from rebalancer.web import listen, parse_bind
 
     http = None if args.http is None else parse_bind(args.http)
-    database_url, nats_url = (
-        (settings.database_url, settings.nats_url)
-        if settings.database_url and settings.nats_url
-        else embedded.ensure_urls(settings)
-    )
-    return asyncio.run(run_demo(settings, database_url, nats_url, amount=args.amount,
-                                as_json=args.json,
-                                migrate_url=embedded.migrate_url(settings), http=http))
+    # Bound first, as `serve` does: a port in use is one line before anything has started.
+    listener = None if http is None else listen(http)
+    try:
+        database_url, nats_url = (
+            (settings.database_url, settings.nats_url)
+            if settings.database_url and settings.nats_url
+            else embedded.ensure_urls(settings)
+        )
+        return asyncio.run(run_demo(settings, database_url, nats_url, amount=args.amount,
+                                    as_json=args.json,
+                                    migrate_url=embedded.migrate_url(settings), http=http,
+                                    listener=listener))
+    finally:
+        if listener is not None:
+            listener.close()

@@ -76,6 +76,18 @@ def test_serve_refuses_an_address_in_use_in_one_line_before_starting_anything(
     assert not (tmp_path / "home").exists()  # no embedded server was started
 
 
+def test_the_demo_refuses_an_address_in_use_before_starting_anything(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path, port_in_use: int) -> None:
+    monkeypatch.setenv("REBALANCER_HOME", str(tmp_path / "home"))
+    # Nothing answers at either: reaching them at all would be another exit status.
+    monkeypatch.setenv("REBALANCER_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    monkeypatch.setenv("REBALANCER_NATS_URL", "nats://127.0.0.1:1")
+    assert main(["demo", "--http", f"127.0.0.1:{port_in_use}"]) == 2
+    assert capsys.readouterr().err == (f"rebalancer: cannot listen on 127.0.0.1:{port_in_use}:"
+                                       " address already in use\n")
+
+
 async def test_serve_binds_before_any_component_starts(port_in_use: int) -> None:
     # Refused before the store is opened: this database does not exist.
     with pytest.raises(SpecError, match=f"^cannot listen on 127.0.0.1:{port_in_use}: address"
