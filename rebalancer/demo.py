@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sys
 import time
 import uuid
@@ -55,8 +56,10 @@ async def run_demo(
     timeout: float = 120.0,
     migrate_url: str | None = None,
     http: Bind | None = None,
+    listener: socket.socket | None = None,
 ) -> int:
-    """Returns 0 when the workflow ended done and every currency's total held, else 1."""
+    """Returns 0 when the workflow ended done and every currency's total held, else 1.
+    `listener`: the dashboard's socket, bound by the caller before anything started."""
     if "sim_time_scale" not in settings.model_fields_set:
         # Unless REBALANCER_SIM_TIME_SCALE says otherwise, the demo runs at its own pace.
         settings = settings.model_copy(update={"sim_time_scale": DEMO_TIME_SCALE})
@@ -87,7 +90,7 @@ async def run_demo(
         await relay.ensure_stream()
         stop = asyncio.Event()
         dashboard = None if http is None else build_dashboard(
-            settings, rt, http, token=operator_token(settings), relay=relay)
+            settings, rt, http, token=operator_token(settings), relay=relay, listener=listener)
         driver = asyncio.gather(engine.run(stop, tick=0.1), relay.run(stop),
                                 *([] if dashboard is None else [dashboard.run(stop)]))
         try:

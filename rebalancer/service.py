@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -32,7 +33,7 @@ from rebalancer.metrics import MeteredExchanges, Metrics, MetricsSampler
 from rebalancer.settings import Settings, chain_key_path
 from rebalancer.sinks import webhook_targets
 from rebalancer.specs.loading import SpecCatalogue, available_specs
-from rebalancer.web import Bind, Dashboard
+from rebalancer.web import Bind, Dashboard, listen
 from rebalancer.web.app import Exposition
 from rebalancer.web.operator import operator_token
 from rebalancer.webhooks import WebhookDispatcher
@@ -117,27 +118,35 @@ Component = tuple[str, Callable[[], Awaitable[None]]]
 async def serve(settings: Settings, database_url: str, nats_url: str | None, *,
                 tick: float = 0.5, stop: asyncio.Event | None = None,
                 metrics: Metrics | None = None, http: Bind | None = None,
+                listener: socket.socket | None = None,
                 on_dashboard: Callable[[Dashboard], None] | None = None) -> None:
     """Run everything until SIGTERM/SIGINT (or `stop`); steps in flight finish, NATS is drained.
 
     Without `nats_url` only the worker, the projections, the metrics sampler and the alert
     webhooks run (nothing is relayed). `metrics`: the process's (the HTTP side serves its
     `exposition()`); made here when not given. With `http`, the dashboard, /healthz, /readyz
-    and /metrics listen there; `on_dashboard` is told of it once built. Raises SpecError for a
-    bad `alerts:` section or operator token before anything starts, and ComponentFailedError,
-    after stopping the others, when one component ends unexpectedly.
+    and /metrics listen there (on `listener` when the caller bound it already); `on_dashboard`
+    is told of it once built. Raises SpecError for a bad `alerts:` section, operator token or an
+    address that cannot be bound before anything starts, and ComponentFailedError, after
+    stopping the others, when one component ends unexpectedly.
     """
     metrics = metrics or Metrics()
     # Read before anything runs: a webhook whose URL is missing is a configuration error now,
     # not a WARNING an hour later when the first alert cannot go out.
     targets = webhook_targets(settings.config)
     token = operator_token(settings) if http is not None else None
-    if stop is None:
-        stop = asyncio.Event()
-        stop_on_signals(stop)
+    # Bound before any component starts: a port in use is refused with nothing to stop.
+    if http is not None and listener is None:
+        listener = listen(http)
     # One stack for every resource, closed in reverse: NATS drained (its subscriptions, the
     # API's among them, end with it), then the relay, then the exchanges and the store.
     async with contextlib.AsyncExitStack() as stack:
+        if listener is not None:
+            # Last to close (the dashboard's server closes it too; not when it never ran).
+            stack.callback(listener.close)
+        if stop is None:
+            stop = asyncio.Event()
+            stop_on_signals(stop)
         rt = await stack.enter_async_context(runtime(settings, database_url))
         engine = rt.engine(metrics=metrics)
         runner = ProjectionRunner(rt.store, default_projections())
@@ -165,7 +174,7 @@ async def serve(settings: Settings, database_url: str, nats_url: str | None, *,
             ]
         if http is not None:
             dashboard = build_dashboard(settings, rt, http, token=token, relay=relay,
-                                        metrics=metrics)
+                                        metrics=metrics, listener=listener)
             if on_dashboard is not None:
                 on_dashboard(dashboard)
             components.append(("http", lambda: dashboard.run(stop)))
@@ -253,7 +262,8 @@ async def _drain(nc: Any) -> None:
 
 
 def build_dashboard(settings: Settings, rt: Runtime, bind: Bind, *, token: str | None,
-                    relay: Relay | None, metrics: Metrics | None = None) -> Dashboard:
+                    relay: Relay | None, metrics: Metrics | None = None,
+                    listener: socket.socket | None = None) -> Dashboard:
     """The dashboard on this process's store, accounts and exchanges (the engine's budgets;
     its calls counted in `metrics`, whose exposition it serves at /metrics). NATS counts as
     connected when the relay's connection is up: the relay is what must reach it."""
@@ -264,7 +274,7 @@ def build_dashboard(settings: Settings, rt: Runtime, bind: Bind, *, token: str |
         BudgetedExchanges(exchanges, rt.budgets), bind, token=token, relay=relay,
         nats_connected=(lambda: None) if relay is None else (lambda: relay.connected),
         projection_lag_seconds=settings.projection_lag_seconds,
-        relay_lag_seconds=settings.relay_lag_seconds, metrics=exposition,
+        relay_lag_seconds=settings.relay_lag_seconds, metrics=exposition, listener=listener,
         hosts=frozenset(h.strip().lower() for h in settings.http_hosts.split(",") if h.strip()))
 
 

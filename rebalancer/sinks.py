@@ -6,16 +6,24 @@ environment variable (`url_env`) or a file (`url_file`, mode 600) that holds it,
 
 from __future__ import annotations
 
-import stat
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from rebalancer.accounts import DEFAULT_CONFIG, load_config_file, validation_text
 from rebalancer.errors import SpecError
+from rebalancer.secret_files import read_secret_file
 from rebalancer.settings import environment_variable
 
 # Every kind raised (projections/alerts.py, rebalancer/alerts.py); a kind missing here could
@@ -25,6 +33,9 @@ AlertKind = Literal["workflow_failed", "task_stuck", "needs_attention", "relay_l
 ALERT_KINDS: tuple[str, ...] = get_args(AlertKind)
 # Keys that would put the URL itself into the file.
 _INLINE = ("url", "webhook_url", "uri", "endpoint", "token")
+# What `url_env` may hold: a variable's name. Anything else is likely the URL pasted in its
+# place, which a later "is not set" would print.
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class WebhookSink(BaseModel):
@@ -55,6 +66,24 @@ class WebhookSink(BaseModel):
                     " in the configuration; name where to read it with url_env (an environment"
                     " variable) or url_file (a file, mode 600)")
         return data
+
+    @field_validator("url_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        # The message never quotes the value: it may be the URL with its token.
+        if value is not None and not ENV_NAME.fullmatch(value):
+            raise ValueError("must be the name of an environment variable ([A-Za-z_]"
+                             "[A-Za-z0-9_]*) that holds the URL, never the URL itself")
+        return value
+
+    @field_validator("url_file", mode="before")
+    @classmethod
+    def _file_not_url(cls, value: object) -> object:
+        # Before the Path conversion, which would fold `https://` into `https:/`.
+        if isinstance(value, str) and "://" in value:
+            raise ValueError("must be the path of a file (mode 600) that holds the URL,"
+                             " never the URL itself")
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> WebhookSink:
@@ -122,13 +151,7 @@ def _read_url(sink: WebhookSink, base: Path) -> str:
         assert sink.url_file is not None
         path = sink.url_file if sink.url_file.is_absolute() else base / sink.url_file
         source = f"url_file {path}"
-        try:
-            mode = path.stat().st_mode
-            value = path.read_text(encoding="utf-8").strip()
-        except OSError as e:
-            raise SpecError(f"{what}: cannot read {source}: {e.strerror}") from None
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise SpecError(f"{what}: {source} is readable by others; chmod 600 {path}")
+        value = read_secret_file(path, "url_file", where=f"{what}: ")
         if not value:
             raise SpecError(f"{what}: {source} is empty")
     parts = urlsplit(value)

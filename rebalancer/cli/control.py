@@ -49,6 +49,11 @@ def checked_start(args: argparse.Namespace, settings: Settings
     specs = configured_specs(settings, accounts)
     if spec_file(args.spec) is not None:
         args.spec = _configured_name(Path(args.spec), specs, accounts, settings)
+    elif looks_like_path(args.spec) and args.spec not in specs:
+        # A path that is not there: "unknown spec" would send one looking among the names.
+        if not Path(args.spec).exists():
+            raise UsageError(f"no such spec file: {args.spec}")
+        raise UsageError(f"{args.spec}: not a spec file (a .yaml or .yml file)")
     if (broken := specs.broken_named(args.spec)) and args.spec not in specs:
         raise UsageError(f"spec {args.spec!r} is broken ({broken.file}): {broken.error}")
     if args.spec not in specs:
@@ -63,6 +68,12 @@ def spec_file(text: str) -> Path | None:
     """`text` as a spec file's path: one that exists and ends .yaml/.yml (else a spec name)."""
     path = Path(text)
     return path if path.suffix in (".yaml", ".yml") and path.is_file() else None
+
+
+def looks_like_path(text: str) -> bool:
+    """A SPEC argument meant as a file: with a `/` or a .yaml/.yml ending (no spec name has
+    either)."""
+    return "/" in text or Path(text).suffix in (".yaml", ".yml")
 
 
 def _configured_name(path: Path, specs: Mapping[str, WorkflowSpec], accounts: Accounts,

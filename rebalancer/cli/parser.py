@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import NoReturn
@@ -33,6 +35,10 @@ JSON_HELP = "print JSON instead of text"
 ID_HELP = "a workflow id, or a unique prefix of one (as `status` prints it)"
 PARAM_HELP = "a spec parameter; repeat for each (see `specs show SPEC`)"
 COMMAND_ID_HELP = "idempotency key: a repeat with it does nothing more"
+# Bounds of the numeric options: beyond them a value is a typo, not a wish.
+MAX_TICK = 60.0  # seconds: the worker also looks for expired claims this often
+MAX_TIMEOUT = 7 * 24 * 3600.0
+MAX_LIMIT = 1_000_000
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -76,10 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("workflow_id", nargs="?", metavar="WORKFLOW_ID",
                         help=f"{ID_HELP}; without it, the list of workflows")
-    status.add_argument("--at", type=int, metavar="VERSION",
+    status.add_argument("--at", type=_version_number, metavar="VERSION",
                         help="the state as of this stream version, folded from the events")
     status.add_argument("--state", help="list only workflows in this state")
-    status.add_argument("--limit", type=_positive_int, default=20,
+    status.add_argument("--limit", type=_limit, default=20,
                         help="list at most this many, newest first (default 20)")
     status.add_argument("--alerts", action="store_true",
                         help="the alerts raised (newest first) and whether each was sent")
@@ -126,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.set_defaults(handler=streams_audit)
 
     serve = commands.add_parser("serve", help="run the worker and the projections")
-    serve.add_argument("--tick", type=float, default=0.5, help="seconds between idle passes")
+    serve.add_argument("--tick", type=_seconds(MAX_TICK), default=0.5,
+                       help=f"seconds between idle passes (above 0, at most {MAX_TICK:g})")
     serve.add_argument("--log-format", choices=LOG_FORMATS, default=None,
                        help="text (default) or json: one JSON object a line, for log shippers"
                        " (also REBALANCER_LOG_FORMAT)")
@@ -148,9 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--command-id", help="idempotency key: a repeat starts nothing new")
     start.add_argument("--wait", action="store_true",
                        help="follow it to the end; exit 1 unless it ends done")
-    start.add_argument("--timeout", type=_positive_float, metavar="SECONDS",
+    start.add_argument("--timeout", type=_seconds(MAX_TIMEOUT), metavar="SECONDS",
                        help="with --wait: stop following after this long (exit 1; the"
-                       " workflow goes on)")
+                       f" workflow goes on; at most {MAX_TIMEOUT:g})")
     start.add_argument("--confirm-preview", action="store_true",
                        help="print the preview first and ask before starting (live: the"
                        " preview is always printed, and a preview that fails stops the start)")
@@ -229,15 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     sim = commands.add_parser("sim", help="the simulated exchange world")
     sim_commands = sim.add_subparsers(dest="sim_command", required=True, metavar="ACTION")
     seed = sim_commands.add_parser("seed", help="create the demo world's accounts and balances")
-    seed.add_argument("--world", type=Path, help="a world file (default: the demo world)")
-    seed.add_argument("--reset", action="store_true", help="wipe the world and seed it again")
+    seed.add_argument("--world", type=Path, help="a world file (default: REBALANCER_SIM_WORLD,"
+                      " as `serve` uses, else the demo world)")
+    seed.add_argument("--reset", action="store_true", help="wipe the world and seed it again"
+                      " (refused while workflows are active)")
+    seed.add_argument("--force", action="store_true", help="with --reset: reset even under"
+                      " active workflows (their money on the simulated exchanges vanishes)")
     seed.add_argument("--json", action="store_true", help=JSON_HELP)
     seed.set_defaults(handler=sim_seed)
     check = sim_commands.add_parser("check", help="per-currency totals; exit 1 if any changed")
     check.add_argument("--json", action="store_true", help=JSON_HELP)
     check.set_defaults(handler=sim_check)
     ledger = sim_commands.add_parser("ledger", help="executed operations")
-    ledger.add_argument("--limit", type=_positive_int, help="only the latest this many")
+    ledger.add_argument("--limit", type=_limit, help="only the latest this many")
     ledger.add_argument("--json", action="store_true", help=JSON_HELP)
     ledger.set_defaults(handler=sim_ledger)
 
@@ -272,21 +283,41 @@ def _amount(text: str) -> Decimal:
     return Decimal(plain)
 
 
-def _positive_float(text: str) -> float:
+def _seconds(maximum: float) -> Callable[[str], float]:
+    """A number of seconds above 0 and at most `maximum`: 0 or less would spin the CPU (or
+    never wait), a huge one is a typo; inf and nan are neither."""
+
+    def seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not 0 < value <= maximum:  # nan fails every comparison
+            raise argparse.ArgumentTypeError(
+                f"{text} is not a positive number of seconds (at most {maximum:g})")
+        return value
+
+    return seconds
+
+
+def _whole(text: str, maximum: int, what: str) -> int:
     try:
-        value = float(text)
+        value = int(text)
     except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+        value = 0
+    if not 1 <= value <= maximum:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number ({what} from 1 to"
+                                         f" {maximum})")
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
+def _limit(text: str) -> int:
+    return _whole(text, MAX_LIMIT, "a count")
+
+
+def _version_number(text: str) -> int:
+    # Stream versions start at 1 and are a PostgreSQL int.
+    return _whole(text, 2**31 - 1, "a stream version")
 
 
 def _version() -> str:

@@ -127,8 +127,6 @@ def workflow_status(args: argparse.Namespace, settings: Settings) -> int:
     if args.state is not None:
         raise UsageError("--state filters the list; leave it out with a WORKFLOW_ID")
     workflow_id = resolve_workflow_id(settings, args.workflow_id)
-    if args.at is not None and args.at < 1:
-        raise UsageError(f"--at {args.at}: versions start at 1")
     view, note = with_store(settings, lambda store: load_view(store, workflow_id, args.at))
     if args.json:
         if note:

@@ -6,14 +6,23 @@ import argparse
 import asyncio
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rebalancer import embedded
 from rebalancer.accounts import Accounts
-from rebalancer.cli.common import EXIT_CHECK_FAILED, EXIT_OK, database_url
+from rebalancer.cli.common import (
+    EXIT_CHECK_FAILED,
+    EXIT_OK,
+    ConflictError,
+    database_url,
+    with_store,
+)
 from rebalancer.cli.format import money, table, to_json
 from rebalancer.exchanges.simulated import SimulatedWorld
 from rebalancer.settings import Settings
+
+if TYPE_CHECKING:
+    from events.store import EventStore
 
 
 def sim_seed(args: argparse.Namespace, settings: Settings) -> int:
@@ -23,7 +32,17 @@ def sim_seed(args: argparse.Namespace, settings: Settings) -> int:
     url = database_url(settings)
     asyncio.run(migrate(embedded.migrate_url(settings), connect_timeout=settings.connect_timeout))
     accounts = load_accounts(settings.config)
-    result = asyncio.run(seed(url, args.world, reset=args.reset, accounts=accounts))
+    if args.reset and not args.force:
+        active = with_store(settings, active_workflows)
+        if active:
+            raise ConflictError(
+                f"sim seed --reset: refused: {active} workflow(s) are active (created, running,"
+                " paused or needing attention); a reset wipes the simulated exchanges under"
+                " them, and the money they hold there or have in flight would vanish. Let them"
+                " end (or cancel them) first, or pass --force to reset anyway")
+    # The world `serve` uses (REBALANCER_SIM_WORLD, else the demo world) unless told --world.
+    world = args.world or settings.sim_world
+    result = asyncio.run(seed(url, world, reset=args.reset, accounts=accounts))
     print(to_json(result) if args.json else format_seed(result))
     return EXIT_OK
 
@@ -57,6 +76,25 @@ async def seed(database_url: str, world_path: Path | str | None = None, *, reset
     """
     async with await _open(database_url, world_path, accounts) as world:
         return await world.seed(reset=reset)
+
+
+# Workflows whose stream does not end in a terminal state, from the events themselves: the read
+# model may lag (or not run at all without `serve`), and a paused one has no schedule row.
+_ACTIVE = (
+    "select count(*) from (select distinct on (stream_id) data ->> 'dest' as dest from events"
+    " where stream_id like 'workflow-%%'"
+    " and type in ('WorkflowCreated', 'WorkflowStateChanged')"
+    " order by stream_id, version desc) last"
+    " where dest is null or not (dest = any(%s::text[]))"
+)
+
+
+async def active_workflows(store: EventStore) -> int:
+    """How many workflows are not done, failed or canceled."""
+    from events.vocabulary import WORKFLOW_TERMINAL
+
+    rows = await store.fetch_rows(_ACTIVE, ([str(s.value) for s in WORKFLOW_TERMINAL],))
+    return int(rows[0][0])
 
 
 async def check(database_url: str) -> tuple[bool, list[dict[str, Any]]]:

@@ -96,14 +96,22 @@ def specs_validate(args: argparse.Namespace, settings: Settings) -> int:
     from rebalancer.specs.resolution import resolve_params
 
     accounts = load_accounts(settings.config)
+    spec: WorkflowSpec | None = None
     try:
         spec = validate_file(Path(args.file), accounts)
         params = resolve_params(spec, parse_params(args.param), accounts) if args.param else None
     except RebalancerError as e:
-        # Every problem on its own line: a spec author fixes them all in one go.
-        print("\n".join(problem_lines(e)), file=sys.stderr)
+        if args.json:
+            # The same object as for a valid file, its problems listed: a script reads one
+            # shape whatever went wrong (the exit status is the same as in text).
+            print(json.dumps({"file": args.file, "spec": spec and spec.name,
+                              "tasks": spec and len(spec.tasks), "valid": False,
+                              "problems": _problems(e), "preflight": None}))
+        else:
+            # Every problem on its own line: a spec author fixes them all in one go.
+            print("\n".join(problem_lines(e)), file=sys.stderr)
         return EXIT_USAGE
-    summary = {"file": args.file, "spec": spec.name, "tasks": len(spec.tasks)}
+    summary = {"file": args.file, "spec": spec.name, "tasks": len(spec.tasks), "problems": []}
     if params is None:
         print(json.dumps({**summary, "valid": True, "preflight": None}) if args.json
               else f"{args.file}: spec {spec.name} is valid ({len(spec.tasks)} tasks)")
@@ -121,6 +129,14 @@ def specs_validate(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{args.file}: spec {spec.name} is valid ({len(spec.tasks)} tasks); the"
               f" pre-flight on the {mode} exchanges finds nothing to refuse")
     return EXIT_USAGE if problems else EXIT_OK
+
+
+def _problems(error: RebalancerError) -> list[str]:
+    """A spec's or the params' problems, one line each (the file is said beside them)."""
+    listed = getattr(error, "problems", None)
+    if listed:
+        return [" ".join(str(p).split()) for p in listed]
+    return [" ".join(str(error).split())]
 
 
 async def _preflight(settings: Settings, accounts: Accounts, spec: WorkflowSpec,

@@ -4,7 +4,6 @@ connector per configured account."""
 from __future__ import annotations
 
 import importlib
-import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from rebalancer.accounts import (
 from rebalancer.budgets import BucketOption, bucket_options, budget_rates
 from rebalancer.errors import SpecError
 from rebalancer.exchanges.base import Exchange
+from rebalancer.secret_files import read_secret_file
 from rebalancer.settings import Settings, environment_variable
 
 if TYPE_CHECKING:  # ccxt takes most of a second to import: only a live process loads it
@@ -134,15 +134,7 @@ def _read(account: str, source: CredentialSource, what: str) -> str:
             raise SpecError(f"account {account}: {what}_env {variable} is not set")
         return value.strip()
     path: Path = getattr(source, f"{what}_file")
-    try:
-        mode = path.stat().st_mode
-        text = path.read_text(encoding="utf-8").strip()
-    except OSError as e:
-        raise SpecError(
-            f"account {account}: cannot read {what}_file {path}: {e.strerror}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise SpecError(f"account {account}: {what}_file {path} is readable by others;"
-                        f" chmod 600 {path}")
+    text = read_secret_file(path, f"{what}_file", where=f"account {account}: ")
     if not text:
         raise SpecError(f"account {account}: {what}_file {path} is empty")
     return text

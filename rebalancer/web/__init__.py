@@ -3,6 +3,6 @@ server-sent events, `/healthz` and `/readyz`, and (with an operator token) the o
 commands through the same handlers as the NATS API."""
 
 from rebalancer.web.app import Dashboard
-from rebalancer.web.binding import Bind, parse_bind
+from rebalancer.web.binding import Bind, listen, parse_bind
 
-__all__ = ["Bind", "Dashboard", "parse_bind"]
+__all__ = ["Bind", "Dashboard", "listen", "parse_bind"]

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, Set
 from datetime import UTC, datetime
@@ -34,7 +35,7 @@ from rebalancer.cli.format import json_default, jsonable
 from rebalancer.cli.reports import load_view
 from rebalancer.exchanges.base import Exchanges
 from rebalancer.web import pages
-from rebalancer.web.binding import Bind
+from rebalancer.web.binding import Bind, listen
 from rebalancer.web.health import Readiness
 from rebalancer.web.operator import token_matches
 from rebalancer.web.render import layout
@@ -117,10 +118,15 @@ class Dashboard:
         relay_lag_seconds: float = 30.0,
         metrics: Exposition | None = None,
         hosts: frozenset[str] = frozenset(),
+        listener: socket.socket | None = None,
     ) -> None:
         self.store = store
         self.accounts = accounts
         self.exchanges = exchanges
+        # Bound by the caller before anything started (serve), else by `run`.
+        self._listener = listener
+        if listener is not None and bind.port == 0:  # an ephemeral port: say which
+            bind = Bind(bind.host, int(listener.getsockname()[1]))
         self.bind = bind
         # The names a request may say it is for: this machine, the bind address when it is
         # one, and those configured (a proxy's public name).
@@ -158,15 +164,17 @@ class Dashboard:
         return app
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until `stop`; raises OSError when the address cannot be bound."""
+        """Serve until `stop` on the listener given, else on one bound now (SpecError when
+        the address cannot be bound)."""
+        sock = self._listener or listen(self.bind)
         runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
                                shutdown_timeout=2.0)
-        await runner.setup()
         try:
-            site = web.TCPSite(runner, self.bind.host, self.bind.port)
+            await runner.setup()
+            site = web.SockSite(runner, sock)
             await site.start()
-            if self.bind.port == 0 and runner.addresses:  # an ephemeral port: say which
-                self.bind = Bind(self.bind.host, int(runner.addresses[0][1]))
+            if self.bind.port == 0:  # an ephemeral port: say which
+                self.bind = Bind(self.bind.host, int(sock.getsockname()[1]))
                 self.url = self.bind.url()
             log.info("dashboard at %s (%s)", self.url,
                      "operator actions on" if self.operator else "read-only")
@@ -176,6 +184,7 @@ class Dashboard:
             self._stopping.set()
             await self.changes.moved()
             await runner.cleanup()
+            sock.close()  # the server closed it once started; not when it failed before
 
     # -- guard -----------------------------------------------------------------------------
 

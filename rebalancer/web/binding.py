@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import socket
 from dataclasses import dataclass
 
 from rebalancer.errors import SpecError
@@ -57,3 +59,16 @@ def parse_bind(text: str, *, allow_remote: bool = False) -> Bind:
             " workflows, over plain HTTP: put it behind a TLS proxy and pass"
             " --http-allow-remote to bind beyond this machine")
     return bind
+
+
+def listen(bind: Bind) -> socket.socket:
+    """A socket listening on `bind`, made before anything else starts: an address in use is
+    one line naming it (SpecError, exit 2), not a traceback after the worker has started."""
+    try:
+        # SO_REUSEADDR (as aiohttp's own sites): a port in TIME_WAIT is free, one in use is not.
+        return socket.create_server((bind.host, bind.port), backlog=128)
+    except OSError as e:
+        # From the errno: create_server's own strerror repeats the address as a tuple.
+        reason = os.strerror(e.errno) if e.errno else e.strerror or type(e).__name__
+        raise SpecError(f"cannot listen on {bind.host}:{bind.port}:"
+                        f" {reason[:1].lower()}{reason[1:]}") from None

@@ -10,9 +10,9 @@ forgery. The Origin and Sec-Fetch-Site checks in app.py refuse such posts earlie
 from __future__ import annotations
 
 import hmac
-from pathlib import Path
 
 from rebalancer.errors import SpecError
+from rebalancer.secret_files import read_secret_file
 from rebalancer.settings import Settings
 
 MIN_LENGTH = 16  # characters: a guessable token would be a password on money
@@ -28,7 +28,8 @@ def operator_token(settings: Settings) -> str | None:
         raise SpecError("both REBALANCER_OPERATOR_TOKEN and REBALANCER_OPERATOR_TOKEN_FILE are"
                         " set: give the operator token one way")
     if path is not None:
-        given = _read(path)
+        # Mode 600, as every file holding a secret: the token acts on the money.
+        given = read_secret_file(path, "the operator token file")
     if given is None:
         return None
     given = given.strip()
@@ -36,14 +37,6 @@ def operator_token(settings: Settings) -> str | None:
         raise SpecError(f"the operator token is shorter than {MIN_LENGTH} characters; make a"
                         " longer one (e.g. `openssl rand -hex 24`)")
     return given
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(f"cannot read the operator token file {path}: {type(e).__name__}"
-                        ) from None
 
 
 def token_matches(expected: str, given: str | None) -> bool:

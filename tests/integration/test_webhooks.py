@@ -351,7 +351,8 @@ def test_where_the_url_comes_from_is_checked(tmp_path: Path,
     secret.write_text(f"https://hooks.example/{TOKEN}\n")
     secret.chmod(0o644)
     file_hook = {"name": "ops", "url_file": "hook.url"}
-    with pytest.raises(SpecError, match=r"readable by others; chmod 600"):
+    with pytest.raises(SpecError,
+                       match=r"readable or writable by others \(mode 0644\); chmod 600"):
         webhook_targets(write_config(tmp_path, file_hook))
     secret.chmod(0o600)
     [target] = webhook_targets(write_config(tmp_path, file_hook))

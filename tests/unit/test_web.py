@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ from pydantic import SecretStr
 from projections.workflows import TaskView, WorkflowView
 from rebalancer.cli.main import main
 from rebalancer.errors import SpecError
+from rebalancer.service import serve
 from rebalancer.settings import Settings
 from rebalancer.web import Bind, parse_bind
 from rebalancer.web.operator import operator_token, token_matches
@@ -51,6 +55,47 @@ def test_serve_refuses_a_public_bind_before_starting_anything(
     assert not (tmp_path / "home").exists()  # no server was started
 
 
+@pytest.fixture
+def port_in_use() -> Iterator[int]:
+    """A loopback port something else listens on."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        yield int(taken.getsockname()[1])
+
+
+def test_serve_refuses_an_address_in_use_in_one_line_before_starting_anything(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path, port_in_use: int) -> None:
+    monkeypatch.setenv("REBALANCER_HOME", str(tmp_path / "home"))
+    # Nothing answers here: reaching the database at all would be exit 4, not 2.
+    monkeypatch.setenv("REBALANCER_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    monkeypatch.setenv("REBALANCER_CONNECT_TIMEOUT", "1")
+    assert main(["serve", "--http", str(port_in_use)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"rebalancer: cannot listen on 127.0.0.1:{port_in_use}: address"
+                            " already in use\n")
+    assert not (tmp_path / "home").exists()  # no embedded server was started
+
+
+def test_the_demo_refuses_an_address_in_use_before_starting_anything(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path, port_in_use: int) -> None:
+    monkeypatch.setenv("REBALANCER_HOME", str(tmp_path / "home"))
+    # Nothing answers at either: reaching them at all would be another exit status.
+    monkeypatch.setenv("REBALANCER_DATABASE_URL", "postgresql://nobody@127.0.0.1:1/none")
+    monkeypatch.setenv("REBALANCER_NATS_URL", "nats://127.0.0.1:1")
+    assert main(["demo", "--http", f"127.0.0.1:{port_in_use}"]) == 2
+    assert capsys.readouterr().err == (f"rebalancer: cannot listen on 127.0.0.1:{port_in_use}:"
+                                       " address already in use\n")
+
+
+async def test_serve_binds_before_any_component_starts(port_in_use: int) -> None:
+    # Refused before the store is opened: this database does not exist.
+    with pytest.raises(SpecError, match=f"^cannot listen on 127.0.0.1:{port_in_use}: address"
+                                        " already in use$"):
+        await serve(Settings(), "postgresql://nobody@127.0.0.1:1/none", None,
+                    http=Bind("127.0.0.1", port_in_use), stop=asyncio.Event())
+
+
 def test_the_token_comes_from_the_variable_or_a_file_and_must_be_long(tmp_path: Path) -> None:
     assert operator_token(Settings()) is None
     # Set but empty (compose's `${REBALANCER_OPERATOR_TOKEN:-}` when unset): read-only; set
@@ -61,6 +106,7 @@ def test_the_token_comes_from_the_variable_or_a_file_and_must_be_long(tmp_path: 
     assert operator_token(Settings(operator_token=SecretStr("a" * 20))) == "a" * 20
     token_file = tmp_path / "token"
     token_file.write_text("b" * 24 + "\n")
+    token_file.chmod(0o600)
     assert operator_token(Settings(operator_token_file=token_file)) == "b" * 24
     with pytest.raises(SpecError, match="shorter than 16") as short:
         operator_token(Settings(operator_token=SecretStr("hunter2")))
@@ -70,6 +116,25 @@ def test_the_token_comes_from_the_variable_or_a_file_and_must_be_long(tmp_path: 
                                 operator_token_file=token_file))
     with pytest.raises(SpecError, match="cannot read"):
         operator_token(Settings(operator_token_file=tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o602])
+def test_serve_refuses_a_token_file_others_can_read_or_write_before_starting_anything(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path, mode: int) -> None:
+    token_file = tmp_path / "operator.token"
+    token_file.write_text("d" * 24 + "\n")
+    token_file.chmod(mode)
+    monkeypatch.setenv("REBALANCER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("REBALANCER_OPERATOR_TOKEN_FILE", str(token_file))
+    assert main(["serve", "--http", "8080"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"rebalancer: the operator token file {token_file} is readable or writable"
+                   f" by others (mode {mode:04o}); chmod 600 {token_file}\n")
+    assert "d" * 24 not in err
+    assert not (tmp_path / "home").exists()  # no server was started
+    token_file.chmod(0o600)
+    assert operator_token(Settings(operator_token_file=token_file)) == "d" * 24
 
 
 def test_the_token_must_match_exactly() -> None:

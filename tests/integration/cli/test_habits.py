@@ -208,3 +208,17 @@ async def test_start_takes_a_spec_file_only_as_the_configured_spec_it_is(
     broken.write_text(yaml.safe_dump(data), encoding="utf-8")
     code, _, err = await cli(env, "start", str(broken), *params)
     assert code == 2 and "broken.yaml" in err and "teleport" in err
+
+
+@pytest.mark.parametrize("given", ["specs/slow_twap.yml", "slow_twap.yaml", "./slow_twap"])
+async def test_start_of_a_path_that_is_not_there_says_no_such_file(
+    env: dict[str, str], given: str
+) -> None:
+    for command in ("start", "preview"):
+        code, out, err = await cli(env, command, given, "--param", "from_amount=1")
+        assert code == 2 and out == ""
+        assert err == f"rebalancer: no such spec file: {given}\n"
+    # A file that is there but no spec file: said so, not "unknown spec".
+    code, _, err = await cli(env, "start", "docs/specs.md")  # run from the repository's root
+    assert code == 2
+    assert err == "rebalancer: docs/specs.md: not a spec file (a .yaml or .yml file)\n"

@@ -83,7 +83,11 @@ def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], dat
         *argv: str) -> tuple[int, str, str]:
     """`rebalancer ARGV` in this process: (exit status, stdout, stderr)."""
     monkeypatch.setenv("REBALANCER_DATABASE_URL", database_url)
-    code = cli.main(list(argv))
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as ended:  # bad usage (`--at 0`): the parser exits, as `rebalancer` does
+        assert isinstance(ended.code, int)
+        code = ended.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

@@ -67,6 +67,33 @@ def test_starting_a_broken_spec_says_why_with_exit_2_and_a_good_file_validates(
     assert main(["specs", "validate", str(good)]) == 0
 
 
+def test_validate_json_is_one_object_for_a_file_that_does_not_load(
+    config: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    specs = config.parent / "specs"
+    for name, said in (("unparsable.yaml", "line 2"), ("invalid.yaml", "unknown kind 'nope'"),
+                       ("missing.yaml", "cannot read")):
+        file = str(specs / name)
+        assert main(["specs", "validate", file, "--json"]) == 2
+        out, err = capsys.readouterr()
+        assert err == ""
+        report = json.loads(out)
+        assert report == {"file": file, "spec": None, "tasks": None, "valid": False,
+                          "problems": report["problems"], "preflight": None}
+        assert report["problems"] and any(said in p for p in report["problems"]), report
+    # Params that do not resolve: the spec is named, its problem listed.
+    file = str(specs / "good.yaml")
+    assert main(["specs", "validate", file, "--param", "from_amount=1e999", "--json"]) == 2
+    report = json.loads(capsys.readouterr().out)
+    assert report["spec"] == "good_copy" and report["valid"] is False
+    assert report["preflight"] is None and report["problems"]
+    # The same keys when valid.
+    assert main(["specs", "validate", file, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report == {"file": file, "spec": "good_copy", "tasks": report["tasks"],
+                      "valid": True, "problems": [], "preflight": None}
+
+
 async def test_the_service_starts_the_others_and_warns_once_per_broken_file(
     config: Path, store: EventStore, caplog: pytest.LogCaptureFixture,
 ) -> None:

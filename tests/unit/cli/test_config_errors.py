@@ -31,6 +31,13 @@ GOOD = DEFAULT_CONFIG.read_text()
         (GOOD + "\nalerts:\n  webhooks:\n    - {name: ops, url_env: X, kinds: [oops]}\n",
          "alerts.webhooks.0", "kinds"),
         (GOOD + "\nalerts:\n  sinks: []\n", "alerts.sinks", "unknown key"),
+        # The URL pasted where the variable's name goes: refused by the check, not echoed.
+        (GOOD + "\nalerts:\n  webhooks:\n    - {name: ops, url_env: 'http://127.0.0.1:9911/x"
+                "?token=T0KEN'}\n",
+         "alerts.webhooks.0: url_env", "must be the name of an environment variable"),
+        (GOOD + "\nalerts:\n  webhooks:\n    - {name: ops, url_file: 'https://hooks.example"
+                "/T0KEN'}\n",
+         "alerts.webhooks.0: url_file", "never the URL itself"),
         ("accounts: [\n", "line 2, column 1", "expected the node content"),
     ],
 )

@@ -88,6 +88,43 @@ def test_bad_usage_is_one_line_without_the_usage_dump_and_exit_2(
     assert "usage:" not in captured.err
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["serve", "--tick", "0"], "argument --tick: 0 is not a positive number of seconds"
+                                   " (at most 60)"),
+        (["serve", "--tick", "-1"], "argument --tick: -1 is not a positive number of seconds"),
+        (["serve", "--tick", "nan"], "argument --tick: nan is not a positive number"),
+        (["serve", "--tick", "1e9"], "argument --tick: 1e9 is not a positive number"),
+        (["serve", "--tick", "soon"], "argument --tick: soon is not a positive number"),
+        (["start", "x", "--wait", "--timeout", "0"], "argument --timeout: 0 is not a positive"),
+        (["start", "x", "--wait", "--timeout", "-3"], "argument --timeout: -3 is not a positive"),
+        (["start", "x", "--wait", "--timeout", "inf"], "argument --timeout: inf is not a"),
+        (["start", "x", "--wait", "--timeout", "1e12"], "argument --timeout: 1e12 is not a"),
+        (["status", "--limit", "-1"], "argument --limit: -1 is not a positive number"),
+        (["status", "--limit", "ten"], "argument --limit: ten is not a positive number"),
+        (["status", "--limit", "99999999999"], "argument --limit: 99999999999 is not a"),
+        (["status", "x", "--at", "0"], "argument --at: 0 is not a positive number (a stream"
+                                       " version from 1"),
+        (["status", "x", "--at", "-2"], "argument --at: -2 is not a positive number"),
+        (["sim", "ledger", "--limit", "0"], "argument --limit: 0 is not a positive number"),
+    ],
+)
+def test_a_number_that_would_spin_never_wait_or_is_a_typo_is_refused_by_the_parser(
+    capsys: pytest.CaptureFixture[str], argv: list[str], said: str,
+) -> None:
+    from rebalancer.cli.parser import build_parser
+
+    # Parsed only: were the value taken, `serve` would start for real.
+    with pytest.raises(SystemExit) as ended:
+        build_parser().parse_args(argv)
+    assert ended.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith("rebalancer: error: ") and said in captured.err
+
+
 def test_help_still_shows_the_usage(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as ended:
         main(["start", "--help"])

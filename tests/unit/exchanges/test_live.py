@@ -76,7 +76,8 @@ def test_a_secret_file_must_be_private_to_its_owner(tmp_path: Path,
     accounts = load_accounts(config(tmp_path, {"u": {"exchange": "upbit", "credentials": {
         "api_key_env": "UP_KEY", "secret_file": str(secret)}}}))
     monkeypatch.setenv("UP_KEY", "key-1")
-    with pytest.raises(SpecError, match="readable by others; chmod 600"):
+    with pytest.raises(SpecError,
+                       match=r"readable or writable by others \(mode 0644\); chmod 600"):
         read_credentials(accounts.get("u"))
     secret.chmod(0o600)
     assert read_credentials(accounts.get("u")).secret == "secret-2"
