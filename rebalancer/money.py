@@ -37,8 +37,8 @@ def to_money(value: object) -> Decimal:
         if parsed is None or (not _TEXT.fullmatch(value) and parsed.is_finite() and parsed > 0):
             # the sign and non-finite forms get their own messages below
             raise ValueError(
-                f"not a decimal number: {value!r} (plain ASCII digits and one '.', no sign,"
-                " spaces, '_' or ',')")
+                f"not a decimal number: {value!r} (ASCII digits with one optional '.' and"
+                " exponent, e.g. 1000.5 or 1E-8; no sign, spaces, '_' or ',')")
         amount = parsed
     else:
         amount = Decimal(value)

@@ -53,7 +53,11 @@ _CLAIM = (
     " next_attempt_at = now() + make_interval(secs => %s)"
     " where (d.alert_key, d.sink) = (select alert_key, sink from webhook_deliveries"
     "  where sink = %s and delivered_at is null and gave_up_at is null"
-    "  and next_attempt_at <= now() order by next_attempt_at, alert_key"
+    "  and next_attempt_at <= now()"
+    # Only rows whose alert is there to send: one gone (the read model being rebuilt) waits,
+    # instead of being claimed again and again, its attempts spent on nothing.
+    f"  and exists (select 1 from {_ALERTS} x where x.key = webhook_deliveries.alert_key)"
+    "  order by next_attempt_at, alert_key"
     "  limit 1 for update skip locked)"
     " returning d.alert_key, d.attempts)"
     " select c.attempts, a.key, a.kind, a.workflow_id::text as workflow_id, a.task, a.message,"

@@ -140,6 +140,7 @@ class Dashboard:
         # The NATS API's own parsing, validation, handlers and idempotency, as actor "web".
         self.api = Api(store, accounts, specs, exchanges=exchanges, actor="web")
         self._balances: tuple[float, list[Holding], list[Unreadable], datetime] | None = None
+        self._balances_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self.started = asyncio.Event()  # set once listening (self.url has the real port)
         self.url = bind.url()
@@ -296,11 +297,14 @@ class Dashboard:
         return web.json_response(found, dumps=lambda v: json.dumps(v, default=json_default))
 
     async def _read_balances(self) -> tuple[list[Holding], list[Unreadable], datetime | None]:
-        cached = self._balances
-        if cached is None or time.monotonic() - cached[0] > BALANCES_FOR:
-            holdings, unreadable = await read_balances(self.exchanges, self.accounts)
-            cached = self._balances = (time.monotonic(), holdings, unreadable,
-                                       datetime.now(UTC))
+        # One read in flight: page loads arriving together share it rather than each calling
+        # every exchange out of the worker's own request budgets.
+        async with self._balances_lock:
+            cached = self._balances
+            if cached is None or time.monotonic() - cached[0] > BALANCES_FOR:
+                holdings, unreadable = await read_balances(self.exchanges, self.accounts)
+                cached = self._balances = (time.monotonic(), holdings, unreadable,
+                                           datetime.now(UTC))
         return cached[1], cached[2], cached[3]
 
     async def static(self, request: web.Request) -> web.StreamResponse:
