@@ -88,6 +88,16 @@ Text = Annotated[str, StringConstraints(min_length=1, max_length=200),
                  AfterValidator(_refusing(_CONTROL))]
 Note = Annotated[str, StringConstraints(max_length=2000),
                  AfterValidator(_refusing(_CONTROL_BUT_LINES))]
+
+
+def _said(text: str) -> str:
+    if not text.strip():
+        raise ValueError("say what you checked: a resolve's note is its record of why")
+    return text
+
+
+# A resolve's note is the one record of why money was declared moved or not: never blank.
+ResolveNote = Annotated[Note, AfterValidator(_said)]
 ParamValue = Annotated[str, StringConstraints(max_length=200),
                        AfterValidator(_refusing(_CONTROL))]
 WorkflowId = Annotated[str, AfterValidator(_canonical_uuid)]
@@ -117,7 +127,7 @@ class Resolve(_Body):
     workflow_id: WorkflowId
     task: Text
     outcome: Outcome
-    note: Note
+    note: ResolveNote
     # Facts of an outcome `done`: {"id": ..., "txid": ..., "amount": ...}, strings only.
     result: dict[Text, ParamValue] | None = None
 

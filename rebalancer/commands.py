@@ -30,7 +30,14 @@ from rebalancer.accounts import Accounts
 from rebalancer.errors import IllegalTransitionError, RebalancerError, RetryableError
 from rebalancer.exchanges.base import Exchanges
 from rebalancer.machines import task_machine, workflow_machine
-from rebalancer.settling import Found, SettlingError, look_up, parse_result, settled_fields
+from rebalancer.settling import (
+    Found,
+    SettlingError,
+    look_up,
+    look_up_deposit,
+    parse_result,
+    settled_fields,
+)
 from rebalancer.specs.models import WorkflowSpec
 from rebalancer.specs.resolution import dump_params, resolve_params
 from rebalancer.specs.validation import validate_spec
@@ -358,6 +365,10 @@ async def resolve_task(
     start, the look-up happens before the command id is bound: a refusal leaves it free."""
     given: dict[str, str] = {}
     found: Found | None = None
+    if outcome == "done" and not result and exchanges is not None \
+            and not await store.events_of_command(command_id):
+        workflow = await _load(store, workflow_id)
+        found = await _deposit_as_done(exchanges, _task_named(workflow, task_name))
     if result:
         if outcome != "done":
             raise CommandError("invalid_request", f"a result is stated only with outcome done,"
@@ -406,6 +417,31 @@ async def resolve_task(
     if result:
         body["result"] = dict(result)  # bound too: the same id with other facts is a conflict
     return await _idempotent(store, command_id, "resolve", body, workflow_id, run)
+
+
+async def _deposit_as_done(exchanges: Exchanges, task: TaskRecord) -> Found | None:
+    """A deposit declared done with no facts stated: the exchange must show it credited (its
+    record then fills the result), or the money would be called arrived where nobody sees it.
+    None for any other kind, or a deposit that never started watching."""
+    params = task.request_params or {}
+    if task.kind != TaskKind.DEPOSIT or task.state != TaskState.NEEDS_ATTENTION \
+            or "account" not in params:
+        return None
+    try:
+        found = await look_up_deposit(exchanges, params)
+    except RetryableError as e:
+        raise CommandError("internal", f"could not ask the exchange about the deposit ({e});"
+                           " repeat the request", retryable=True,
+                           cause="exchange_unavailable") from None
+    if found is None:
+        what = f"txid {params['txid']}" if params.get("txid") else f"{params.get('amount')}"
+        raise CommandError(
+            "invalid_request",
+            f"{params['account']} shows no credited {params['currency']} deposit matching"
+            f" task {task.name} ({what}): if it arrived under another txid, give it with"
+            " --result txid=...; if it never arrived, resolve failed (or wait: the deposit"
+            " history may lag)", field="outcome")
+    return found
 
 
 def _task_named(workflow: Workflow, name: str) -> TaskRecord:

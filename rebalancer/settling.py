@@ -22,11 +22,13 @@ from rebalancer.exchanges.base import (
     Exchanges,
     HistoryMatch,
     Transfer,
+    TransferStatus,
     Withdrawal,
     normalise_txid,
 )
 from rebalancer.money import to_money
 from rebalancer.specs.recorded import RECORDED_FIELDS
+from rebalancer.tasks.deposit import match_deposit
 from rebalancer.workflow import TaskRecord
 
 # Where a leaf may be recorded, in the order they are filled.
@@ -141,6 +143,18 @@ async def look_up(exchanges: Exchanges, task: TaskRecord, given: Mapping[str, st
     return None
 
 
+async def look_up_deposit(exchanges: Exchanges, params: Mapping[str, Any]) -> Found | None:
+    """The credited deposit a deposit task watches for (by its txid, else its amount, as the
+    task itself matches), or None when the exchange shows none credited."""
+    port = exchanges.for_account(params["account"])
+    deposits = await port.fetch_deposits(params["currency"],
+                                         datetime.fromisoformat(params["since"]))
+    deposit = match_deposit(deposits, dict(params))
+    if deposit is None or deposit.status != TransferStatus.OK:
+        return None
+    return Found({}, _deposit(deposit))
+
+
 def _agree(given: Mapping[str, str], found: Mapping[str, Any], *keys: str) -> None:
     for key in keys:
         if key not in given:
@@ -201,5 +215,6 @@ def settled_fields(task: TaskRecord, given: Mapping[str, str], found: Found | No
     return carried
 
 
-__all__ = ["Found", "SettlingError", "is_money", "look_up", "parse_result", "places",
+__all__ = ["Found", "SettlingError", "is_money", "look_up", "look_up_deposit", "parse_result",
+           "places",
            "settled_fields"]

@@ -111,6 +111,11 @@ def request(settings: Settings, command: str, body: dict[str, Any]) -> dict[str,
             raise ConflictError(f"{problem['code']}: {problem.get('message', reply)}")
         message = str(problem.get("message", reply))
         lines = (problem.get("details") or {}).get("problems")
+        if isinstance(lines, list) and lines and all(
+                isinstance(line, dict) and {"field", "problem"} <= set(line) for line in lines):
+            # A body the API refused field by field (`--note ''`): say which and why.
+            lines = [f"{line['field']}: {str(line['problem']).removeprefix('Value error, ')}"
+                     for line in lines]
         if isinstance(lines, list) and all(isinstance(line, str) for line in lines):
             message = message.split("\n", 1)[0]  # the problems follow, one per line
         else:

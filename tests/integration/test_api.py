@@ -408,7 +408,7 @@ async def test_workflow_ids_have_one_canonical_form(store: EventStore, spelling:
         ("rebalancer.cmd.cancel", {"command_id": "c", "workflow_id": other}),
         ("rebalancer.cmd.pause", {"command_id": "p", "workflow_id": other}),
         ("rebalancer.cmd.resolve", {"command_id": "r", "workflow_id": other, "task": "t",
-                                    "outcome": "done", "note": ""}),
+                                    "outcome": "done", "note": "checked"}),
         ("rebalancer.query.workflow", {"workflow_id": other}),
     ]
     for subject, payload in requests:

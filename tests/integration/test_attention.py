@@ -169,6 +169,19 @@ async def test_a_deposit_past_its_deadline_lists_the_deposits_seen_and_who_claim
 
         async with command_line(store, worker, database_url, nats_url, tmp_path) as env:
             await shown_everywhere(store, env, workflow_id, "await_x", error, "task_stuck")
+            before = await store.stream_version(f"workflow-{workflow_id}")
+            # Declared done with no facts while the exchange shows no such deposit: refused,
+            # or the money would be called arrived where nobody sees it.
+            code, _, err = await cli(env, "resolve", workflow_id, "await_x", "--outcome",
+                                     "done", "--note", "looks fine")
+            assert code == 2, err
+            assert f"{DEST} shows no credited ETH deposit matching task await_x" in err
+            assert "--result txid=" in err
+            # Nor is a resolve without a word of why taken.
+            code, _, err = await cli(env, "resolve", workflow_id, "await_x", "--outcome",
+                                     "failed", "--note", " ")
+            assert code == 2 and "note" in err, err
+            assert await store.stream_version(f"workflow-{workflow_id}") == before
             # The first command, as printed: looked up on the exchange, and accepted.
             code, _, err = await run_command(env, error["commands"][0])
             assert code == 0, err
