@@ -10,18 +10,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
-import shlex
-import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import nats
 import pytest
 
 from events.store import EventStore
@@ -30,7 +26,6 @@ from projections.alerts import pending_alerts
 from projections.runner import ProjectionRunner, default_projections
 from rebalancer import engine as engine_module
 from rebalancer.alerts import body_of
-from rebalancer.api import Api, serve_api
 from rebalancer.commands import start_workflow
 from rebalancer.engine import Engine
 from rebalancer.errors import UnknownOutcomeError
@@ -45,13 +40,12 @@ from rebalancer.exchanges.base import (
     WithdrawRequest,
 )
 from rebalancer.specs.builders import task, workflow
-from rebalancer.specs.loading import builtin_specs
 from rebalancer.tasks.base import Processor, TaskContext
 from rebalancer.tasks.deposit import DepositProcessor
 from rebalancer.tasks.trade import TradeProcessor
 from rebalancer.tasks.transfer import TransferProcessor
-from tests.conftest import ROOT
 from tests.support import Worker, eventually, load, operations, to_futures, write_world
+from tests.support.command_line import api_on_nats, cli, run_command
 
 SCALE = 1000.0
 SOURCE, DEST = "upbit-personal", "binance-personal"
@@ -66,35 +60,11 @@ def world_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
                        balances={"binance-corp-sub": {"ETH": "10"}})
 
 
-@asynccontextmanager
-async def command_line(store: EventStore, worker: Worker, database_url: str, nats_url: str,
-                       home: Path) -> AsyncIterator[dict[str, str]]:
+def command_line(store: EventStore, worker: Worker, database_url: str, nats_url: str,
+                 home: Path) -> AbstractAsyncContextManager[dict[str, str]]:
     """The command line's environment, with the API answering on NATS and asking the world."""
-    nc = await nats.connect(nats_url)
-    subscriptions = await serve_api(
-        Api(store, worker.accounts, builtin_specs, exchanges=worker.world), nc)
-    try:
-        yield {"REBALANCER_DATABASE_URL": database_url, "REBALANCER_NATS_URL": nats_url,
-               "REBALANCER_HOME": str(home)}
-    finally:
-        for sub in subscriptions:
-            await sub.unsubscribe()
-        await nc.drain()
-
-
-async def cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "rebalancer", *args, env={**os.environ, **env}, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
-
-
-async def run_command(env: dict[str, str], command: str) -> tuple[int, str, str]:
-    argv = shlex.split(command)
-    assert argv[0] == "rebalancer"
-    return await cli(env, *argv[1:])
+    return api_on_nats(store, database_url, nats_url, home, accounts=worker.accounts,
+                       exchanges=worker.world)
 
 
 async def shown_everywhere(store: EventStore, env: dict[str, str], workflow_id: str,

@@ -4,25 +4,20 @@ to `start`. A real API over real NATS and PostgreSQL; no worker, so nothing move
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import nats
 import pytest
 import yaml
 
 from events.store import EventStore
 from projections.runner import ProjectionRunner, default_projections
 from rebalancer.accounts import load_accounts
-from rebalancer.api import Api, serve_api
 from rebalancer.commands import control_workflow, start_workflow, workflow_id_for
 from rebalancer.specs.loading import BUILTIN_DIR, builtin_specs
-from tests.conftest import ROOT
+from tests.support.command_line import api_on_nats, cli
 
 SPEC = "upbit_to_binance_sub_futures"
 PARAMS = {"from_account": "upbit-personal", "to_account": "binance-corp-sub",
@@ -30,28 +25,12 @@ PARAMS = {"from_account": "upbit-personal", "to_account": "binance-corp-sub",
           "from_amount": "1000000"}
 
 
-async def cli(env: dict[str, str], *args: str, timeout: float = 60) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "rebalancer", *args, env={**os.environ, **env}, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(process.communicate(), timeout)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
-
-
 @pytest.fixture
 async def env(store: EventStore, database_url: str, nats_url: str,
               tmp_path: Path) -> AsyncIterator[dict[str, str]]:
     """The command line's environment, with the API answering on NATS (no worker)."""
-    nc = await nats.connect(nats_url)
-    subscriptions = await serve_api(Api(store, load_accounts(), builtin_specs), nc)
-    try:
-        yield {"REBALANCER_DATABASE_URL": database_url, "REBALANCER_NATS_URL": nats_url,
-               "REBALANCER_HOME": str(tmp_path / "home")}
-    finally:
-        for sub in subscriptions:
-            await sub.unsubscribe()
-        await nc.drain()
+    async with api_on_nats(store, database_url, nats_url, tmp_path / "home") as env:
+        yield env
 
 
 def sharing_a_prefix(length: int) -> tuple[str, str]:

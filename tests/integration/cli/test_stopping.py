@@ -14,32 +14,26 @@ the workflow on the stateful simulated world, and `rebalancer sim check` at the 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import os
-import sys
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import nats
 import psycopg
 import pytest
 from psycopg.rows import dict_row
 
 from events.store import EventStore
 from projections.runner import ProjectionRunner, default_projections
-from rebalancer.accounts import Accounts, load_accounts
-from rebalancer.api import Api, serve_api
+from rebalancer.accounts import Accounts
 from rebalancer.commands import start_workflow
 from rebalancer.specs.builders import task, twap_trade, workflow
-from rebalancer.specs.loading import builtin_specs
 from rebalancer.specs.models import WorkflowSpec
 from rebalancer.workflow import Workflow
-from tests.conftest import ROOT
 from tests.support import Worker, load, operations, write_world
+from tests.support.command_line import api_on_nats, cli
 from tests.support.waiting import eventually
 
 D = Decimal
@@ -49,28 +43,12 @@ ACCOUNT = "upbit-personal"
 RESTING_PRICE = "3900000"
 
 
-async def cli(env: dict[str, str], *args: str, timeout: float = 60) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "rebalancer", *args, env={**os.environ, **env}, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(process.communicate(), timeout)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
-
-
 @pytest.fixture
 async def env(store: EventStore, database_url: str, nats_url: str,
               tmp_path: Path) -> AsyncIterator[dict[str, str]]:
     """The command line's environment, with the API answering on NATS."""
-    nc = await nats.connect(nats_url)
-    subscriptions = await serve_api(Api(store, load_accounts(), builtin_specs), nc)
-    try:
-        yield {"REBALANCER_DATABASE_URL": database_url, "REBALANCER_NATS_URL": nats_url,
-               "REBALANCER_HOME": str(tmp_path / "home")}
-    finally:
-        for sub in subscriptions:
-            await sub.unsubscribe()
-        await nc.drain()
+    async with api_on_nats(store, database_url, nats_url, tmp_path / "home") as env:
+        yield env
 
 
 def world(directory: Path, limit_fill_seconds: float) -> Path:

@@ -7,11 +7,7 @@ command line talks to), the simulated world and the `rebalancer` command line in
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-import shlex
-import sys
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
@@ -24,15 +20,14 @@ import pytest
 from events.store import EventStore
 from projections.alerts import pending_alerts
 from projections.runner import ProjectionRunner, default_projections
-from rebalancer.accounts import Accounts, load_accounts
+from rebalancer.accounts import Accounts
 from rebalancer.alerts import AlertPublisher, body_of
-from rebalancer.api import Api, serve_api
 from rebalancer.commands import reopen_workflow, resolve_task, start_workflow
 from rebalancer.specs.builders import task, twap_trade, workflow
 from rebalancer.specs.loading import builtin_specs
 from rebalancer.specs.models import WorkflowSpec
-from tests.conftest import ROOT
 from tests.support import Worker, operations, write_world
+from tests.support.command_line import api_on_nats, cli, run_command
 from tests.support.worker import SEED_PARAMS, SEED_SPEC
 
 D = Decimal
@@ -46,31 +41,8 @@ ACCOUNT = "upbit-personal"
 async def env(store: EventStore, database_url: str, nats_url: str,
               tmp_path: Path) -> AsyncIterator[dict[str, str]]:
     """The command line's environment, with the API answering on NATS."""
-    nc = await nats.connect(nats_url)
-    subscriptions = await serve_api(Api(store, load_accounts(), builtin_specs), nc)
-    try:
-        yield {"REBALANCER_DATABASE_URL": database_url, "REBALANCER_NATS_URL": nats_url,
-               "REBALANCER_HOME": str(tmp_path / "home")}
-    finally:
-        for sub in subscriptions:
-            await sub.unsubscribe()
-        await nc.drain()
-
-
-async def cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "rebalancer", *args, env={**os.environ, **env}, cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
-
-
-async def run_command(env: dict[str, str], command: str) -> tuple[int, str, str]:
-    """One of the commands an attention lists, exactly as printed."""
-    argv = shlex.split(command)
-    assert argv[0] == "rebalancer"
-    return await cli(env, *argv[1:])
+    async with api_on_nats(store, database_url, nats_url, tmp_path / "home") as env:
+        yield env
 
 
 def twap_spec(accounts: Accounts, **policy: Any) -> WorkflowSpec:
