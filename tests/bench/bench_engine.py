@@ -114,7 +114,7 @@ def dbos_rates(admin_url: str) -> dict[str, float] | None:
             [str(DBOS_PYTHON), str(ROOT / "tests/bench/dbos_side.py"),
              _url(admin_url, system_db), _url(admin_url, app_db),
              str(SEQUENTIAL), str(CONCURRENT)],
-            capture_output=True, text=True, timeout=1800,
+            capture_output=True, text=True, timeout=1800, env=_dbos_env(admin_url),
         )
         if out.returncode != 0:
             raise RuntimeError(f"the DBOS side failed:\n{out.stderr[-3000:]}")
@@ -124,6 +124,13 @@ def dbos_rates(admin_url: str) -> dict[str, float] | None:
                 conn.execute(f"drop database if exists {db} with (force)")
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
+
+
+def _dbos_env(admin_url: str) -> dict[str, str]:
+    """The environment of the DBOS side: the embedded server's password file, where the admin
+    URL names one (a postgresql:// URL cannot carry it; libpq reads PGPASSFILE)."""
+    passfile = psycopg.conninfo.conninfo_to_dict(admin_url).get("passfile")
+    return {**os.environ, **({"PGPASSFILE": str(passfile)} if passfile else {})}
 
 
 def _url(admin_url: str, dbname: str) -> str:
