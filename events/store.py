@@ -259,10 +259,12 @@ class EventStore:
         events: Sequence[Event | NewEvent],
         expected_version: int,
         metadata: Mapping[str, Any] | None = None,
+        event_metadata: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> AppendResult:
         """Append `events` atomically after `expected_version` (0 for a new stream).
 
-        `metadata` is merged under each event's own metadata. Raises ConcurrencyError when the
+        `metadata` is merged under each event's own metadata (`event_metadata[i]` for the i-th
+        event, or a NewEvent's). Raises ConcurrencyError when the
         stream is not at `expected_version` and InvalidEventError for refused input; either
         way nothing is appended.
         """
@@ -277,8 +279,12 @@ class EventStore:
         shared = json.dumps(dict(metadata or {}), separators=(",", ":"), default=str)
         parts: list[str] = []
         stored: list[tuple[Event, str, str]] = []
-        for event in events:
+        if event_metadata is not None and len(event_metadata) != len(events):
+            raise InvalidEventError("event_metadata must have one entry per event")
+        for i, event in enumerate(events):
             model, own = self._validated(event)
+            if event_metadata is not None and event_metadata[i]:
+                own = {**own, **event_metadata[i]}  # type: ignore[dict-item]
             meta = (
                 json.dumps({**(metadata or {}), **own}, separators=(",", ":"), default=str)
                 if own else shared

@@ -336,6 +336,10 @@ class ProjectionRunner:
         claimed = False
         try:
             async with self._store.transaction() as conn:
+                # Read models are rebuilt from the events: a batch lost with the server (its
+                # commit not yet flushed) rolls back with its checkpoint and is applied again,
+                # so it need not wait for the WAL flush the event appends queue for.
+                await conn.execute("set local synchronous_commit = off")
                 # The compare-and-set comes first: it locks the checkpoint rows, so a second
                 # runner on the same projections waits here, before it has written anything,
                 # and then finds the checkpoints moved and rolls back (raising _Moved).

@@ -20,7 +20,14 @@ from events.concurrency import first_of
 from events.database import first_line
 from events.errors import ConcurrencyError, StoreQueryError, StoreUnavailableError
 from events.store import EventStore
-from events.vocabulary import TaskKind, TaskState, TaskTrigger, WorkflowState, WorkflowTrigger
+from events.vocabulary import (
+    INTENT_TRIGGERS,
+    TaskKind,
+    TaskState,
+    TaskTrigger,
+    WorkflowState,
+    WorkflowTrigger,
+)
 from projections.runner import ProjectionRunner, default_projections
 from rebalancer.accounts import Accounts
 from rebalancer.budgets import BudgetedExchanges, Budgets
@@ -153,7 +160,10 @@ class Engine:
         if action is None:
             return StepOutcome.IDLE
         try:
-            _, moved = await self._act(workflow, action)
+            try:
+                _, moved = await self._act(workflow, action)
+            finally:
+                await self._flush(workflow)
         except ConcurrencyError:
             return StepOutcome.CONFLICT
         except (RetryableError, UnknownOutcomeError) as e:
@@ -194,6 +204,7 @@ class Engine:
                 workflow,
                 [WorkflowStateChanged(trigger=action.trigger, source=source, dest=dest,
                                       reason=action.reason)],
+                hold=True,
             )
             return None, True
         task = action.task
@@ -203,7 +214,7 @@ class Engine:
             exchanges=self.exchanges,
             accounts=self.accounts,
             now=self.clock(),
-            append=lambda evs: self._append(workflow, list(evs)),
+            append=lambda evs: self._append(workflow, list(evs), hold=True),
             resolve=self._resolve,
             claimed=lambda kind, since: self.store.claimed_exchange_ids(
                 kind, since, workflow.stream_id
@@ -215,18 +226,53 @@ class Engine:
         return ctx, workflow.version > before
 
     async def _append(
-        self, workflow: Workflow, events: list[TaskStateChanged] | list[WorkflowStateChanged]
+        self, workflow: Workflow, events: list[TaskStateChanged] | list[WorkflowStateChanged],
+        *, hold: bool = False,
     ) -> None:
+        """Record moves of a workflow and apply them to its fold.
+
+        An intent (submit, next slice) is stored before this returns, with every move held
+        before it, in one transaction: the exchange call that follows it is never made before
+        its intent is durable. A move that only records what already happened (an
+        acknowledgement, a fill, a completion, a workflow move) may be held with `hold`: applied
+        to the fold at once and stored with the next intent or when the worker hands the
+        workflow back (`_flush`). A worker dying in between loses only facts the exchange still
+        has: the task is found where its last stored move left it and reconciled by client id
+        or refreshed, as after any crash. That saves a commit per move on the hot path.
+        """
+        metadata = step_metadata(workflow, self.owner)
+        if hold and not any(getattr(e, "trigger", None) in INTENT_TRIGGERS for e in events):
+            at = datetime.now(UTC)  # the store's clock stamps it for good when it is stored
+            for event in events:
+                workflow.move(event, at)
+                workflow.held.append((event, metadata))
+            return
+        await self._store(workflow, events, metadata)
+
+    async def _flush(self, workflow: Workflow) -> None:
+        """Store the moves held in memory (see `_append`); ConcurrencyError when someone else
+        appended since, and the fold is then not to be used any more."""
+        if workflow.held:
+            await self._store(workflow, [], {})
+
+    async def _store(self, workflow: Workflow,
+                     events: list[TaskStateChanged] | list[WorkflowStateChanged],
+                     metadata: dict[str, str]) -> None:
+        held = workflow.held
+        workflow.held = []  # stored below or, on any error, never: the drive ends either way
+        everything = [e for e, _ in held] + list(events)
         result = await self.store.append(
             workflow.stream_id,
-            events,
-            workflow.version,
-            metadata=step_metadata(workflow, self.owner),
+            everything,
+            workflow.version - len(held),
+            event_metadata=[m for _, m in held] + [metadata] * len(events),
         )
-        # The store hands back the rows as stored: the fold goes on without reading them.
-        for recorded in result.records:
+        # The store hands back the rows as stored: the fold goes on without reading them
+        # (the held moves are in it already).
+        for recorded in result.records[len(held):]:
             workflow.apply(recorded)
-            # One line per move, for the operator reading `serve`'s log.
+        for recorded in result.records:
+            # One line per stored move, for the operator reading `serve`'s log.
             task = recorded.data.get("task_name") or "_workflow"
             log.info("workflow %s %s: %s -> %s", workflow.workflow_id[:8], task,
                      recorded.data.get("source"), recorded.data.get("dest"),
@@ -275,10 +321,12 @@ class Engine:
         while True:
             if self._stopping or moved >= CHAIN_LIMIT:
                 # Draining, or fair to the others: due again now, possibly elsewhere.
-                await self.schedule.release(workflow_id, workflow.version, 0)
-                return Driven(StepOutcome.MOVED, moved)
+                return await self._hand_back(claim, workflow, Driven(StepOutcome.MOVED, moved),
+                                             0)
             action = decide(workflow)
             if action is None:
+                if not await self._flushed(claim, workflow):
+                    return Driven(StepOutcome.CONFLICT, moved)
                 await self.schedule.finish(workflow_id, workflow.version)
                 return Driven(StepOutcome.MOVED if moved else StepOutcome.IDLE, moved)
             try:
@@ -300,21 +348,40 @@ class Engine:
                         "workflow %s: %s; retrying in %.1f s", workflow_id, e, delay,
                         extra={"workflow_id": workflow_id,
                                "task": current.name if current else None})
-                await self.schedule.release(workflow_id, workflow.version, delay,
-                                            retries=retries, failures=claim.failures)
-                return Driven(StepOutcome.RETRY, moved)
+                return await self._hand_back(claim, workflow, Driven(StepOutcome.RETRY, moved),
+                                             delay, retries=retries, failures=claim.failures)
             except StoreUnavailableError:
                 raise
             except Exception as e:
                 return await self._failed(claim, workflow, e)
             if not stepped:
-                delay = self._wait(workflow, ctx)
-                await self.schedule.release(workflow_id, workflow.version, delay)
-                return Driven(StepOutcome.IDLE if not moved else StepOutcome.MOVED, moved)
+                return await self._hand_back(
+                    claim, workflow,
+                    Driven(StepOutcome.IDLE if not moved else StepOutcome.MOVED, moved),
+                    self._wait(workflow, ctx))
             # The counters of the claim stay until the drive ends cleanly: a step that moves
             # and then blows up (an intent stored, the call raising) would otherwise reset them
             # for ever and never reach an operator.
             moved += 1
+
+    async def _flushed(self, claim: Claim, workflow: Workflow) -> bool:
+        """Store the moves held in memory before the workflow leaves this worker's hands;
+        False (and handed back due now) when someone appended first."""
+        try:
+            await self._flush(workflow)
+        except ConcurrencyError:
+            await self.schedule.release(claim.workflow_id, -1, 0)
+            return False
+        return True
+
+    async def _hand_back(self, claim: Claim, workflow: Workflow, driven: Driven, due_in: float,
+                         *, retries: int = 0, failures: int = 0) -> Driven:
+        """Store what is held, then release the claim due in `due_in` seconds."""
+        if not await self._flushed(claim, workflow):
+            return Driven(StepOutcome.CONFLICT, driven.moved)
+        await self.schedule.release(claim.workflow_id, workflow.version, due_in,
+                                    retries=retries, failures=failures)
+        return driven
 
     def _wait(self, workflow: Workflow, ctx: TaskContext | None) -> float:
         """Seconds until a workflow that waits on the exchange (or on time) is looked at again."""
@@ -336,6 +403,18 @@ class Engine:
         workflow_id = claim.workflow_id
         failures = claim.failures + 1
         what = f"{type(error).__name__}: {first_line(error)}"
+        if workflow is not None and workflow.held:
+            # What was held is true (the exchange said so): stored first, or the fold is stale.
+            try:
+                await self._flush(workflow)
+            except ConcurrencyError:
+                await self.schedule.release(workflow_id, -1, 0)
+                return Driven(StepOutcome.CONFLICT)
+            except StoreUnavailableError:
+                raise
+            except Exception:
+                log.exception("workflow %s: could not store its last moves", workflow_id)
+                workflow = None  # the fold is ahead of the store: nothing is moved from it
         log.error("workflow %s: unexpected %s (%d of %d)", workflow_id, what, failures,
                   self.max_failures, exc_info=failures == 1)
         if failures >= self.max_failures:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from events.store import EventStore
 
@@ -54,18 +56,17 @@ class Schedule:
 
     async def claim(self, limit: int) -> list[Claim]:
         """Up to `limit` due workflows, oldest due first, now ours."""
-        rows = await self._store.fetch_rows(_CLAIM, (limit, self.owner, self.lease_seconds))
+        rows, _ = await self._write(_CLAIM, (limit, self.owner, self.lease_seconds))
         return [Claim(str(w), int(v), int(f), int(r)) for w, v, f, r in rows]
 
     async def renew(self) -> int:
         """Extend every claim we hold; the number still ours."""
-        async with self._store.connection() as conn:
-            cur = await conn.execute(
-                "update workflow_schedule set claim_expires_at = now() + make_interval(secs => %s)"
-                " where claimed_by = %s",
-                (self.lease_seconds, self.owner),
-            )
-            return cur.rowcount
+        _, count = await self._write(
+            "update workflow_schedule set claim_expires_at = now() + make_interval(secs => %s)"
+            " where claimed_by = %s",
+            (self.lease_seconds, self.owner),
+        )
+        return count
 
     async def release(
         self, workflow_id: str, version: int, due_in: float, *, failures: int = 0,
@@ -73,41 +74,51 @@ class Schedule:
     ) -> None:
         """Hand the workflow back, due in `due_in` seconds unless something was appended after
         `version` (then it is due now); nothing happens when the claim is no longer ours."""
-        async with self._store.connection() as conn:
-            await conn.execute(
-                _RELEASE, (version, due_in, failures, retries, error, workflow_id, self.owner)
-            )
+        await self._write(
+            _RELEASE, (version, due_in, failures, retries, error, workflow_id, self.owner))
 
     async def finish(self, workflow_id: str, version: int) -> None:
         """The worker has nothing more to do for it: drop its row, unless something was
         appended after `version` (a command), which keeps it due."""
-        async with self._store.connection() as conn:
-            cur = await conn.execute(
-                "delete from workflow_schedule where workflow_id = %s and claimed_by = %s"
-                " and version = %s",
-                (workflow_id, self.owner, version),
-            )
-            if cur.rowcount == 0:
-                await conn.execute(_RELEASE, (version, 0, 0, 0, None, workflow_id, self.owner))
+        _, count = await self._write(
+            "delete from workflow_schedule where workflow_id = %s and claimed_by = %s"
+            " and version = %s",
+            (workflow_id, self.owner, version),
+        )
+        if count == 0:
+            await self.release(workflow_id, version, 0)
 
     async def park(self, workflow_id: str, error: str) -> None:
         """Never due again until an append: its stream cannot be folded, someone must look."""
-        async with self._store.connection() as conn:
-            await conn.execute(
-                "update workflow_schedule set claimed_by = null, claim_expires_at = null,"
-                " next_run_at = 'infinity', last_error = %s"
-                " where workflow_id = %s and claimed_by = %s",
-                (error, workflow_id, self.owner),
-            )
+        await self._write(
+            "update workflow_schedule set claimed_by = null, claim_expires_at = null,"
+            " next_run_at = 'infinity', last_error = %s"
+            " where workflow_id = %s and claimed_by = %s",
+            (error, workflow_id, self.owner),
+        )
 
     async def release_all(self) -> None:
         """Give up every claim we hold (a worker stopping), each due now."""
-        async with self._store.connection() as conn:
-            await conn.execute(
-                "update workflow_schedule set claimed_by = null, claim_expires_at = null"
-                " where claimed_by = %s",
-                (self.owner,),
-            )
+        await self._write(
+            "update workflow_schedule set claimed_by = null, claim_expires_at = null"
+            " where claimed_by = %s",
+            (self.owner,),
+        )
+
+    async def _write(self, query: str, params: Sequence[Any]) -> tuple[list[Any], int]:
+        """Run one statement on the schedule: (the rows it returned, the rows it touched).
+
+        Its commit does not wait for the WAL flush. Losing it with the server costs nothing
+        but time: a claim lost is taken again once due, and a second holder of a workflow
+        meets the expected stream version of its next append (never a double move); a release
+        or finish lost leaves the row due or claimed until its claim runs out. What a
+        workflow waits for is written by the append itself, which does wait.
+        """
+        async with self._store.transaction() as conn:
+            await conn.execute("set local synchronous_commit = off")
+            cur = await conn.execute(query, params)
+            rows = await cur.fetchall() if cur.description is not None else []
+            return rows, cur.rowcount
 
     async def next_due(self) -> float | None:
         """Seconds until the next workflow another claim does not hold falls due (<= 0: now);

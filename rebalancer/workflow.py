@@ -179,6 +179,16 @@ class Workflow(StreamFold):
     # The params typed and checked against the spec, kept by the engine for as long as it holds
     # this fold in memory: spec and params never change after creation, the check is not free.
     resolved_params: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
+    # Moves the engine has applied here but not stored yet, with their metadata: facts learned
+    # after an exchange call, which ride in the transaction of the next intent or of the hand
+    # back (rebalancer/engine.py). `version` counts them; the store is at version - len(held).
+    held: list[tuple[WorkflowStateChanged | TaskStateChanged, dict[str, str]]] = field(
+        default_factory=list, repr=False, compare=False)
+
+    @property
+    def stored_version(self) -> int:
+        """The stream's version in the store: what the next append expects."""
+        return self.version - len(self.held)
 
     @property
     def current(self) -> TaskRecord | None:
@@ -196,16 +206,20 @@ class Workflow(StreamFold):
                 f"{self.stream_id}: version {event.version} follows {self.version}"
             )
         decoded = event.decode()
-        if isinstance(decoded, WorkflowStateChanged):
-            self.move_workflow(decoded)
-        elif isinstance(decoded, TaskStateChanged):
-            self.move_task(decoded, event.recorded_at)
-        else:
+        if not isinstance(decoded, WorkflowStateChanged | TaskStateChanged):
             raise IllegalTransitionError(
                 f"{self.stream_id} v{event.version}: unexpected {event.type}"
             )
-        self.version = event.version
-        self.updated_at = event.recorded_at
+        self.move(decoded, event.recorded_at)
+
+    def move(self, moved: WorkflowStateChanged | TaskStateChanged, at: datetime) -> None:
+        """Move by one event at `at`, stored or about to be; raises IllegalTransitionError."""
+        if isinstance(moved, WorkflowStateChanged):
+            self.move_workflow(moved)
+        else:
+            self.move_task(moved, at)
+        self.version += 1
+        self.updated_at = at
 
 
 def fold(events: list[RecordedEvent]) -> Workflow:

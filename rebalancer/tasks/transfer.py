@@ -102,6 +102,13 @@ async def _send(
     transfer = await send(ctx, TaskTrigger.SUBMIT, params, call)
     if transfer is not None:
         await ctx.move(TaskTrigger.ACCEPT, request_result=_request_result(transfer))
+        if transfer.status in _FINAL:
+            # The answer already tells how it ended (the connectors read it back from the
+            # history): recorded now, not after one more look-up.
+            await follow(ctx, transfer)
+
+
+_FINAL = frozenset({TransferStatus.OK, TransferStatus.FAILED, TransferStatus.CANCELED})
 
 
 async def follow(ctx: TaskContext, transfer: Transfer) -> None:
