@@ -221,6 +221,7 @@ class Engine:
             ),
             claims=lambda kind, since: self.store.claims(kind, since, workflow.stream_id),
             deadlines=self.deadlines,
+            before_call=lambda: self._flush(workflow),
         )
         await PROCESSORS[task.kind].step(ctx)
         return ctx, workflow.version > before
@@ -235,10 +236,13 @@ class Engine:
         before it, in one transaction: the exchange call that follows it is never made before
         its intent is durable. A move that only records what already happened (an
         acknowledgement, a fill, a completion, a workflow move) may be held with `hold`: applied
-        to the fold at once and stored with the next intent or when the worker hands the
-        workflow back (`_flush`). A worker dying in between loses only facts the exchange still
-        has: the task is found where its last stored move left it and reconciled by client id
-        or refreshed, as after any crash. That saves a commit per move on the hot path.
+        to the fold at once and stored with the next intent, before the next exchange call of
+        any kind (TaskContext.before_call), or when the worker hands the workflow back
+        (`_flush`), whichever comes first. So nothing held crosses an exchange call, and other
+        workflows matching a history see every id this one has been answered with. A worker
+        dying in between loses only facts the exchange still has: the task is found where its
+        last stored move left it and reconciled by client id or refreshed, as after any crash.
+        That saves a commit for nearly every move on the hot path.
         """
         metadata = step_metadata(workflow, self.owner)
         if hold and not any(getattr(e, "trigger", None) in INTENT_TRIGGERS for e in events):

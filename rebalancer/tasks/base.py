@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from events.catalogue import TaskStateChanged
 from events.vocabulary import TaskKind, TaskState, TaskTrigger, WorkflowState
@@ -61,6 +62,9 @@ class TaskContext:
     # A step that waits for a time it knows (a TWAP's next slice) says so: the worker looks
     # again then rather than at its next poll.
     wake_at: datetime | None = None
+    # Awaited before every exchange call made through `exchange()`: the engine stores there
+    # the moves it holds in memory, so the store has every answer before the next call goes.
+    before_call: Callable[[], Awaitable[None]] | None = None
 
     async def move(self, trigger: TaskTrigger, **carried: Any) -> None:
         """Record one move of this task; refused before anything is stored if the table says no."""
@@ -87,7 +91,9 @@ class TaskContext:
         return client_id(self.workflow.workflow_id, self.task.index, self.task.intents + 1)
 
     def exchange(self, account: str) -> Exchange:
-        return self.exchanges.for_account(account)
+        port = self.exchanges.for_account(account)
+        return port if self.before_call is None else cast(
+            Exchange, _AfterStored(port, self.before_call))
 
     async def history_match(
         self, currency: str, amount: Decimal, address: str | None = None
@@ -125,6 +131,26 @@ class TaskContext:
         started = (self.task.entered_at if self.task.state == TaskState.CANCELING
                    else self.task.started_at)
         return bool(limit and started and (self.now - started).total_seconds() > limit)
+
+
+class _AfterStored:
+    """An account's port whose every call first awaits `before` (see TaskContext)."""
+
+    def __init__(self, inner: Exchange, before: Callable[[], Awaitable[None]]) -> None:
+        self._inner = inner
+        self._before = before
+
+    def __getattr__(self, name: str) -> Any:
+        target = getattr(self._inner, name)
+        if name.startswith("_") or not inspect.iscoroutinefunction(target):
+            return target
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            await self._before()
+            return await target(*args, **kwargs)
+
+        self.__dict__[name] = call
+        return call
 
 
 class Processor(ABC):
