@@ -407,18 +407,21 @@ class Engine:
         workflow_id = claim.workflow_id
         failures = claim.failures + 1
         what = f"{type(error).__name__}: {first_line(error)}"
-        if workflow is not None and workflow.held:
-            # What was held is true (the exchange said so): stored first, or the fold is stale.
+        if workflow is not None:
+            # What was held is true (the exchange said so): stored first. A store that failed
+            # mid-step leaves the fold ahead of the stream: folded again before anything moves.
             try:
                 await self._flush(workflow)
+                if await self.store.stream_version(workflow.stream_id) != workflow.version:
+                    workflow = await self._load(workflow_id)
             except ConcurrencyError:
                 await self.schedule.release(workflow_id, -1, 0)
                 return Driven(StepOutcome.CONFLICT)
             except StoreUnavailableError:
                 raise
             except Exception:
-                log.exception("workflow %s: could not store its last moves", workflow_id)
-                workflow = None  # the fold is ahead of the store: nothing is moved from it
+                log.exception("workflow %s: could not store or fold it again", workflow_id)
+                workflow = None  # nothing is moved from a fold the store may not have
         log.error("workflow %s: unexpected %s (%d of %d)", workflow_id, what, failures,
                   self.max_failures, exc_info=failures == 1)
         if failures >= self.max_failures:
