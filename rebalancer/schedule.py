@@ -8,6 +8,11 @@ from typing import Any
 
 from events.store import EventStore
 
+# Every statement here commits without waiting for the WAL flush (see Schedule._write): the
+# setting rides in the statement itself, joined as a one-row relation, so it costs no round
+# trip of its own; it is evaluated whenever the statement touches a row, the only case in
+# which its commit has anything to flush.
+_LAZY = "(select set_config('synchronous_commit', 'off', true)) lazy"
 # Due and not held: never claimed, released, or held by a worker whose claim ran out.
 _CLAIM = (
     "with due as ("
@@ -16,7 +21,7 @@ _CLAIM = (
     " order by next_run_at limit %s for update skip locked)"
     " update workflow_schedule s set claimed_by = %s,"
     " claim_expires_at = now() + make_interval(secs => %s)"
-    " from due where s.workflow_id = due.workflow_id"
+    f" from due, {_LAZY} where s.workflow_id = due.workflow_id"
     " returning s.workflow_id::text, s.version, s.failures, s.retries"
 )
 # Handing a workflow back: due at `due_in` only if nothing was appended since our fold (the
@@ -26,7 +31,7 @@ _RELEASE = (
     " next_run_at = case when version = %s then now() + make_interval(secs => %s)"
     " else next_run_at end,"
     " failures = %s, retries = %s, last_error = %s"
-    " where workflow_id = %s and claimed_by = %s"
+    f" from {_LAZY} where workflow_id = %s and claimed_by = %s"
 )
 
 
@@ -63,7 +68,7 @@ class Schedule:
         """Extend every claim we hold; the number still ours."""
         _, count = await self._write(
             "update workflow_schedule set claim_expires_at = now() + make_interval(secs => %s)"
-            " where claimed_by = %s",
+            f" from {_LAZY} where claimed_by = %s",
             (self.lease_seconds, self.owner),
         )
         return count
@@ -81,8 +86,8 @@ class Schedule:
         """The worker has nothing more to do for it: drop its row, unless something was
         appended after `version` (a command), which keeps it due."""
         _, count = await self._write(
-            "delete from workflow_schedule where workflow_id = %s and claimed_by = %s"
-            " and version = %s",
+            f"delete from workflow_schedule using {_LAZY} where workflow_id = %s"
+            " and claimed_by = %s and version = %s",
             (workflow_id, self.owner, version),
         )
         if count == 0:
@@ -93,7 +98,7 @@ class Schedule:
         await self._write(
             "update workflow_schedule set claimed_by = null, claim_expires_at = null,"
             " next_run_at = 'infinity', last_error = %s"
-            " where workflow_id = %s and claimed_by = %s",
+            f" from {_LAZY} where workflow_id = %s and claimed_by = %s",
             (error, workflow_id, self.owner),
         )
 
@@ -101,7 +106,7 @@ class Schedule:
         """Give up every claim we hold (a worker stopping), each due now."""
         await self._write(
             "update workflow_schedule set claimed_by = null, claim_expires_at = null"
-            " where claimed_by = %s",
+            f" from {_LAZY} where claimed_by = %s",
             (self.owner,),
         )
 
@@ -114,8 +119,7 @@ class Schedule:
         or finish lost leaves the row due or claimed until its claim runs out. What a
         workflow waits for is written by the append itself, which does wait.
         """
-        async with self._store.transaction() as conn:
-            await conn.execute("set local synchronous_commit = off")
+        async with self._store.connection() as conn:
             cur = await conn.execute(query, params)
             rows = await cur.fetchall() if cur.description is not None else []
             return rows, cur.rowcount
