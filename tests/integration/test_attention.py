@@ -7,11 +7,9 @@ NATS (the API the command line talks to), the simulated world."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -27,7 +25,6 @@ from projections.runner import ProjectionRunner, default_projections
 from rebalancer import engine as engine_module
 from rebalancer.alerts import body_of
 from rebalancer.commands import start_workflow
-from rebalancer.engine import Engine
 from rebalancer.errors import UnknownOutcomeError
 from rebalancer.exchanges.base import (
     Deposit,
@@ -44,7 +41,15 @@ from rebalancer.tasks.base import Processor, TaskContext
 from rebalancer.tasks.deposit import DepositProcessor
 from rebalancer.tasks.trade import TradeProcessor
 from rebalancer.tasks.transfer import TransferProcessor
-from tests.support import Worker, eventually, load, operations, to_futures, write_world
+from tests.support import (
+    Worker,
+    engine_running,
+    eventually,
+    load,
+    operations,
+    to_futures,
+    write_world,
+)
 from tests.support.command_line import api_on_nats, cli, run_command
 
 SCALE = 1000.0
@@ -160,18 +165,6 @@ async def test_a_deposit_past_its_deadline_lists_the_deposits_seen_and_who_claim
         assert (settled.refresh_result or {})["result"]["txid"] == by_hand.txid
 
 
-@asynccontextmanager
-async def running(engine: Engine) -> AsyncIterator[None]:
-    """`engine.run` in the background (its bulkhead is what escalates), stopped afterwards."""
-    stop = asyncio.Event()
-    loop = asyncio.create_task(engine.run(stop, tick=0.05))
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(loop, 20)
-
-
 class Broken(Processor):
     """A transfer processor with a bug: every step raises before anything is sent."""
 
@@ -197,7 +190,7 @@ async def test_an_internal_error_names_the_resend_that_sends_it_once_fixed(
         workflow_id, _ = await start_workflow(
             store, to_futures(worker.accounts), {"account": "binance-corp-sub", "amount": "0.5"},
             worker.accounts)
-        async with running(worker.engine):
+        async with engine_running(worker.engine):
             stuck = await eventually(lambda: load(store, workflow_id),
                                      lambda w: w.state == "needs_attention", timeout=30,
                                      what="the broken transfer handed to an operator")
@@ -216,7 +209,7 @@ async def test_an_internal_error_names_the_resend_that_sends_it_once_fixed(
             code, out, err = await run_command(env, error["commands"][0])
             assert code == 0, err
         assert "move_to_futures: created" in out
-        async with running(worker.engine):
+        async with engine_running(worker.engine):
             done = await eventually(lambda: load(store, workflow_id),
                                     lambda w: w.state in ("done", "failed"), timeout=30,
                                     what="the resent transfer done")

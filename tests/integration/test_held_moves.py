@@ -4,7 +4,6 @@ an answer is held costs a reconcile, never a resend."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import inspect
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +19,15 @@ from rebalancer.commands import control_workflow, start_workflow
 from rebalancer.engine import Engine
 from rebalancer.exchanges.base import Exchange, Exchanges
 from rebalancer.specs.builders import task, workflow
-from tests.support import Worker, eventually, load, operations, withdraw_once, write_world
+from tests.support import (
+    Worker,
+    engine_running,
+    eventually,
+    load,
+    operations,
+    withdraw_once,
+    write_world,
+)
 
 AMOUNTS = {"first": "0.021", "second": "0.034"}
 MONEY_CALLS = ("transfer", "withdraw")
@@ -81,27 +88,25 @@ class Watching:
 
 
 @contextlib.asynccontextmanager
-async def running(engine: Engine) -> AsyncIterator[None]:
-    stop = asyncio.Event()
-    job = asyncio.create_task(engine.run(stop, tick=0.05))
-    try:
-        yield
-    finally:
-        stop.set()
-        await asyncio.wait_for(job, 20)
+async def watched(database_url: str, store: EventStore, world_file: Path,
+                  spec: Callable[[Worker], Any], params: dict[str, str]
+                  ) -> AsyncIterator[tuple[Watching, Engine, str]]:
+    """A workflow started on the watched world, with an engine (not yet running) to drive it."""
+    async with Worker(database_url, world=world_file) as worker:
+        exchanges = Watching(worker.world, store)
+        engine = Engine(store, exchanges, worker.accounts, owner="held",
+                        budgets=Budgets.lifted(), poll_scale=1 / worker.time_scale)
+        workflow_id, _ = await start_workflow(store, spec(worker), params, worker.accounts)
+        exchanges.stream = f"workflow-{workflow_id}"
+        yield exchanges, engine, workflow_id
 
 
 async def test_every_intent_is_stored_before_its_call_and_every_answer_before_the_next(
     database_url: str, store: EventStore, world_file: Path
 ) -> None:
-    async with Worker(database_url, world=world_file) as worker:
-        exchanges = Watching(worker.world, store)
-        engine = Engine(store, exchanges, worker.accounts, owner="held",
-                        budgets=Budgets.lifted(), poll_scale=1 / worker.time_scale)
-        workflow_id, _ = await start_workflow(store, two_transfers(worker), AMOUNTS,
-                                              worker.accounts)
-        exchanges.stream = f"workflow-{workflow_id}"
-        async with running(engine):
+    async with watched(database_url, store, world_file, two_transfers, AMOUNTS) as (
+            exchanges, engine, workflow_id):
+        async with engine_running(engine):
             flow = await eventually(lambda: load(store, workflow_id),
                                     lambda f: f.state == "done", timeout=20,
                                     what="the workflow ending")
@@ -136,20 +141,15 @@ async def test_every_intent_is_stored_before_its_call_and_every_answer_before_th
 async def test_a_command_landing_while_an_answer_is_held_costs_a_reconcile_not_a_resend(
     database_url: str, store: EventStore, world_file: Path
 ) -> None:
-    async with Worker(database_url, world=world_file) as worker:
-        exchanges = Watching(worker.world, store)
-        engine = Engine(store, exchanges, worker.accounts, owner="held",
-                        budgets=Budgets.lifted(), poll_scale=1 / worker.time_scale)
-        workflow_id, _ = await start_workflow(store, two_transfers(worker), AMOUNTS,
-                                              worker.accounts)
-        exchanges.stream = f"workflow-{workflow_id}"
+    async with watched(database_url, store, world_file, two_transfers, AMOUNTS) as (
+            exchanges, engine, workflow_id):
 
         async def operator_pauses() -> None:
             # The first transfer has been made; its answer is on its way to the engine.
             await control_workflow(store, "pause", "pause-while-held", workflow_id)
 
         exchanges.on_answer = operator_pauses
-        async with running(engine):
+        async with engine_running(engine):
             # The engine's store of the held answer meets the pause: it folds again, finds the
             # first task still `submitting`, asks the exchange and settles it, then starts
             # nothing new while paused.
@@ -191,18 +191,13 @@ def assert_answers_stored_before_each_call(seen: list[tuple[str, list[tuple[str,
 async def test_a_look_up_after_a_held_answer_goes_only_once_the_answer_is_stored(
     database_url: str, store: EventStore, world_file: Path
 ) -> None:
-    async with Worker(database_url, world=world_file) as worker:
-        exchanges = Watching(worker.world, store)
-        engine = Engine(store, exchanges, worker.accounts, owner="held",
-                        budgets=Budgets.lifted(), poll_scale=1 / worker.time_scale)
-        workflow_id, _ = await start_workflow(
-            store, withdraw_once(worker.accounts),
-            {"from_account": "upbit-personal", "to_account": "binance-personal",
-             "amount": "0.2"}, worker.accounts)
-        exchanges.stream = f"workflow-{workflow_id}"
-        async with running(engine):
-            await eventually(lambda: load(store, workflow_id), lambda f: f.state == "done",
-                             timeout=20, what="the withdrawal ending")
+    params = {"from_account": "upbit-personal", "to_account": "binance-personal",
+              "amount": "0.2"}
+    async with watched(database_url, store, world_file,
+                       lambda worker: withdraw_once(worker.accounts), params) as (
+            exchanges, engine, workflow_id), engine_running(engine):
+        await eventually(lambda: load(store, workflow_id), lambda f: f.state == "done",
+                         timeout=20, what="the withdrawal ending")
     methods = [method for method, _ in exchanges.seen]
     # The withdrawal is followed by look-ups of its status: each found `accept` stored.
     assert "withdraw" in methods and methods.index("withdraw") < len(methods) - 1, methods

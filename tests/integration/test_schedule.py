@@ -4,9 +4,7 @@ surprise, and work found while a foreign transaction holds the followers back.""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -38,6 +36,7 @@ from tests.support import (
     SEED_PARAMS,
     SEED_SPEC,
     Worker,
+    engine_running,
     eventually,
     load,
     operations,
@@ -66,18 +65,6 @@ async def start(store: EventStore, worker: Worker, amount: str) -> str:
         worker.accounts,
     )
     return workflow_id
-
-
-@contextlib.asynccontextmanager
-async def running(engine: Engine) -> AsyncIterator[asyncio.Task[None]]:
-    """`engine.run` in the background; stopped (and checked to stop cleanly) afterwards."""
-    stop = asyncio.Event()
-    task_ = asyncio.create_task(engine.run(stop, tick=0.05))
-    try:
-        yield task_
-    finally:
-        stop.set()
-        await asyncio.wait_for(task_, 20)
 
 
 async def schedule_row(database_url: str, workflow_id: str) -> dict[str, object] | None:
@@ -166,7 +153,7 @@ async def test_one_workflows_unexpected_error_goes_to_an_operator_and_the_others
     async with Worker(database_url, world=world_file) as worker:
         healthy = [await start(store, worker, f"0.1{i:02d}") for i in range(20)]
         bad = await start(store, worker, POISON)
-        async with running(worker.engine) as service:
+        async with engine_running(worker.engine) as service:
             flows = await eventually(
                 lambda: asyncio.gather(*(load(store, w) for w in [*healthy, bad])),
                 lambda fs: all(f.state == "done" for f in fs[:-1])
@@ -204,7 +191,7 @@ async def test_a_foreign_transaction_held_open_does_not_stop_the_worker(
         # every follower of the global order) back for as long as it stays open.
         await psql.execute("select pg_current_xact_id()")
         held_since = time.monotonic()
-        async with running(worker.engine):
+        async with engine_running(worker.engine):
             await asyncio.sleep(2)  # the hold is well in place
             workflow_id = await start(store, worker, "0.02")
             started = time.monotonic()
@@ -232,7 +219,7 @@ async def test_the_worker_outlives_its_own_sql_being_refused(
             # The claim query no longer matches the table: every claim is refused.
             await conn.execute("alter table workflow_schedule rename column claimed_by to held_by")
             workflow_id = await start(store, worker, "0.02")
-            async with running(worker.engine) as service:
+            async with engine_running(worker.engine) as service:
                 await asyncio.sleep(1.0)
                 assert not service.done()
                 assert (await load(store, workflow_id)).state == "created"
@@ -294,7 +281,7 @@ async def test_real_bad_input_that_blows_up_a_step_does_not_stop_the_worker(
             store, spec, {**SEED_PARAMS, "from_amount": "200000", "interim_currency": "BTC"},
             worker.accounts))[0]
         healthy = await start(store, worker, "0.031")
-        async with running(engine) as service:
+        async with engine_running(engine) as service:
             flows = await eventually(
                 lambda: asyncio.gather(*(load(store, w) for w in (poisoned, no_market, healthy))),
                 lambda fs: all(f.state in ("done", "failed", "needs_attention") for f in fs),
@@ -347,7 +334,7 @@ async def test_an_unexpected_error_after_the_exchange_moved_money_is_reconciled_
         engine = Engine(store, exchanges, worker.accounts, owner="bulkhead",
                         budgets=Budgets.lifted(), poll_scale=1 / worker.time_scale)
         workflow_id = await start(store, worker, "0.031")
-        async with running(engine):
+        async with engine_running(engine):
             flow = await eventually(lambda: load(store, workflow_id),
                                     lambda f: f.state == "done", timeout=20,
                                     what="the workflow ending",
@@ -378,7 +365,7 @@ async def test_a_waiting_task_is_not_looked_at_before_its_next_poll(
         budgets = Budgets.lifted()
         engine = Engine(store, worker.world, accounts, owner="poller", budgets=budgets)
         workflow_id, _ = await start_workflow(store, spec, {}, accounts)
-        async with running(engine):
+        async with engine_running(engine):
             await eventually(lambda: load(store, workflow_id),
                              lambda f: f.tasks[0].state == "requested", timeout=10,
                              what="the deposit task watching")

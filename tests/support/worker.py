@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -186,6 +188,19 @@ class Worker:
 async def load(store: EventStore, workflow_id: str) -> Workflow:
     """The workflow as its stored events tell it (never what an engine holds in memory)."""
     return fold(await store.read_stream(f"workflow-{workflow_id}"))
+
+
+@contextlib.asynccontextmanager
+async def engine_running(engine: Engine) -> AsyncIterator[asyncio.Task[None]]:
+    """`engine.run` in the background, as under `serve`; stopped (and checked to stop
+    cleanly) afterwards."""
+    stop = asyncio.Event()
+    job = asyncio.create_task(engine.run(stop, tick=0.05))
+    try:
+        yield job
+    finally:
+        stop.set()
+        await asyncio.wait_for(job, 20)
 
 
 async def operations(database_url: str, *kinds: str) -> list[dict[str, Any]]:
