@@ -329,8 +329,8 @@ class Engine:
                                              0)
             action = decide(workflow)
             if action is None:
-                if not await self._flushed(claim, workflow):
-                    return Driven(StepOutcome.CONFLICT, moved)
+                if (ended := await self._flushed(claim, workflow)) is not None:
+                    return Driven(ended.outcome, moved)
                 await self.schedule.finish(workflow_id, workflow.version)
                 return Driven(StepOutcome.MOVED if moved else StepOutcome.IDLE, moved)
             try:
@@ -368,21 +368,27 @@ class Engine:
             # for ever and never reach an operator.
             moved += 1
 
-    async def _flushed(self, claim: Claim, workflow: Workflow) -> bool:
+    async def _flushed(self, claim: Claim, workflow: Workflow) -> Driven | None:
         """Store the moves held in memory before the workflow leaves this worker's hands;
-        False (and handed back due now) when someone appended first."""
+        None when stored, else how the drive ended: handed back due now when someone appended
+        first, or through the bulkhead when the store refused them (counted, backed off and in
+        the end escalated, as the same refusal would have been inside the step)."""
         try:
             await self._flush(workflow)
         except ConcurrencyError:
             await self.schedule.release(claim.workflow_id, -1, 0)
-            return False
-        return True
+            return Driven(StepOutcome.CONFLICT)
+        except StoreUnavailableError:
+            raise
+        except Exception as e:
+            return await self._failed(claim, workflow, e)
+        return None
 
     async def _hand_back(self, claim: Claim, workflow: Workflow, driven: Driven, due_in: float,
                          *, retries: int = 0, failures: int = 0) -> Driven:
         """Store what is held, then release the claim due in `due_in` seconds."""
-        if not await self._flushed(claim, workflow):
-            return Driven(StepOutcome.CONFLICT, driven.moved)
+        if (ended := await self._flushed(claim, workflow)) is not None:
+            return Driven(ended.outcome, driven.moved)
         await self.schedule.release(claim.workflow_id, workflow.version, due_in,
                                     retries=retries, failures=failures)
         return driven
@@ -409,11 +415,12 @@ class Engine:
         what = f"{type(error).__name__}: {first_line(error)}"
         if workflow is not None:
             # What was held is true (the exchange said so): stored first. A store that failed
-            # mid-step leaves the fold ahead of the stream: folded again before anything moves.
+            # mid-step leaves the fold ahead of the stream, and a command appending as many
+            # events meanwhile would hide that from a version check: always folded again
+            # before anything moves (a rare path; one read).
             try:
                 await self._flush(workflow)
-                if await self.store.stream_version(workflow.stream_id) != workflow.version:
-                    workflow = await self._load(workflow_id)
+                workflow = await self._load(workflow_id)
             except ConcurrencyError:
                 await self.schedule.release(workflow_id, -1, 0)
                 return Driven(StepOutcome.CONFLICT)

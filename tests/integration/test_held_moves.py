@@ -14,11 +14,15 @@ from typing import Any, cast
 import pytest
 
 from events.store import EventStore
+from events.vocabulary import TaskKind, TaskTrigger
+from rebalancer import engine as engine_module
 from rebalancer.budgets import Budgets
 from rebalancer.commands import control_workflow, start_workflow
 from rebalancer.engine import Engine
 from rebalancer.exchanges.base import Exchange, Exchanges
 from rebalancer.specs.builders import task, workflow
+from rebalancer.tasks.base import TaskContext
+from rebalancer.tasks.transfer import TransferProcessor
 from tests.support import (
     Worker,
     engine_running,
@@ -202,3 +206,38 @@ async def test_a_look_up_after_a_held_answer_goes_only_once_the_answer_is_stored
     # The withdrawal is followed by look-ups of its status: each found `accept` stored.
     assert "withdraw" in methods and methods.index("withdraw") < len(methods) - 1, methods
     assert_answers_stored_before_each_call(exchanges.seen)
+
+
+class Refused(TransferProcessor):
+    """A transfer processor with a bug in its second task: its first move carries a payload
+    the store refuses (a secret-looking key), and the step ends there, so the move is only
+    stored, and refused, when the workflow is handed back."""
+
+    async def request(self, ctx: TaskContext) -> None:
+        if ctx.task.index == 0:
+            await super().request(ctx)
+            return
+        await ctx.move(TaskTrigger.FAIL, error={"code": "bug", "api_secret": "not stored"})
+
+
+async def test_a_held_move_the_store_refuses_at_the_hand_back_reaches_an_operator(
+    database_url: str, store: EventStore, world_file: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(engine_module.PROCESSORS, TaskKind.TRANSFER,  # type: ignore[index]
+                        Refused())
+    async with Worker(database_url, world=world_file) as worker:
+        workflow_id, _ = await start_workflow(store, two_transfers(worker), AMOUNTS,
+                                              worker.accounts)
+        async with engine_running(worker.engine):
+            # Counted by the bulkhead like any refusal inside a step, and escalated at its
+            # third: not left to a claim's expiry over and over, unseen.
+            stuck = await eventually(lambda: load(store, workflow_id),
+                                     lambda w: any(t.state == "needs_attention"
+                                                   for t in w.tasks), timeout=30,
+                                     what="the refused move handed to an operator",
+                                     describe=lambda w: (w.state, [t.state for t in w.tasks]))
+    attention = next(t for t in stuck.tasks if t.state == "needs_attention")
+    assert "InvalidEventError" in (attention.error or {})["message"]
+    # The first transfer was sent once: every refold found it by its client id.
+    assert [Decimal(op["amount"]) for op in await operations(database_url, "transfer")] == [
+        Decimal(AMOUNTS["first"])]
