@@ -19,7 +19,7 @@ from events.catalogue import TaskStateChanged, WorkflowStateChanged
 from events.concurrency import first_of
 from events.database import first_line
 from events.errors import ConcurrencyError, StoreQueryError, StoreUnavailableError
-from events.store import EventStore
+from events.store import EventStore, RecordedEvent
 from events.vocabulary import (
     INTENT_TRIGGERS,
     TaskKind,
@@ -263,24 +263,46 @@ class Engine:
                      events: list[TaskStateChanged] | list[WorkflowStateChanged],
                      metadata: dict[str, str]) -> None:
         held = workflow.held
-        workflow.held = []  # stored below or, on any error, never: the drive ends either way
+        workflow.held = []
         everything = [e for e, _ in held] + list(events)
-        result = await self.store.append(
-            workflow.stream_id,
-            everything,
-            workflow.version - len(held),
-            event_metadata=[m for _, m in held] + [metadata] * len(events),
-        )
+        try:
+            result = await self.store.append(
+                workflow.stream_id,
+                everything,
+                workflow.version - len(held),
+                event_metadata=[m for _, m in held] + [metadata] * len(events),
+            )
+        except (ConcurrencyError, StoreUnavailableError):
+            raise  # the drive ends and the fold with it
+        except Exception:
+            # Refused (a payload the store will not take): the held moves stay for the
+            # bulkhead to store the good ones alone (_store_until_refused).
+            workflow.held = held
+            raise
         # The store hands back the rows as stored: the fold goes on without reading them
         # (the held moves are in it already).
         for recorded in result.records[len(held):]:
             workflow.apply(recorded)
-        for recorded in result.records:
-            # One line per stored move, for the operator reading `serve`'s log.
-            task = recorded.data.get("task_name") or "_workflow"
-            log.info("workflow %s %s: %s -> %s", workflow.workflow_id[:8], task,
-                     recorded.data.get("source"), recorded.data.get("dest"),
-                     extra={"workflow_id": workflow.workflow_id, "task": task})
+        _log_stored(workflow, result.records)
+
+    async def _store_until_refused(self, workflow: Workflow) -> None:
+        """Store the held moves one by one up to the one the store refuses: what the exchange
+        said before a refused move is not lost with it (nor a held `start`)."""
+        held, workflow.held = workflow.held, []
+        version = workflow.version - len(held)
+        for event, metadata in held:
+            try:
+                result = await self.store.append(workflow.stream_id, [event], version,
+                                                 event_metadata=[metadata])
+            except (ConcurrencyError, StoreUnavailableError):
+                raise
+            except Exception as e:
+                log.error("workflow %s: the store refused %s of %s: %s", workflow.workflow_id,
+                          getattr(event, "trigger", "?"),
+                          getattr(event, "task_name", "_workflow"), first_line(e))
+                return
+            _log_stored(workflow, result.records)
+            version += 1
 
     def _resolve(self, workflow: Workflow, index: int) -> Any:
         params = workflow.resolved_params
@@ -419,7 +441,12 @@ class Engine:
             # events meanwhile would hide that from a version check: always folded again
             # before anything moves (a rare path; one read).
             try:
-                await self._flush(workflow)
+                try:
+                    await self._flush(workflow)
+                except (ConcurrencyError, StoreUnavailableError):
+                    raise
+                except Exception:
+                    await self._store_until_refused(workflow)
                 workflow = await self._load(workflow_id)
             except ConcurrencyError:
                 await self.schedule.release(workflow_id, -1, 0)
@@ -563,6 +590,15 @@ class Engine:
                     await self.schedule.renew()
                 except (StoreUnavailableError, StoreQueryError) as e:
                     log.warning("worker %s could not renew its claims: %s", self.owner, e)
+
+
+def _log_stored(workflow: Workflow, records: tuple[RecordedEvent, ...]) -> None:
+    """One line per stored move, for the operator reading `serve`'s log."""
+    for recorded in records:
+        task = recorded.data.get("task_name") or "_workflow"
+        log.info("workflow %s %s: %s -> %s", workflow.workflow_id[:8], task,
+                 recorded.data.get("source"), recorded.data.get("dest"),
+                 extra={"workflow_id": workflow.workflow_id, "task": task})
 
 
 def step_metadata(workflow: Workflow, actor: str) -> dict[str, str]:

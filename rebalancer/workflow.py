@@ -186,11 +186,6 @@ class Workflow(StreamFold):
         default_factory=list, repr=False, compare=False)
 
     @property
-    def stored_version(self) -> int:
-        """The stream's version in the store: what the next append expects."""
-        return self.version - len(self.held)
-
-    @property
     def current(self) -> TaskRecord | None:
         """The first task that is not done, None when all are."""
         return next((t for t in self.tasks if t.state != TaskState.DONE), None)

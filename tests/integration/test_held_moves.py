@@ -238,6 +238,9 @@ async def test_a_held_move_the_store_refuses_at_the_hand_back_reaches_an_operato
                                      describe=lambda w: (w.state, [t.state for t in w.tasks]))
     attention = next(t for t in stuck.tasks if t.state == "needs_attention")
     assert "InvalidEventError" in (attention.error or {})["message"]
+    # The moves held before the refused one were stored alone: the first transfer's answer is
+    # not lost with the bug in the second task, which is the one handed over.
+    assert [t.state for t in stuck.tasks] == ["done", "needs_attention"]
     # The first transfer was sent once: every refold found it by its client id.
     assert [Decimal(op["amount"]) for op in await operations(database_url, "transfer")] == [
         Decimal(AMOUNTS["first"])]
