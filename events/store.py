@@ -283,8 +283,9 @@ class EventStore:
             raise InvalidEventError("event_metadata must have one entry per event")
         for i, event in enumerate(events):
             model, own = self._validated(event)
-            if event_metadata is not None and event_metadata[i]:
-                own = {**own, **event_metadata[i]}  # type: ignore[dict-item]
+            extra = event_metadata[i] if event_metadata is not None else None
+            if extra:
+                own = {**own, **extra}
             meta = (
                 json.dumps({**(metadata or {}), **own}, separators=(",", ":"), default=str)
                 if own else shared

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from rebalancer.exchanges.base import Exchange, Exchanges
+from rebalancer.exchanges.base import Exchange, Exchanges, WrappedPort
 
 if TYPE_CHECKING:
     from rebalancer.accounts import Accounts
@@ -378,24 +377,18 @@ class Budgets:
                    default=0.0)
 
 
-class _BudgetedPort:
+class _BudgetedPort(WrappedPort):
     """One account's port whose async calls first take from their buckets; results and
-    exceptions pass through untouched. Wrappers are built once per method, then cached."""
+    exceptions pass through untouched."""
 
     def __init__(self, inner: Exchange, budgets: Budgets) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._budgets = budgets
-        self.exchange = inner.exchange
-        self.account = inner.account
 
-    def __getattr__(self, name: str) -> Any:  # only reached once per name: then cached
-        target = getattr(self._inner, name)
-        if name.startswith("_") or not inspect.iscoroutinefunction(target):
-            return target
+    def wrap(self, name: str, target: Callable[..., Awaitable[Any]]
+             ) -> Callable[..., Awaitable[Any]]:
         charges = self._budgets.charges(self.exchange, self.account, name)
-        wrapped = _charged(target, charges) if charges else target
-        self.__dict__[name] = wrapped
-        return wrapped
+        return _charged(target, charges) if charges else target
 
 
 def _charged(target: Callable[..., Awaitable[Any]],

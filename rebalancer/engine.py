@@ -286,8 +286,9 @@ class Engine:
         _log_stored(workflow, result.records)
 
     async def _store_until_refused(self, workflow: Workflow) -> None:
-        """Store the held moves one by one up to the one the store refuses: what the exchange
-        said before a refused move is not lost with it (nor a held `start`)."""
+        """Store the held moves one by one up to the one the store refuses, if any (the
+        bulkhead's path, which is rare): what the exchange said before a refused move is not
+        lost with it (nor a held `start`)."""
         held, workflow.held = workflow.held, []
         version = workflow.version - len(held)
         for event, metadata in held:
@@ -441,12 +442,7 @@ class Engine:
             # events meanwhile would hide that from a version check: always folded again
             # before anything moves (a rare path; one read).
             try:
-                try:
-                    await self._flush(workflow)
-                except (ConcurrencyError, StoreUnavailableError):
-                    raise
-                except Exception:
-                    await self._store_until_refused(workflow)
+                await self._store_until_refused(workflow)
                 workflow = await self._load(workflow_id)
             except ConcurrencyError:
                 await self.schedule.release(workflow_id, -1, 0)

@@ -15,7 +15,6 @@ a restart is involved: the read model is the one place that knows every workflow
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -31,7 +30,7 @@ from events.store import EventStore
 from events.vocabulary import WorkflowState
 from projections.runner import default_projections
 from rebalancer.alerts import keep_going
-from rebalancer.exchanges.base import Exchange, Exchanges
+from rebalancer.exchanges.base import Exchange, Exchanges, WrappedPort
 
 log = logging.getLogger(__name__)
 
@@ -206,20 +205,14 @@ class MeteredExchanges:
         return port
 
 
-class _MeteredPort:
+class _MeteredPort(WrappedPort):
     def __init__(self, inner: Exchange, metrics: Metrics) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._metrics = metrics
-        self.exchange = inner.exchange
-        self.account = inner.account
 
-    def __getattr__(self, name: str) -> Any:  # only reached once per name: then cached
-        target = getattr(self._inner, name)
-        if name.startswith("_") or not inspect.iscoroutinefunction(target):
-            return target
-        wrapped = _metered(target, self._metrics, self.exchange, name)
-        self.__dict__[name] = wrapped
-        return wrapped
+    def wrap(self, name: str, target: Callable[..., Awaitable[Any]]
+             ) -> Callable[..., Awaitable[Any]]:
+        return _metered(target, self._metrics, self.exchange, name)
 
 
 def _metered(target: Callable[..., Awaitable[Any]], metrics: Metrics, exchange: str,

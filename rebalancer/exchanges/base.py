@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import ROUND_DOWN, Decimal
@@ -313,6 +315,29 @@ class Exchanges(Protocol):
     def for_account(self, account: str) -> Exchange: ...
 
 
+class WrappedPort:
+    """One account's port whose async calls each go through `wrap` (a budget, a meter, the
+    engine's store before a call); everything else passes through. Each method is wrapped
+    once, on first use, then cached on the instance."""
+
+    def __init__(self, inner: Exchange) -> None:
+        self._inner = inner
+        self.exchange = inner.exchange
+        self.account = inner.account
+
+    def __getattr__(self, name: str) -> Any:  # only reached once per name: then cached
+        target = getattr(self._inner, name)
+        if name.startswith("_") or not inspect.iscoroutinefunction(target):
+            return target
+        wrapped = self.wrap(name, target)
+        self.__dict__[name] = wrapped
+        return wrapped
+
+    def wrap(self, name: str, target: Callable[..., Awaitable[Any]]
+             ) -> Callable[..., Awaitable[Any]]:
+        raise NotImplementedError
+
+
 __all__ = [
     "Deposit",
     "Exchange",
@@ -335,6 +360,7 @@ __all__ = [
     "WithdrawRequest",
     "Withdrawal",
     "WithdrawalRules",
+    "WrappedPort",
     "floor_to",
     "normalise_txid",
 ]

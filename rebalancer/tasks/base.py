@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from rebalancer.errors import (
     SpecError,
     UnknownOutcomeError,
 )
-from rebalancer.exchanges.base import Exchange, Exchanges, HistoryMatch
+from rebalancer.exchanges.base import Exchange, Exchanges, HistoryMatch, WrappedPort
 from rebalancer.machines import task_machine
 from rebalancer.tasks import remedies
 from rebalancer.workflow import TaskRecord, Workflow, client_id
@@ -133,23 +132,19 @@ class TaskContext:
         return bool(limit and started and (self.now - started).total_seconds() > limit)
 
 
-class _AfterStored:
+class _AfterStored(WrappedPort):
     """An account's port whose every call first awaits `before` (see TaskContext)."""
 
     def __init__(self, inner: Exchange, before: Callable[[], Awaitable[None]]) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._before = before
 
-    def __getattr__(self, name: str) -> Any:
-        target = getattr(self._inner, name)
-        if name.startswith("_") or not inspect.iscoroutinefunction(target):
-            return target
-
+    def wrap(self, name: str, target: Callable[..., Awaitable[Any]]
+             ) -> Callable[..., Awaitable[Any]]:
         async def call(*args: Any, **kwargs: Any) -> Any:
             await self._before()
             return await target(*args, **kwargs)
 
-        self.__dict__[name] = call
         return call
 
 
